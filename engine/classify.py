@@ -1,0 +1,274 @@
+"""Features in, classification out: the rule set fired by durable_rules, with its trace.
+
+    >>> from engine.features import Features, Fact
+    >>> engine = Engine.default()
+    >>> result = engine.classify(Features(
+    ...     liver_recurrence=Fact[bool](value=True, refs=("Condition/c1",)),
+    ...     tumour_count=Fact[int](value=4, refs=("Observation/o1",)),
+    ...     largest_diameter_mm=Fact(value=12),
+    ...     extrahepatic_disease=Fact[bool](value=False)))
+    >>> result.group, result.status, result.criteria_values()
+    ('borderline-resectable', 'preliminary', {'tumour_count_ge_4': True, 'largest_ge_50mm': False, 'extrahepatic_disease': False})
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from decimal import Decimal
+from pathlib import Path
+from typing import Any as AnyType, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from engine.compile import (DECIDED_KIND, FEATURES_KIND, STATES_KIND, CompiledRuleset, compile_ruleset,
+                            post_value, representative_value)
+from engine.durable_session import DurableRuleset
+from engine.features import Fact, Features
+from engine.ruleset import BASE_FACTS, FACTOR_STATES, GroupId, RuleSet, load_ruleset
+
+
+class RulesetInconsistentError(RuntimeError):
+    """The rule set did not produce exactly one group / status / factor state."""
+
+
+class Criterion(BaseModel):
+    """One fact or factor as the engine saw it, with its evidence."""
+
+    model_config = ConfigDict(frozen=True)
+    id: str
+    label: str
+    state: str
+    value: AnyType = None
+    threshold: Decimal | None = None
+    unit: str | None = None
+    refs: tuple[str, ...] = ()
+    note: str | None = None
+    rule: str | None = None  # the durable rule that decided the state (factors only)
+
+
+class MissingFact(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    fact: str
+    text: str
+    detail: str | None = None
+
+
+class Recommendation(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    rule: str
+    text: str
+
+
+class CohortSurvival(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    group: str
+    five_year_os_percent: Decimal
+    p_value: str | None
+    caveat: str
+
+
+class RulesetRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    id: str
+    version: str
+    sha256: str
+    title: str
+    doi: str
+    pmid: str
+    citation: str
+
+
+class Classification(BaseModel):
+    """The engine's answer with everything needed to explain it."""
+
+    model_config = ConfigDict(frozen=True)
+    patient: str | None
+    group: GroupId
+    group_rule: str
+    reason: str
+    status: Literal["final", "preliminary"]
+    status_note: str | None
+    criteria: dict[str, Criterion]       # the prognostic factors, in rule-set order
+    facts: dict[str, Criterion]          # liver recurrence, technical resectability, adjuvant chemo
+    missing: tuple[MissingFact, ...]
+    recommendations: tuple[Recommendation, ...]
+    rules_fired: tuple[str, ...]
+    cohort_survival: CohortSurvival | None
+    ruleset: RulesetRef
+    warnings: tuple[str, ...]
+
+    def criteria_values(self) -> dict[str, bool | None]:
+        """Each factor as true (present) / false (absent) / None (unknown)."""
+        return {k: {"present": True, "absent": False}.get(c.state) for k, c in self.criteria.items()}
+
+    def evidence_refs(self) -> tuple[str, ...]:
+        """Every resource reference behind any fact, without duplicates, in order."""
+        refs = itertools.chain.from_iterable(c.refs for c in (*self.criteria.values(), *self.facts.values()))
+        return tuple(dict.fromkeys(refs))
+
+    def to_json(self) -> dict:
+        """The documented JSON output (README, 'JSON output')."""
+        return {
+            "patient": self.patient,
+            "group": self.group,
+            "status": self.status,
+            "reason": self.reason,
+            "criteria": self.criteria_values(),
+            "evidence": {k: c.model_dump(mode="json") for k, c in {**self.criteria, **self.facts}.items()},
+            "missing": [m.model_dump(mode="json") for m in self.missing],
+            "recommendations": [r.model_dump(mode="json") for r in self.recommendations],
+            "cohort_survival": self.cohort_survival.model_dump(mode="json") if self.cohort_survival else None,
+            "rules_fired": list(self.rules_fired),
+            "group_rule": self.group_rule,
+            "status_note": self.status_note,
+            "ruleset": self.ruleset.model_dump(mode="json"),
+            "warnings": list(self.warnings),
+        }
+
+
+def _fact_state(fact: str, f: Fact) -> str:
+    if fact == "technical_resectability":
+        return f.value if f.known else "not-assessed"
+    if fact == "adjuvant_chemotherapy":
+        return {True: "given", False: "not-given"}.get(f.value, "unknown")
+    return {True: "present", False: "absent"}.get(f.value, "unknown")
+
+
+_FACT_LABELS = {
+    "liver_recurrence": "liver recurrence of colorectal metastases",
+    "technical_resectability": "technical resectability recorded by the care team",
+    "adjuvant_chemotherapy": "adjuvant chemotherapy after the initial liver resection",
+}
+
+
+class Engine:
+    """A compiled rule set, registered once with durable_rules; thread-safe."""
+
+    _default: "Engine | None" = None
+    _default_lock = threading.Lock()
+
+    def __init__(self, ruleset: RuleSet, check_coverage: bool = True):
+        self.ruleset = ruleset
+        self.compiled: CompiledRuleset = compile_ruleset(ruleset)
+        c = self.compiled
+        self._factors = DurableRuleset(f"{ruleset.id}.factors", c.factors.rules, c.factors.fields)
+        self._decision = DurableRuleset(f"{ruleset.id}.decision", c.decision.rules, c.decision.fields)
+        self._recommend = DurableRuleset(f"{ruleset.id}.recommendations", c.recommendations.rules,
+                                         c.recommendations.fields)
+        self.ref = RulesetRef(id=ruleset.id, version=ruleset.version, sha256=ruleset.sha256,
+                              title=ruleset.title, doi=ruleset.citation.doi,
+                              pmid=ruleset.citation.pmid, citation=ruleset.citation.text.strip())
+        if check_coverage:
+            self.check_coverage()
+
+    @classmethod
+    def from_file(cls, path: Path | str | None = None) -> "Engine":
+        return cls(load_ruleset(path))
+
+    @classmethod
+    def default(cls) -> "Engine":
+        with cls._default_lock:
+            if cls._default is None:
+                cls._default = cls.from_file()
+            return cls._default
+
+    # ------------------------------------------------------------------ evaluation
+    def features_fact(self, features: Features) -> dict[str, object]:
+        """Stage 1 fact: each factor's feature, with its known flag."""
+        fact: dict[str, object] = {"kind": FEATURES_KIND}
+        for factor in self.ruleset.factors.values():
+            post_value(fact, factor.feature, getattr(features, factor.feature).value)
+        return fact
+
+    def classify(self, features: Features) -> Classification:
+        fired = self._factors.fire(self.features_fact(features))
+        states = {"kind": STATES_KIND}
+        for name in BASE_FACTS:
+            states[name] = _fact_state(name, getattr(features, name))
+        for fid in self.ruleset.factors:
+            states[fid] = self._one(fired, f"factor.{fid}.", f"state of factor {fid}", features).rsplit(".", 1)[1]
+        fired += self._decision.fire(states)
+        group_rule = self._one(fired, "group.", "group", features)
+        group = self.ruleset.groups[self.compiled.group_rule_names.index(group_rule)].id
+        fired += self._recommend.fire({**states, "kind": DECIDED_KIND, "group": group})
+        return self._interpret(features, fired)
+
+    def _one(self, fired: list[str], prefix: str, what: str, features: Features) -> str:
+        hits = [r for r in fired if r.startswith(prefix)]
+        if len(hits) != 1:
+            raise RulesetInconsistentError(
+                f"rule set {self.ruleset.id} {self.ruleset.version}: expected exactly one {what} rule "
+                f"to fire, got {hits or 'none'} for features {self.features_fact(features)}")
+        return hits[0]
+
+    def _interpret(self, features: Features, fired: list[str]) -> Classification:
+        rs = self.ruleset
+        criteria: dict[str, Criterion] = {}
+        for fid, factor in rs.factors.items():
+            rule = self._one(fired, f"factor.{fid}.", f"state of factor {fid}", features)
+            f: Fact = getattr(features, factor.feature)
+            criteria[fid] = Criterion(id=fid, label=factor.label, state=rule.rsplit(".", 1)[1],
+                                      value=f.value, threshold=factor.threshold, unit=factor.unit,
+                                      refs=f.refs, note=f.note, rule=rule)
+        facts = {}
+        for name in BASE_FACTS:
+            f = getattr(features, name)
+            facts[name] = Criterion(id=name, label=_FACT_LABELS[name], state=_fact_state(name, f),
+                                    value=f.value, refs=f.refs, note=f.note)
+        group_rule = self._one(fired, "group.", "group", features)
+        g = rs.groups[self.compiled.group_rule_names.index(group_rule)]
+        status = self._one(fired, "status.", "status", features).split(".", 1)[1]
+        recs = tuple(Recommendation(rule=r.rule, text=r.text.strip())
+                     for name, r in zip(self.compiled.recommendation_rule_names, rs.recommendations)
+                     if name in fired)
+        missing = []
+        for name, c in (("liver_recurrence", facts["liver_recurrence"]), *criteria.items(),
+                        ("technical_resectability", facts["technical_resectability"]),
+                        ("adjuvant_chemotherapy", facts["adjuvant_chemotherapy"])):
+            if c.state in ("unknown", "not-assessed") or (name == "liver_recurrence" and c.state != "present"):
+                missing.append(MissingFact(fact=name, text=rs.missing_fact_texts[name].strip(), detail=c.note))
+        pct = rs.survival_percent(g.id)
+        survival = None
+        if pct is not None:
+            survival = CohortSurvival(group=g.id, five_year_os_percent=pct,
+                                      p_value=rs.survival.get("survival_p_value"),
+                                      caveat=rs.cohort.caveat.strip())
+        return Classification(
+            patient=features.patient, group=g.id, group_rule=g.rule, reason=g.reason.strip(),
+            status=status, status_note=None if status == "final" else rs.status.preliminary_note.strip(),
+            criteria=criteria, facts=facts, missing=tuple(missing), recommendations=recs,
+            rules_fired=tuple(fired), cohort_survival=survival, ruleset=self.ref,
+            warnings=features.warnings)
+
+    # ------------------------------------------------------------------ load-time check
+    def check_coverage(self) -> int:
+        """Fire every combination of states through durable_rules: each factor's rules
+        must give exactly its state, and the group and status rules exactly one rule
+        for every combination of fact states. Returns the number of combinations."""
+        rs = self.ruleset
+        fids = list(rs.factors)
+        for states in itertools.product(FACTOR_STATES, repeat=len(fids)):
+            fact: dict[str, object] = {"kind": FEATURES_KIND}
+            for fid, state in zip(fids, states):
+                post_value(fact, rs.factors[fid].feature, representative_value(rs, fid, state))
+            fired = self._factors.fire(fact)
+            expected = sorted(f"factor.{fid}.{state}" for fid, state in zip(fids, states))
+            if sorted(fired) != expected:
+                raise RulesetInconsistentError(
+                    f"rule set {rs.id} {rs.version}: factor rules fired {sorted(fired)} for {fact}, "
+                    f"expected {expected}")
+        domains = rs.fact_domains
+        names = list(domains)
+        n = 0
+        for states in itertools.product(*(domains[f] for f in names)):
+            fired = self._decision.fire({"kind": STATES_KIND, **dict(zip(names, states))})
+            for prefix in ("group.", "status."):
+                hits = [r for r in fired if r.startswith(prefix)]
+                if len(hits) != 1:
+                    combo = ", ".join(f"{k}={s}" for k, s in zip(names, states))
+                    raise RulesetInconsistentError(
+                        f"rule set {rs.id} {rs.version}: for {combo} the {prefix.rstrip('.')} rules "
+                        f"that fire are {hits or 'none'}; exactly one must")
+            n += 1
+        return n

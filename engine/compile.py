@@ -1,0 +1,149 @@
+"""Compile a :class:`RuleSet` into durable_rules' JSON form, in three stages.
+
+A classification fires three small rulesets, each on one fact:
+
+1. **factors**: the patient's features against the thresholds. Each feature is
+   posted with a ``<feature>_known`` flag and, when known, its value, so "unknown"
+   is ``{<feature>_known: false}``. (durable_rules' own test for a missing field,
+   ``$nex``, hangs or crashes the process in some positions; it is never used.)
+   Rules ``factor.<factor id>.<state>``.
+2. **decision**: the state of every fact (``present`` / ``absent`` / ``unknown``...)
+   against the group rules and the status rule. Rules ``group.<rule id>``,
+   ``status.final``, ``status.preliminary``.
+3. **recommendations**: the states plus the group. Rules ``recommendation.<rule id>``.
+
+Every rule is anchored on ``kind``, a constant equality. Staging keeps each rule small
+(durable_rules refuses large expressions with error 113).
+
+    >>> from engine.ruleset import load_ruleset
+    >>> compiled = compile_ruleset(load_ruleset())
+    >>> compiled.factors.rules["factor.tumour_count_ge_4.present"]
+    {'all': [{'m': {'$and': [{'kind': 'clm-features'}, {'tumour_count_known': True}, {'$gte': {'tumour_count': 4}}]}}]}
+    >>> compiled.factors.rules["factor.largest_ge_50mm.unknown"]
+    {'all': [{'m': {'$and': [{'kind': 'clm-features'}, {'largest_diameter_mm_known': False}]}}]}
+    >>> compiled.decision.rules["status.final"]
+    {'all': [{'m': {'$and': [{'kind': 'clm-states'}, {'$or': [{'technical_resectability': 'resectable'}, {'technical_resectability': 'unresectable'}]}]}}]}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from engine.durable_session import FieldType
+from engine.features import BOOLEAN_FEATURES, NUMERIC_FEATURES
+from engine.ruleset import FACTOR_STATES, All, Condition, Factor, Leaf, RuleSet, negate
+
+FEATURES_KIND = "clm-features"
+STATES_KIND = "clm-states"
+DECIDED_KIND = "clm-decided"
+
+# The feature fields posted in stage 1, by type. Each also gets a <field>_known flag.
+FEATURE_FIELDS: dict[str, FieldType] = {
+    **{f: "number" for f in NUMERIC_FEATURES},
+    **{f: "bool" for f in BOOLEAN_FEATURES},
+}
+
+_OPS = {">=": "$gte", ">": "$gt", "<=": "$lte", "<": "$lt"}
+_COMPLEMENT = {">=": "<", ">": "<=", "<=": ">", "<": ">="}
+
+
+def json_number(d: Decimal) -> int | float:
+    """A Decimal as the JSON number durable compares (exact for integers)."""
+    return int(d) if d == d.to_integral_value() else float(d)
+
+
+def post_value(fact: dict[str, object], field: str, value: object | None) -> None:
+    """Put a feature into a stage-1 fact: its flag, and its value when known."""
+    fact[f"{field}_known"] = value is not None
+    if value is not None:
+        fact[field] = json_number(value) if isinstance(value, Decimal) else value
+
+
+def _factor_state(factor: Factor, state: str) -> list[dict]:
+    f = factor.feature
+    if state == "unknown":
+        return [{f"{f}_known": False}]
+    if factor.operator == "is_true":
+        return [{f"{f}_known": True}, {f: state == "present"}]
+    op = factor.operator if state == "present" else _COMPLEMENT[factor.operator]
+    return [{f"{f}_known": True}, {_OPS[op]: {f: json_number(factor.threshold)}}]
+
+
+def condition_expr(cond: Condition) -> dict:
+    """A condition tree over fact states as a durable expression (equalities only)."""
+    if isinstance(cond, Leaf):
+        terms = [{cond.fact: s} for s in cond.states]
+    else:
+        terms = [condition_expr(c) for c in cond.items]
+    if len(terms) == 1:
+        return terms[0]
+    return {"$and": terms} if isinstance(cond, All) else {"$or": terms}
+
+
+def _rule(kind: str, *terms: dict) -> dict:
+    return {"all": [{"m": {"$and": [{"kind": kind}, *terms]}}]}
+
+
+@dataclass(frozen=True)
+class Stage:
+    rules: dict[str, dict]
+    fields: dict[str, FieldType]
+
+
+@dataclass(frozen=True)
+class CompiledRuleset:
+    factors: Stage
+    decision: Stage
+    recommendations: Stage
+    group_rule_names: tuple[str, ...]
+    recommendation_rule_names: tuple[str, ...]
+
+
+def compile_ruleset(rs: RuleSet) -> CompiledRuleset:
+    factor_rules = {
+        f"factor.{fid}.{state}": _rule(FEATURES_KIND, *_factor_state(factor, state))
+        for fid, factor in rs.factors.items() for state in FACTOR_STATES
+    }
+    factor_fields: dict[str, FieldType] = {"kind": "string"}
+    for factor in rs.factors.values():
+        factor_fields[factor.feature] = FEATURE_FIELDS[factor.feature]
+        factor_fields[f"{factor.feature}_known"] = "bool"
+
+    state_fields: dict[str, FieldType] = {"kind": "string", **{f: "string" for f in rs.fact_domains}}
+    decision_rules = {}
+    group_names = []
+    for g, cond in zip(rs.groups, rs.group_conditions):
+        name = f"group.{g.rule}"
+        decision_rules[name] = _rule(STATES_KIND, condition_expr(cond))
+        group_names.append(name)
+    decision_rules["status.final"] = _rule(STATES_KIND, condition_expr(rs.final_when))
+    decision_rules["status.preliminary"] = _rule(
+        STATES_KIND, condition_expr(negate(rs.final_when, rs.fact_domains)))
+
+    rec_rules = {}
+    for r, cond in zip(rs.recommendations, rs.recommendation_conditions):
+        rec_rules[f"recommendation.{r.rule}"] = _rule(DECIDED_KIND, condition_expr(cond))
+    return CompiledRuleset(
+        factors=Stage(factor_rules, factor_fields),
+        decision=Stage(decision_rules, state_fields),
+        recommendations=Stage(rec_rules, {**state_fields, "group": "string"}),
+        group_rule_names=tuple(group_names),
+        recommendation_rule_names=tuple(rec_rules),
+    )
+
+
+def representative_value(rs: RuleSet, factor_id: str, state: str) -> Decimal | bool | None:
+    """A feature value that puts a factor in ``state`` (None: unknown). Used to check
+    that the factor rules give exactly one state for every state."""
+    factor = rs.factors[factor_id]
+    if state == "unknown":
+        return None
+    if factor.operator == "is_true":
+        return state == "present"
+    t = factor.threshold
+    step = Decimal(1) if factor.feature == "tumour_count" else Decimal("0.1")
+    below, above = t - step, t + step
+    present = {">=": t, ">": above, "<=": t, "<": below}[factor.operator]
+    absent = {">=": below, ">": t, "<=": above, "<": t}[factor.operator]
+    return present if state == "present" else absent

@@ -1,0 +1,280 @@
+"""The rule set file (``rules/resectability.yaml``) as validated, typed data.
+
+A condition in the file is a small tree::
+
+    {fact: state}                  the fact is in that state
+    {fact: [state, state]}         the fact is in one of those states
+    {all: [cond, ...]}             every condition holds
+    {any: [cond, ...]}             at least one holds
+    {fact_a: s, fact_b: t}         shorthand for all
+
+    >>> parse_condition({"all": [{"liver_recurrence": "present"},
+    ...                          {"tumour_count_ge_4": ["absent", "unknown"]}]},
+    ...                 {"liver_recurrence": LIVER_STATES,
+    ...                  "tumour_count_ge_4": FACTOR_STATES})
+    All(items=(Leaf(fact='liver_recurrence', states=('present',)), Leaf(fact='tumour_count_ge_4', states=('absent', 'unknown'))))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any as AnyType, Literal, Mapping, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from engine.features import BOOLEAN_FEATURES, NUMERIC_FEATURES
+from engine.yamlfile import load_model
+
+GroupId = Literal["resectable", "borderline-resectable", "unresectable", "indeterminate"]
+GROUP_IDS: tuple[str, ...] = GroupId.__args__  # type: ignore[attr-defined]
+
+FACTOR_STATES = ("present", "absent", "unknown")
+LIVER_STATES = ("present", "absent", "unknown")
+TECHNICAL_STATES = ("resectable", "unresectable", "not-assessed")
+ADJUVANT_STATES = ("given", "not-given", "unknown")
+
+# The facts every condition may test besides the factors, and their states.
+BASE_FACTS: dict[str, tuple[str, ...]] = {
+    "liver_recurrence": LIVER_STATES,
+    "technical_resectability": TECHNICAL_STATES,
+    "adjuvant_chemotherapy": ADJUVANT_STATES,
+}
+
+
+# --------------------------------------------------------------------------- conditions
+class Leaf(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    fact: str
+    states: tuple[str, ...]
+
+
+class All(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    items: tuple["Condition", ...]
+
+
+class Any(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    items: tuple["Condition", ...]
+
+
+Condition = Union[Leaf, All, Any]
+All.model_rebuild()
+Any.model_rebuild()
+
+
+def parse_condition(raw: AnyType, domains: Mapping[str, tuple[str, ...]], path: str = "") -> Condition:
+    """Turn the YAML form of a condition into a tree, checking facts and states.
+
+    Raises ValueError whose message starts with the sub-path of the bad part.
+    """
+    where = path or "(condition)"
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"{where}: a condition is a non-empty mapping, found {raw!r}")
+    parts: list[Condition] = []
+    for key, value in raw.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key in ("all", "any"):
+            if not isinstance(value, list) or not value:
+                raise ValueError(f"{sub}: expected a non-empty list of conditions")
+            items = tuple(parse_condition(v, domains, f"{sub}[{i}]") for i, v in enumerate(value))
+            parts.append(All(items=items) if key == "all" else Any(items=items))
+            continue
+        if key not in domains:
+            raise ValueError(f"{sub}: unknown fact {key!r}; known facts: {', '.join(sorted(domains))}")
+        states = value if isinstance(value, list) else [value]
+        if not states:
+            raise ValueError(f"{sub}: expected a state or a list of states")
+        for s in states:
+            if s not in domains[key]:
+                raise ValueError(f"{sub}: {s!r} is not a state of {key}; "
+                                 f"states: {', '.join(domains[key])}")
+        parts.append(Leaf(fact=key, states=tuple(dict.fromkeys(states))))
+    return parts[0] if len(parts) == 1 else All(items=tuple(parts))
+
+
+def negate(cond: Condition, domains: Mapping[str, tuple[str, ...]]) -> Condition:
+    """The condition's complement, without a negation operator (De Morgan over states).
+
+    durable-rules loops on negation-only rules, so the engine never emits one: the
+    complement of ``{fact: [a]}`` is ``{fact: [every other state]}``.
+    """
+    if isinstance(cond, Leaf):
+        rest = tuple(s for s in domains[cond.fact] if s not in cond.states)
+        if not rest:
+            raise ValueError(f"condition on {cond.fact} covers every state; its complement is empty")
+        return Leaf(fact=cond.fact, states=rest)
+    if isinstance(cond, All):
+        return Any(items=tuple(negate(c, domains) for c in cond.items))
+    return All(items=tuple(negate(c, domains) for c in cond.items))
+
+
+# --------------------------------------------------------------------------- the file
+class Citation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    text: str = Field(min_length=1)
+    doi: str = Field(pattern=r"^10\.\d{4,9}/\S+$")
+    pmid: str = Field(pattern=r"^\d+$")
+
+
+class Cohort(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    description: str = Field(min_length=1)
+    caveat: str = Field(min_length=1)
+
+
+class Factor(BaseModel):
+    """A prognostic factor: a threshold on a numeric feature, or a boolean feature."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    label: str = Field(min_length=1)
+    feature: str
+    operator: Literal[">=", ">", "<=", "<", "is_true"]
+    threshold: Decimal | None = None
+    unit: str | None = None
+    p_value: str | None = None
+
+    @model_validator(mode="after")
+    def _operator_fits_feature(self) -> "Factor":
+        if self.feature in NUMERIC_FEATURES:
+            if self.operator == "is_true":
+                raise ValueError(f"feature {self.feature} is numeric: use >=, >, <= or <")
+            if self.threshold is None or not self.threshold.is_finite() or self.threshold < 0:
+                raise ValueError("a numeric factor needs a threshold: a finite number >= 0")
+        elif self.feature in BOOLEAN_FEATURES:
+            if self.operator != "is_true" or self.threshold is not None:
+                raise ValueError(f"feature {self.feature} is true/false: use operator is_true "
+                                 "and no threshold")
+        else:
+            raise ValueError(f"unknown feature {self.feature!r}; features: "
+                             f"{', '.join(NUMERIC_FEATURES + BOOLEAN_FEATURES)}")
+        return self
+
+
+class GroupRule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: GroupId
+    rule: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    when: AnyType
+    reason: str = Field(min_length=1)
+
+
+class Survival(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    five_year_os_percent: Decimal = Field(ge=0, le=100)
+
+
+class Status(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    final_when: AnyType
+    preliminary_note: str = Field(min_length=1)
+
+
+class Recommendation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rule: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    when: AnyType
+    text: str = Field(min_length=1)
+
+
+class RuleSet(BaseModel):
+    """Validated content of a rule set file. Conditions are parsed into trees."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
+    title: str = Field(min_length=1)
+    citation: Citation
+    interpretation: str = Field(min_length=1)
+    cohort: Cohort
+    factors: dict[str, Factor] = Field(min_length=1)
+    groups: list[GroupRule] = Field(min_length=1)
+    survival: dict[str, AnyType]
+    status: Status
+    recommendations: list[Recommendation] = Field(default_factory=list)
+    missing_fact_texts: dict[str, str]
+
+    _group_conditions: tuple = PrivateAttr(default=())
+    _final_when: AnyType = PrivateAttr(default=None)
+    _recommendation_conditions: tuple = PrivateAttr(default=())
+
+    @field_validator("factors")
+    @classmethod
+    def _factor_ids(cls, v: dict[str, Factor]) -> dict[str, Factor]:
+        for fid in v:
+            if fid in BASE_FACTS or fid in ("group", "all", "any", "sid"):
+                raise ValueError(f"factor id {fid!r} is reserved")
+        return v
+
+    @field_validator("survival")
+    @classmethod
+    def _survival(cls, v: dict[str, AnyType]) -> dict[str, AnyType]:
+        for key, value in v.items():
+            if key == "survival_p_value":
+                if not isinstance(value, str):
+                    raise ValueError("survival_p_value: expected text such as '< 0.0001'")
+                continue
+            if key not in GROUP_IDS:
+                raise ValueError(f"{key}: not a group ({', '.join(GROUP_IDS)})")
+            Survival.model_validate(value)
+        return v
+
+    @model_validator(mode="after")
+    def _conditions(self) -> "RuleSet":
+        base = {**BASE_FACTS, **{f: FACTOR_STATES for f in self.factors}}
+        with_group = {**base, "group": GROUP_IDS}
+        parsed_groups = []
+        for i, g in enumerate(self.groups):
+            parsed_groups.append(parse_condition(g.when, base, f"groups[{i}].when"))
+        rule_ids = [g.rule for g in self.groups] + [r.rule for r in self.recommendations]
+        dupes = sorted({r for r in rule_ids if rule_ids.count(r) > 1})
+        if dupes:
+            raise ValueError(f"rule ids must be unique: {', '.join(dupes)}")
+        final_when = parse_condition(self.status.final_when, base, "status.final_when")
+        recs = [parse_condition(r.when, with_group, f"recommendations[{i}].when")
+                for i, r in enumerate(self.recommendations)]
+        missing = [k for k in list(base) if k not in self.missing_fact_texts]
+        if missing:
+            raise ValueError(f"missing_fact_texts: no text for {', '.join(missing)}")
+        self._group_conditions = tuple(parsed_groups)
+        self._final_when = final_when
+        self._recommendation_conditions = tuple(recs)
+        return self
+
+    # Parsed trees (set by the validator above).
+    @property
+    def group_conditions(self) -> tuple[Condition, ...]:
+        return self._group_conditions
+
+    @property
+    def final_when(self) -> Condition:
+        return self._final_when
+
+    @property
+    def recommendation_conditions(self) -> tuple[Condition, ...]:
+        return self._recommendation_conditions
+
+    @property
+    def fact_domains(self) -> dict[str, tuple[str, ...]]:
+        return {**BASE_FACTS, **{f: FACTOR_STATES for f in self.factors}}
+
+    def survival_percent(self, group: str) -> Decimal | None:
+        entry = self.survival.get(group)
+        return Survival.model_validate(entry).five_year_os_percent if entry else None
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the validated content (stable across YAML formatting)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_ruleset(path: Path | str | None = None) -> RuleSet:
+    """Load and validate a rule set file (the project's default when ``path`` is None)."""
+    from rules import DEFAULT_RULESET
+
+    return load_model(path or DEFAULT_RULESET, RuleSet)

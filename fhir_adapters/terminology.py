@@ -1,0 +1,128 @@
+"""The terminology file: which codes mean what, declared in YAML a site can extend.
+
+The mapping asks questions such as "is this Condition a liver metastasis?" through a
+:class:`Terminology`; no code list lives in Python. A site adds its local codes to
+``rules/terminology.yaml`` (or its own copy passed with ``--terminology``).
+
+Code matching::
+
+    >>> c = Code(system="http://hl7.org/fhir/sid/icd-10-cm", prefix="C78.0")
+    >>> c.matches("http://hl7.org/fhir/sid/icd-10-cm", "C78.01")
+    True
+    >>> c.matches("http://hl7.org/fhir/sid/icd-10-cm", "c7800")
+    True
+    >>> c.matches("http://hl7.org/fhir/sid/icd-10-cm", "C78.7")
+    False
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Iterable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from engine.yamlfile import load_model
+
+DEFAULT_TERMINOLOGY = Path(__file__).resolve().parent.parent / "rules" / "terminology.yaml"
+
+
+def _norm(code: str) -> str:
+    """Codes compare without dots, spaces or case (ICD-10 'C78.00' == 'C7800')."""
+    return code.replace(".", "").replace(" ", "").upper()
+
+
+class Code(BaseModel):
+    """One code, or every code starting with ``prefix`` (for ICD-10 families)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    system: str = Field(min_length=1)
+    code: str | None = None
+    prefix: str | None = None
+    display: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of_code_or_prefix(self) -> "Code":
+        if (self.code is None) == (self.prefix is None):
+            raise ValueError("give exactly one of 'code' or 'prefix'")
+        return self
+
+    def matches(self, system: str | None, code: str | None) -> bool:
+        if not system or not code or system != self.system:
+            return False
+        if self.code is not None:
+            return _norm(code) == _norm(self.code)
+        return _norm(code).startswith(_norm(self.prefix or ""))
+
+
+class CodeList(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    description: str = Field(min_length=1)
+    codes: tuple[Code, ...] = Field(min_length=1)
+
+    def matches(self, system: str | None, code: str | None) -> bool:
+        return any(c.matches(system, code) for c in self.codes)
+
+    def matches_any(self, codings: Iterable[tuple[str | None, str | None]]) -> bool:
+        return any(self.matches(s, c) for s, c in codings)
+
+
+class Terminology(BaseModel):
+    """Validated content of ``rules/terminology.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1)
+    version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
+    description: str = ""
+
+    # Conditions
+    liver_metastasis_condition: CodeList
+    metastasis_condition_generic: CodeList
+    extrahepatic_metastasis_condition: CodeList
+    liver_site: CodeList
+    # Imaging
+    tumour_size_observation: CodeList
+    longest_dimension: CodeList
+    # Treatment history
+    hepatectomy_procedure: CodeList
+    chemotherapy_procedure: CodeList
+    chemotherapy_medication: CodeList
+    # Technical resectability recorded by the care team
+    technical_resectability_observation: CodeList
+    technically_resectable_value: CodeList
+    technically_unresectable_value: CodeList
+    # UCUM length units accepted for a diameter, with their exact factor to millimetres
+    length_units_to_mm: dict[str, Decimal] = Field(min_length=1)
+
+    @field_validator("length_units_to_mm")
+    @classmethod
+    def _positive_factors(cls, v: dict[str, Decimal]) -> dict[str, Decimal]:
+        bad = [u for u, f in v.items() if not f.is_finite() or f <= 0]
+        if bad:
+            raise ValueError(f"unit factors must be positive numbers: {', '.join(bad)}")
+        return v
+
+
+def load_terminology(path: Path | str | None = None) -> Terminology:
+    """Load and validate a terminology file (the project's default when ``path`` is None)."""
+    return load_model(path or DEFAULT_TERMINOLOGY, Terminology)
+
+
+TerminologyKey = Literal[
+    "liver_metastasis_condition",
+    "metastasis_condition_generic",
+    "extrahepatic_metastasis_condition",
+    "liver_site",
+    "tumour_size_observation",
+    "longest_dimension",
+    "hepatectomy_procedure",
+    "chemotherapy_procedure",
+    "chemotherapy_medication",
+    "technical_resectability_observation",
+    "technically_resectable_value",
+    "technically_unresectable_value",
+]
