@@ -40,6 +40,7 @@ class Criterion(BaseModel):
     label: str
     state: str
     value: AnyType = None
+    operator: str | None = None
     threshold: Decimal | None = None
     unit: str | None = None
     refs: tuple[str, ...] = ()
@@ -178,7 +179,8 @@ class Engine:
         """Stage 1 fact: each factor's feature, with its known flag."""
         fact: dict[str, object] = {"kind": FEATURES_KIND}
         for factor in self.ruleset.factors.values():
-            post_value(fact, factor.feature, getattr(features, factor.feature).value)
+            f: Fact = getattr(features, factor.feature)
+            post_value(fact, factor.feature, f.value, f.lower_bound)
         return fact
 
     def classify(self, features: Features) -> Classification:
@@ -209,7 +211,8 @@ class Engine:
             rule = self._one(fired, f"factor.{fid}.", f"state of factor {fid}", features)
             f: Fact = getattr(features, factor.feature)
             criteria[fid] = Criterion(id=fid, label=factor.label, state=rule.rsplit(".", 1)[1],
-                                      value=f.value, threshold=factor.threshold, unit=factor.unit,
+                                      value=f.value, operator=factor.operator,
+                                      threshold=factor.threshold, unit=factor.unit,
                                       refs=f.refs, note=f.note, rule=rule)
         facts = {}
         for name in BASE_FACTS:
@@ -258,6 +261,19 @@ class Engine:
                 raise RulesetInconsistentError(
                     f"rule set {rs.id} {rs.version}: factor rules fired {sorted(fired)} for {fact}, "
                     f"expected {expected}")
+        # A lower bound at the threshold proves the factor; below it, it decides nothing.
+        for fid, factor in rs.factors.items():
+            if factor.operator not in (">=", ">"):
+                continue
+            for state, expect in (("present", "present"), ("absent", "unknown")):
+                fact = {"kind": FEATURES_KIND}
+                for other in rs.factors.values():
+                    post_value(fact, other.feature, None)
+                post_value(fact, factor.feature, representative_value(rs, fid, state), lower_bound=True)
+                hits = [r for r in self._factors.fire(fact) if r.startswith(f"factor.{fid}.")]
+                if hits != [f"factor.{fid}.{expect}"]:
+                    raise RulesetInconsistentError(
+                        f"rule set {rs.id} {rs.version}: lower bound {fact} gave {hits}, expected {expect}")
         domains = rs.fact_domains
         names = list(domains)
         n = 0

@@ -3,8 +3,9 @@
 A classification fires three small rulesets, each on one fact:
 
 1. **factors**: the patient's features against the thresholds. Each feature is
-   posted with a ``<feature>_known`` flag and, when known, its value, so "unknown"
-   is ``{<feature>_known: false}``. (durable_rules' own test for a missing field,
+   posted with a ``<feature>_known`` flag, an ``<feature>_exact`` flag (false when the
+   value is only a lower bound) and, when known, its value, so "unknown" is
+   ``{<feature>_known: false}``; a lower bound proves ``>= t`` but not ``< t``. (durable_rules' own test for a missing field,
    ``$nex``, hangs or crashes the process in some positions; it is never used.)
    Rules ``factor.<factor id>.<state>``.
 2. **decision**: the state of every fact (``present`` / ``absent`` / ``unknown``...)
@@ -19,8 +20,10 @@ Every rule is anchored on ``kind``, a constant equality. Staging keeps each rule
     >>> compiled = compile_ruleset(load_ruleset())
     >>> compiled.factors.rules["factor.tumour_count_ge_4.present"]
     {'all': [{'m': {'$and': [{'kind': 'clm-features'}, {'tumour_count_known': True}, {'$gte': {'tumour_count': 4}}]}}]}
+    >>> compiled.factors.rules["factor.largest_ge_50mm.absent"]
+    {'all': [{'m': {'$and': [{'kind': 'clm-features'}, {'largest_diameter_mm_known': True}, {'largest_diameter_mm_exact': True}, {'$lt': {'largest_diameter_mm': 50}}]}}]}
     >>> compiled.factors.rules["factor.largest_ge_50mm.unknown"]
-    {'all': [{'m': {'$and': [{'kind': 'clm-features'}, {'largest_diameter_mm_known': False}]}}]}
+    {'all': [{'m': {'$and': [{'kind': 'clm-features'}, {'$or': [{'largest_diameter_mm_known': False}, {'$and': [{'largest_diameter_mm_known': True}, {'largest_diameter_mm_exact': False}, {'$lt': {'largest_diameter_mm': 50}}]}]}]}}]}
     >>> compiled.decision.rules["status.final"]
     {'all': [{'m': {'$and': [{'kind': 'clm-states'}, {'$or': [{'technical_resectability': 'resectable'}, {'technical_resectability': 'unresectable'}]}]}}]}
 """
@@ -53,21 +56,35 @@ def json_number(d: Decimal) -> int | float:
     return int(d) if d == d.to_integral_value() else float(d)
 
 
-def post_value(fact: dict[str, object], field: str, value: object | None) -> None:
-    """Put a feature into a stage-1 fact: its flag, and its value when known."""
+def post_value(fact: dict[str, object], field: str, value: object | None, lower_bound: bool = False) -> None:
+    """Put a feature into a stage-1 fact: its flags, and its value when known."""
     fact[f"{field}_known"] = value is not None
+    fact[f"{field}_exact"] = not lower_bound
     if value is not None:
         fact[field] = json_number(value) if isinstance(value, Decimal) else value
 
 
 def _factor_state(factor: Factor, state: str) -> list[dict]:
+    """Terms (anded) that put the factor in ``state``.
+
+    With a lower bound only "at least" is known: for ``>=``/``>`` the bound can prove
+    present but not absent; for ``<=``/``<`` it can prove absent but not present.
+    """
     f = factor.feature
-    if state == "unknown":
-        return [{f"{f}_known": False}]
+    known = {f"{f}_known": True}
     if factor.operator == "is_true":
-        return [{f"{f}_known": True}, {f: state == "present"}]
-    op = factor.operator if state == "present" else _COMPLEMENT[factor.operator]
-    return [{f"{f}_known": True}, {_OPS[op]: {f: json_number(factor.threshold)}}]
+        return [{f"{f}_known": False}] if state == "unknown" else [known, {f: state == "present"}]
+    t = json_number(factor.threshold)
+    holds = {_OPS[factor.operator]: {f: t}}
+    fails = {_OPS[_COMPLEMENT[factor.operator]]: {f: t}}
+    exact = {f"{f}_exact": True}
+    upward = factor.operator in (">=", ">")  # a lower bound can only make it hold
+    if state == "present":
+        return [known, holds] if upward else [known, exact, holds]
+    if state == "absent":
+        return [known, exact, fails] if upward else [known, fails]
+    undecided = fails if upward else holds
+    return [{"$or": [{f"{f}_known": False}, {"$and": [known, {f"{f}_exact": False}, undecided]}]}]
 
 
 def condition_expr(cond: Condition) -> dict:
@@ -109,6 +126,7 @@ def compile_ruleset(rs: RuleSet) -> CompiledRuleset:
     for factor in rs.factors.values():
         factor_fields[factor.feature] = FEATURE_FIELDS[factor.feature]
         factor_fields[f"{factor.feature}_known"] = "bool"
+        factor_fields[f"{factor.feature}_exact"] = "bool"
 
     state_fields: dict[str, FieldType] = {"kind": "string", **{f: "string" for f in rs.fact_domains}}
     decision_rules = {}

@@ -30,6 +30,9 @@ class Fact(BaseModel, Generic[T]):
     value: T | None = None
     refs: tuple[str, ...] = ()
     note: str | None = None
+    # True when the value is only a lower bound (e.g. "at least 3 lesions": one
+    # measurement could not be used). A lower bound can prove ">= threshold", never "<".
+    lower_bound: bool = False
 
     @property
     def known(self) -> bool:

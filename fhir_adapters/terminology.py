@@ -87,6 +87,7 @@ class Terminology(BaseModel):
     # Imaging
     tumour_size_observation: CodeList
     longest_dimension: CodeList
+    pathology_method: CodeList
     # Treatment history
     hepatectomy_procedure: CodeList
     chemotherapy_procedure: CodeList
@@ -119,6 +120,7 @@ TerminologyKey = Literal[
     "liver_site",
     "tumour_size_observation",
     "longest_dimension",
+    "pathology_method",
     "hepatectomy_procedure",
     "chemotherapy_procedure",
     "chemotherapy_medication",
