@@ -235,7 +235,7 @@ class Engine:
         survival = None
         if pct is not None:
             survival = CohortSurvival(group=g.id, five_year_os_percent=pct,
-                                      p_value=rs.survival.get("survival_p_value"),
+                                      p_value=rs.survival.p_value,
                                       caveat=rs.cohort.caveat.strip())
         return Classification(
             patient=features.patient, group=g.id, group_rule=g.rule, reason=g.reason.strip(),

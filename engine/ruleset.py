@@ -21,7 +21,7 @@ import hashlib
 import json
 from decimal import Decimal
 from pathlib import Path
-from typing import Any as AnyType, Literal, Mapping, Union
+from typing import Annotated, Any as AnyType, Literal, Mapping, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -162,9 +162,15 @@ class GroupRule(BaseModel):
     reason: str = Field(min_length=1)
 
 
+Percent = Annotated[Decimal, Field(ge=0, le=100)]
+
+
 class Survival(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    five_year_os_percent: Decimal = Field(ge=0, le=100)
+    """Cohort 5-year overall survival per group, in percent (cohort estimates)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    five_year_os_percent: dict[GroupId, Percent]
+    p_value: str = Field(min_length=1)
 
 
 class Status(BaseModel):
@@ -193,7 +199,7 @@ class RuleSet(BaseModel):
     cohort: Cohort
     factors: dict[str, Factor] = Field(min_length=1)
     groups: list[GroupRule] = Field(min_length=1)
-    survival: dict[str, AnyType]
+    survival: Survival
     status: Status
     recommendations: list[Recommendation] = Field(default_factory=list)
     missing_fact_texts: dict[str, str]
@@ -208,19 +214,6 @@ class RuleSet(BaseModel):
         for fid in v:
             if fid in BASE_FACTS or fid in ("group", "all", "any", "sid"):
                 raise ValueError(f"factor id {fid!r} is reserved")
-        return v
-
-    @field_validator("survival")
-    @classmethod
-    def _survival(cls, v: dict[str, AnyType]) -> dict[str, AnyType]:
-        for key, value in v.items():
-            if key == "survival_p_value":
-                if not isinstance(value, str):
-                    raise ValueError("survival_p_value: expected text such as '< 0.0001'")
-                continue
-            if key not in GROUP_IDS:
-                raise ValueError(f"{key}: not a group ({', '.join(GROUP_IDS)})")
-            Survival.model_validate(value)
         return v
 
     @model_validator(mode="after")
@@ -263,8 +256,7 @@ class RuleSet(BaseModel):
         return {**BASE_FACTS, **{f: FACTOR_STATES for f in self.factors}}
 
     def survival_percent(self, group: str) -> Decimal | None:
-        entry = self.survival.get(group)
-        return Survival.model_validate(entry).five_year_os_percent if entry else None
+        return self.survival.five_year_os_percent.get(group)
 
     @property
     def sha256(self) -> str:

@@ -1,0 +1,230 @@
+"""Each durable_rules 2.0.28 sharp edge, and the guard in engine/durable_session.py.
+
+Every test here fails if its guard is removed: the "raw" tests show the sharp edge on
+durable's own Host (so a future durable_rules release that fixes it is noticed), the
+others show the wrapper holding.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from decimal import Decimal
+
+import durable.engine as raw_durable
+import pytest
+
+from engine import durable_session
+from engine.classify import Engine
+from engine.durable_session import (DurableRuleset, FactTypeError, RuleActionError,
+                                    RulesetDefinitionError)
+from engine.features import Fact, Features
+from engine.ruleset import load_ruleset
+
+FIELDS = {"kind": "string", "n": "number", "flag": "bool"}
+GE4 = {"all": [{"m": {"$and": [{"kind": "t"}, {"$gte": {"n": 4}}]}}]}
+
+
+def features(count: int, size: str = "20", ehd: bool = False) -> Features:
+    return Features(patient="Patient/x", liver_recurrence=Fact[bool](value=True),
+                    tumour_count=Fact[int](value=count), largest_diameter_mm=Fact(value=Decimal(size)),
+                    extrahepatic_disease=Fact[bool](value=ehd))
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+# --------------------------------------------------------------------------- sessions
+def test_raw_durable_fails_after_about_1024_live_sessions():
+    """The sharp edge: sessions that are never deleted exhaust the ruleset."""
+    host = durable_session._ThreadlessHost()
+    name = "raw-sessions-probe"
+    host.register_rulesets({name: {"r": {**GE4, "run": lambda c: None}}})
+    with pytest.raises(MemoryError):
+        for i in range(1100):
+            host.assert_fact(name, {"sid": str(i), "kind": "t", "n": 5})
+
+
+def test_more_than_1024_classifications_succeed():
+    engine = Engine.default()
+    groups = {engine.classify(features(count=i % 7)).group for i in range(2500)}
+    assert groups == {"resectable", "borderline-resectable"}
+
+
+def test_memory_is_flat_across_many_classifications():
+    engine = Engine.default()
+    for i in range(2000):  # warm-up: allocator pools, caches
+        engine.classify(features(count=i % 7))
+    before = _rss_kib()
+    for i in range(10000):
+        engine.classify(features(count=i % 7, size=str(40 + i % 20)))
+    grown = _rss_kib() - before
+    # Without delete_state each session keeps its facts (and fails at ~1021 sessions).
+    assert grown < 4 * 1024, f"resident memory grew by {grown} KiB over 10 000 classifications"
+
+
+@pytest.mark.slow
+def test_100000_classifications():
+    engine = Engine.default()
+    for i in range(100_000):
+        assert engine.classify(features(count=i % 7)).group in ("resectable", "borderline-resectable")
+
+
+# --------------------------------------------------------------------------- threads
+THREAD_SCRIPT = textwrap.dedent("""
+    import threading, sys
+    from decimal import Decimal
+    from engine.classify import Engine
+    from engine.features import Fact, Features
+    engine = Engine.default()
+    errors = []
+    def work(seed):
+        try:
+            for i in range(400):
+                n = (seed + i) % 8
+                f = Features(liver_recurrence=Fact[bool](value=True), tumour_count=Fact[int](value=n),
+                             largest_diameter_mm=Fact(value=Decimal(10)),
+                             extrahepatic_disease=Fact[bool](value=False))
+                g = engine.classify(f).group
+                want = "borderline-resectable" if n >= 4 else "resectable"
+                if g != want:
+                    errors.append((n, g))
+        except BaseException as exc:
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    print("errors", errors[:5])
+    sys.exit(1 if errors else 0)
+""")
+
+
+def test_concurrent_classifications_from_threads_are_serialised():
+    """Run in a child process: without the lock durable_rules can crash the process."""
+    proc = subprocess.run([sys.executable, "-c", THREAD_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout[-500:], proc.stderr[-1500:])
+
+
+def test_stock_host_starts_threads_and_ours_does_not():
+    before = {t.ident for t in threading.enumerate()}
+    raw_durable.Host()
+    started = [t for t in threading.enumerate() if t.ident not in before]
+    assert started, "durable's stock Host starts its dispatch timers (the sharp edge)"
+    before = {t.ident for t in threading.enumerate()}
+    DurableRuleset("no-threads", {"r": GE4}, FIELDS)
+    assert [t for t in threading.enumerate() if t.ident not in before] == []
+
+
+# --------------------------------------------------------------------------- actions
+def test_raw_durable_swallows_action_exceptions():
+    host = durable_session._ThreadlessHost()
+    name = "raw-exception-probe"
+
+    def boom(c):
+        raise ValueError("boom")
+
+    host.register_rulesets({name: {"r": {**GE4, "run": boom}}})
+    state = host.assert_fact(name, {"sid": "1", "kind": "t", "n": 5})  # no exception raised
+    assert "boom" in state["exception"]
+
+
+def test_action_exception_is_raised_to_the_caller():
+    def boom(fact):
+        raise ValueError(f"bad fact {fact['n']}")
+
+    rs = DurableRuleset("raises", {"r": GE4}, FIELDS, actions={"r": boom})
+    with pytest.raises(RuleActionError, match="bad fact 5") as info:
+        rs.fire({"kind": "t", "n": 5})
+    assert isinstance(info.value.__cause__, ValueError)
+    assert rs.fire({"kind": "t", "n": 1}) == []  # the ruleset still works afterwards
+
+
+# --------------------------------------------------------------------------- types
+def test_raw_durable_matches_strings_and_booleans_against_numbers():
+    host = durable_session._ThreadlessHost()
+    name = "raw-types-probe"
+    fired = []
+    host.register_rulesets({name: {
+        "ge4": {**GE4, "run": lambda c: fired.append("ge4")},
+        "lt10": {"all": [{"m": {"$and": [{"kind": "t"}, {"$lt": {"n": 10}}]}}], "run": lambda c: fired.append("lt10")},
+    }})
+    host.assert_fact(name, {"sid": "1", "kind": "t", "n": "abc"})
+    host.assert_fact(name, {"sid": "2", "kind": "t", "n": True})
+    assert "ge4" in fired and "lt10" in fired
+
+
+@pytest.mark.parametrize("value", ["10", "abc", True, False, None, float("nan"), float("inf"), [4], {"v": 4}])
+def test_wrong_types_never_reach_a_numeric_rule(value):
+    rs = DurableRuleset("typed", {"r": GE4}, FIELDS)
+    with pytest.raises(FactTypeError, match="'n' must be a number"):
+        rs.fire({"kind": "t", "n": value})
+
+
+def test_undeclared_fields_and_non_boolean_flags_are_refused():
+    rs = DurableRuleset("typed2", {"r": GE4}, FIELDS)
+    with pytest.raises(FactTypeError, match="not declared"):
+        rs.fire({"kind": "t", "n": 5, "sid": "mine"})
+    with pytest.raises(FactTypeError, match="'flag' must be a bool"):
+        rs.fire({"kind": "t", "flag": 1})
+
+
+def test_features_refuse_strings_and_booleans_for_numbers():
+    with pytest.raises(ValueError):
+        Features(tumour_count={"value": "10"})
+    with pytest.raises(ValueError):
+        Features(tumour_count={"value": True})
+    with pytest.raises(ValueError):
+        Features(largest_diameter_mm={"value": True})
+    with pytest.raises(ValueError):
+        Features(largest_diameter_mm={"value": "55"})
+
+
+# --------------------------------------------------------------------------- rule shapes
+def test_negation_only_rule_is_refused():
+    with pytest.raises(RulesetDefinitionError, match="only negated"):
+        DurableRuleset("neg", {"r": {"all": [{"m$not": {"n": 1}}]}}, FIELDS)
+
+
+@pytest.mark.parametrize("expr", [{"$nex": {"n": 1}}, {"$and": [{"kind": "t"}, {"$or": [{"$nex": {"n": 1}}, {"n": 2}]}]},
+                                  {"$ex": {"n": 1}}])
+def test_existence_tests_are_refused(expr):
+    """`$nex` alone hangs durable_rules; inside `$or` it crashes the process."""
+    with pytest.raises(RulesetDefinitionError, match=r"\$nex/\$ex"):
+        DurableRuleset("nex", {"r": {"all": [{"m": expr}]}}, FIELDS)
+
+
+def test_compiled_rule_set_uses_no_existence_test_or_negation():
+    engine = Engine.default()
+    text = repr([engine.compiled.factors.rules, engine.compiled.decision.rules,
+                 engine.compiled.recommendations.rules])
+    assert "$nex" not in text and "$ex" not in text and "$not" not in text
+
+
+def test_rule_with_several_true_or_branches_is_reported_once():
+    calls = []
+    rule = {"all": [{"m": {"$and": [{"kind": "t"}, {"$or": [{"$gte": {"n": 1}}, {"$gte": {"n": 2}}, {"$gte": {"n": 3}}]}]}}]}
+    rs = DurableRuleset("or-once", {"r": rule}, FIELDS, actions={"r": lambda f: calls.append(f["n"])})
+    assert rs.fire({"kind": "t", "n": 5}) == ["r"]
+    assert calls == [5]
+
+
+# --------------------------------------------------------------------------- names
+def test_raw_durable_refuses_a_second_registration_of_a_name():
+    host = durable_session._ThreadlessHost()
+    host.register_rulesets({"dup-probe": {"r": {**GE4, "run": lambda c: None}}})
+    with pytest.raises(Exception, match="already registered"):
+        host.register_rulesets({"dup-probe": {"r": {**GE4, "run": lambda c: None}}})
+
+
+def test_reloading_the_same_rule_set_registers_new_names():
+    first, second = Engine(load_ruleset()), Engine(load_ruleset())
+    assert first._factors.name != second._factors.name
+    f = features(count=5)
+    assert first.classify(f).group == second.classify(f).group == "borderline-resectable"

@@ -1,0 +1,82 @@
+"""Every fixture Bundle gets its expected result through the real command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clm_stratify.cli import main
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+EXPECTED = yaml.safe_load((FIXTURES / "expected.yaml").read_text())
+ADJUVANT = {True: "given", False: "not-given", None: "unknown"}
+
+
+def classify_json(path: Path, capsys) -> dict:
+    code = main(["classify", "--bundle", str(path), "--format", "json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(out.out)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_fixture_gets_expected_result(name, capsys):
+    want = EXPECTED[name]
+    got = classify_json(FIXTURES / name, capsys)
+    assert got["group"] == want["group"], want["description"]
+    assert got["status"] == want["status"]
+    if want.get("criteria") is not None:
+        assert got["criteria"] == want["criteria"]
+    if "adjuvant_chemotherapy" in want:
+        assert got["evidence"]["adjuvant_chemotherapy"]["state"] == ADJUVANT[want["adjuvant_chemotherapy"]]
+    # Three-valued logic: an unknown factor never yields "resectable".
+    if None in got["criteria"].values():
+        assert got["group"] != "resectable"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, w in EXPECTED.items() if w["group"] != "indeterminate"))
+def test_each_present_factor_names_its_resources(name, capsys):
+    got = classify_json(FIXTURES / name, capsys)
+    for factor, value in got["criteria"].items():
+        if value is True:
+            refs = got["evidence"][factor]["refs"]
+            assert refs and all("/" in r for r in refs), (factor, refs)
+            bundle = json.loads((FIXTURES / name).read_text())
+            ids = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in bundle["entry"]}
+            assert {r.split("/_history/")[0] for r in refs} <= ids
+    assert got["evidence"]["liver_recurrence"]["refs"]
+
+
+def test_json_output_shape(capsys):
+    got = classify_json(FIXTURES / "05-borderline-size-50mm-exact.json", capsys)
+    assert set(got) >= {"group", "status", "criteria", "missing", "recommendations", "ruleset", "evidence",
+                        "rules_fired", "cohort_survival", "warnings", "patient"}
+    assert set(got["criteria"]) == {"tumour_count_ge_4", "largest_ge_50mm", "extrahepatic_disease"}
+    assert got["ruleset"]["id"] == "clm-recurrence-resectability"
+    assert got["ruleset"]["version"].count(".") == 2
+    assert got["evidence"]["largest_ge_50mm"]["value"] == "50.0"
+    assert "group.G2-factor-present" in got["rules_fired"]
+    assert "cohort estimate" in got["cohort_survival"]["caveat"]
+
+
+def test_text_report_names_deciding_facts_and_cohort_caveat(capsys):
+    assert main(["classify", "--bundle", str(FIXTURES / "09-borderline-ehd-lung-snomed.json")]) == 0
+    out = capsys.readouterr().out
+    assert "BORDERLINE-RESECTABLE" in out
+    assert "[present] extrahepatic disease present" in out
+    assert "Cohort estimate" in out and "not a prediction for this patient" in out
+
+
+def test_console_script_and_module_entry_points():
+    f = str(FIXTURES / "01-resectable-single-small.json")
+    for cmd in (["clm-stratify"], [sys.executable, "-m", "clm_stratify"]):
+        exe = cmd if cmd[0] != "clm-stratify" else [str(Path(sys.executable).with_name("clm-stratify"))]
+        proc = subprocess.run(exe + ["classify", "--bundle", f, "--format", "json"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["group"] == "resectable"
