@@ -180,7 +180,7 @@ class Engine:
         fact: dict[str, object] = {"kind": FEATURES_KIND}
         for factor in self.ruleset.factors.values():
             f: Fact = getattr(features, factor.feature)
-            post_value(fact, factor.feature, f.value, f.lower_bound)
+            post_value(fact, factor.feature, f.value, f.lower_bound, factor.operator)
         return fact
 
     def classify(self, features: Features) -> Classification:

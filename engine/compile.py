@@ -31,9 +31,9 @@ Every rule is anchored on ``kind``, a constant equality. Staging keeps each rule
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
-from engine.durable_session import FieldType
+from engine.durable_session import FactTypeError, FieldType
 from engine.features import BOOLEAN_FEATURES, NUMERIC_FEATURES
 from engine.ruleset import FACTOR_STATES, All, Condition, Factor, Leaf, RuleSet, negate
 
@@ -56,12 +56,34 @@ def json_number(d: Decimal) -> int | float:
     return int(d) if d == d.to_integral_value() else float(d)
 
 
-def post_value(fact: dict[str, object], field: str, value: object | None, lower_bound: bool = False) -> None:
+# Thresholds may have at most this many decimals; feature values are rounded to the same
+# step *towards the side that keeps the comparison exact* before they become floats, so
+# 49.99999999999999999 mm stays below 50 (a plain float() would make it 50.0).
+THRESHOLD_STEP = Decimal("0.001")
+
+
+def exact_for(value: Decimal, operator: str | None) -> int | float:
+    """``value`` as a JSON number whose comparison with any threshold that is a multiple
+    of THRESHOLD_STEP gives the same answer as the exact decimal.
+
+    >>> exact_for(Decimal("49.99999999999999999"), ">=")
+    49.999
+    >>> exact_for(Decimal("50.0000000000000001"), ">")
+    50.001
+    """
+    if not value.is_finite() or value.adjusted() >= 12:
+        raise FactTypeError(f"value {value} is too large to compare exactly (at most 12 integer digits)")
+    rounding = ROUND_CEILING if operator in (">", "<=") else ROUND_FLOOR
+    return json_number(value.quantize(THRESHOLD_STEP, rounding=rounding))
+
+
+def post_value(fact: dict[str, object], field: str, value: object | None, lower_bound: bool = False,
+               operator: str | None = None) -> None:
     """Put a feature into a stage-1 fact: its flags, and its value when known."""
     fact[f"{field}_known"] = value is not None
     fact[f"{field}_exact"] = not lower_bound
     if value is not None:
-        fact[field] = json_number(value) if isinstance(value, Decimal) else value
+        fact[field] = exact_for(value, operator) if isinstance(value, Decimal) else value
 
 
 def _factor_state(factor: Factor, state: str) -> list[dict]:

@@ -12,8 +12,10 @@ durable_rules is a C engine with a thin Python host. Observed in this project
 * **Action exceptions are swallowed.** They end up as text in the session state.
   -> actions are wrapped; any exception is re-raised to the caller after the call.
 * **Strings and booleans match numeric tests.** ``True`` satisfies ``n < 10`` and
-  ``"abc"`` satisfies ``n >= 4``.
-  -> every posted field is checked against its declared type first.
+  ``"abc"`` satisfies ``n >= 4``. Its JSON parser also fails on numbers written with
+  an exponent (``1e-05``: error 204).
+  -> every posted field is checked against its declared type first; numbers must be
+  finite and plain (no exponent in their JSON form).
 * **Negation-only rules loop forever**, a rule that only tests ``$nex`` (field
   missing) hangs, and ``$nex`` directly inside ``$or`` crashes the process (SIGSEGV).
   -> negation-only rules and ``$nex`` / ``$ex`` anywhere are refused when the ruleset
@@ -95,15 +97,26 @@ def check_definition(rules: Mapping[str, Mapping]) -> None:
                 "forever on such rules: add a positive condition")
 
 
+def _plain_number(value: object) -> bool:
+    if type(value) is int:
+        return abs(value) < 2**53
+    if type(value) is float:
+        return math.isfinite(value) and "e" not in repr(value).lower()
+    return False  # bool, str, Decimal, None...
+
+
 def _check_value(field: str, kind: FieldType, value: object) -> None:
     if kind == "number":
-        ok = type(value) in (int, float) and math.isfinite(value)  # bool is not a number here
+        ok = _plain_number(value)
     elif kind == "bool":
         ok = type(value) is bool
     else:
         ok = type(value) is str
     if not ok:
-        raise FactTypeError(f"field {field!r} must be a {kind}, got {type(value).__name__} {value!r}")
+        what = f"{type(value).__name__} {value!r}"[:80]
+        raise FactTypeError(f"field {field!r} must be a {kind}"
+                            + (" written without an exponent" if kind == "number" and type(value) is float else "")
+                            + f", got {what}")
 
 
 class DurableRuleset:
@@ -162,14 +175,20 @@ class DurableRuleset:
         with _LOCK:
             sid = str(next(_SIDS))
             self._fired, self._errors = [], []
+            failed = True
             try:
                 state = _HOST.assert_fact(self.name, {**fact, "sid": sid})
+                failed = False
             except _durable.MessageNotHandledException:
-                state = None
+                state, failed = None, False
             finally:
                 fired, errors = self._fired, self._errors
                 self._fired, self._errors = None, []
-                _HOST.delete_state(self.name, sid)
+                try:
+                    _HOST.delete_state(self.name, sid)
+                except Exception:
+                    if not failed:  # else keep the original error, not this follow-on one
+                        raise
         if errors:
             raise RuleActionError(f"an action of ruleset {self.name} failed: {errors[0]!r}") from errors[0]
         if isinstance(state, dict) and state.get("exception"):

@@ -144,6 +144,8 @@ class Factor(BaseModel):
                 raise ValueError(f"feature {self.feature} is numeric: use >=, >, <= or <")
             if self.threshold is None or not self.threshold.is_finite() or self.threshold < 0:
                 raise ValueError("a numeric factor needs a threshold: a finite number >= 0")
+            if self.threshold != self.threshold.quantize(Decimal("0.001")):
+                raise ValueError("a threshold may have at most 3 decimals")
         elif self.feature in BOOLEAN_FEATURES:
             if self.operator != "is_true" or self.threshold is not None:
                 raise ValueError(f"feature {self.feature} is true/false: use operator is_true "

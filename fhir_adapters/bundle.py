@@ -66,7 +66,7 @@ def record_from_bundle(data: Any, source: str = "bundle") -> PatientRecord:
     entries = data.get("entry", [])
     if not isinstance(entries, list):
         raise BundleError(f"{source}: Bundle.entry must be a list")
-    resources = []
+    resources: list[tuple[dict, str | None]] = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise BundleError(f"{source}: Bundle.entry[{i}] is not an object")
@@ -78,17 +78,21 @@ def record_from_bundle(data: Any, source: str = "bundle") -> PatientRecord:
             continue
         if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
             raise BundleError(f"{source}: Bundle.entry[{i}].resource has no resourceType")
-        resources.append(resource)
+        full_url = entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None
+        resources.append((resource, full_url))
 
-    patients = {f"Patient/{r.get('id')}" for r in resources if r["resourceType"] == "Patient"}
-    subjects = {s for s in (_subject_patient(r) for r in resources) if s}
+    patients = {f"Patient/{r['id']}" if isinstance(r.get("id"), str) else (url or "Patient/(no id)")
+                for r, url in resources if r["resourceType"] == "Patient"}
+    subjects = {s for s in (_subject_patient(r) for r, _ in resources) if s}
     everyone = patients | subjects
     if len(everyone) > 1:
         raise BundleError(f"{source}: holds several patients ({', '.join(sorted(everyone))}); "
                           "classify expects one patient per Bundle")
     if not everyone:
         raise BundleError(f"{source}: holds no Patient and no resource with a Patient subject")
-    record = PatientRecord.from_resources(resources)
+    record = PatientRecord()
+    for resource, full_url in resources:
+        record.add(resource, full_url)
     if record.patient is None:
         # No (readable) Patient resource: keep the subject so the result names the patient.
         record.subject = next(iter(everyone))

@@ -31,6 +31,7 @@ from fhir_adapters.record import PatientRecord
 from fhir_adapters.terminology import CodeList, Terminology
 
 WITHDRAWN_OBSERVATION = {"entered-in-error", "cancelled"}
+FINAL_OBSERVATION = {"final", "amended", "corrected"}
 WITHDRAWN_VERIFICATION = {"refuted", "entered-in-error"}
 UNCONFIRMED_VERIFICATION = {"provisional", "differential", "unconfirmed"}
 INACTIVE_CLINICAL = {"resolved", "inactive", "remission"}
@@ -108,6 +109,29 @@ def effective_day(resource: Any, *fields: str) -> tuple[dt.date | None, bool]:
     return None, False
 
 
+def day_span(resource: Any, *fields: str) -> tuple[dt.date, dt.date] | None:
+    """First and last calendar day a date/dateTime/Period may mean (None: no date).
+
+    >>> day_span(type("O", (), {"effectiveDateTime": "2024-02"})(), "effectiveDateTime")
+    (datetime.date(2024, 2, 1), datetime.date(2024, 2, 29))
+    """
+    day, precise = effective_day(resource, *fields)
+    if day is None:
+        return None
+    if precise:
+        return day, day
+    for name in fields:
+        value = getattr(resource, name, None)
+        if value is None:
+            continue
+        text = str(value.start or value.end) if name.endswith("Period") else str(value)
+        if len(text) == 4:
+            return day, dt.date(day.year, 12, 31)
+        next_month = dt.date(day.year + day.month // 12, day.month % 12 + 1, 1)
+        return day, next_month - dt.timedelta(days=1)
+    return day, day
+
+
 # ----------------------------------------------------------------------------- findings
 @dataclass
 class _Lesion:
@@ -122,7 +146,7 @@ class _Lesion:
 class _Measurement:
     ref: str
     lesion_key: str
-    day: dt.date | None
+    span: tuple[dt.date, dt.date] | None   # the days the measurement may have been taken
     size_mm: Decimal | None
     size_is_lower_bound: bool
     size_problem: str | None
@@ -137,6 +161,7 @@ class FeatureMapper:
     # ------------------------------------------------------------------ entry point
     def map(self, record: PatientRecord) -> Features:
         self.warnings: list[str] = []
+        self.record = record
         liver = self._liver_recurrence(record)
         resection_day, resection_refs = self._reference_resection(record)
         count, size, lesion_days = self._lesions(record, liver.value is True, resection_day)
@@ -152,6 +177,12 @@ class FeatureMapper:
             technical_resectability=technical, adjuvant_chemotherapy=adjuvant,
             warnings=tuple(self.warnings),
         )
+
+    def _ref(self, resource: Any) -> str:
+        """Reference of a resource; its Bundle fullUrl when it has no id."""
+        if resource.id is None:
+            return self.record.full_urls.get(id(resource), f"{resource.get_resource_type()}/(no id)")
+        return ref(resource)
 
     # ------------------------------------------------------------------ conditions
     def _condition_status(self, c: Any) -> str:
@@ -173,17 +204,21 @@ class FeatureMapper:
             return None
         return self.t.liver_site.matches_any(pairs)
 
-    def _metastasis_site(self, c: Any) -> str | None:
-        """'liver', 'extrahepatic', 'unknown-site' for a metastasis Condition, else None."""
+    def _metastasis_sites(self, c: Any) -> set[str]:
+        """Sites of a metastasis Condition: any of 'liver', 'extrahepatic', 'unknown-site'
+        (empty when it is not a metastasis). A generic metastasis code takes its sites
+        from bodySite, each site on its own (liver and lung is both)."""
         pairs = codings(c.code)
+        sites = set()
         if self.t.liver_metastasis_condition.matches_any(pairs):
-            return "liver"
+            sites.add("liver")
         if self.t.extrahepatic_metastasis_condition.matches_any(pairs):
-            return "extrahepatic"
+            sites.add("extrahepatic")
         if self.t.metastasis_condition_generic.matches_any(pairs):
-            site = self._site_is_liver(c.bodySite or [])
-            return {True: "liver", False: "extrahepatic", None: "unknown-site"}[site]
-        return None
+            for site in c.bodySite or [None]:
+                is_liver = self._site_is_liver([site] if site is not None else [])
+                sites.add({True: "liver", False: "extrahepatic", None: "unknown-site"}[is_liver])
+        return sites
 
     def _unreadable_matching(self, record: PatientRecord, rtype: str, *lists: CodeList) -> list[str]:
         return [u.ref for u in record.unreadable
@@ -192,10 +227,10 @@ class FeatureMapper:
     def _liver_recurrence(self, record: PatientRecord) -> Fact[bool]:
         active, unconfirmed, ignored = [], [], []
         for c in record.conditions:
-            if self._metastasis_site(c) != "liver":
+            if "liver" not in self._metastasis_sites(c):
                 continue
             status = self._condition_status(c)
-            {"active": active, "unconfirmed": unconfirmed}.get(status, ignored).append(ref(c))
+            {"active": active, "unconfirmed": unconfirmed}.get(status, ignored).append(self._ref(c))
         if active:
             return Fact[bool](value=True, refs=tuple(active))
         unreadable = self._unreadable_matching(record, "Condition", self.t.liver_metastasis_condition,
@@ -212,16 +247,16 @@ class FeatureMapper:
     def _extrahepatic(self, record: PatientRecord, liver: Fact[bool]) -> Fact[bool]:
         confirmed, doubtful, ignored = [], [], []
         for c in record.conditions:
-            site = self._metastasis_site(c)
-            if site not in ("extrahepatic", "unknown-site"):
+            sites = self._metastasis_sites(c)
+            if not sites & {"extrahepatic", "unknown-site"}:
                 continue
             status = self._condition_status(c)
-            if status == "active" and site == "extrahepatic":
-                confirmed.append(ref(c))
+            if status == "active" and "extrahepatic" in sites:
+                confirmed.append(self._ref(c))
             elif status in ("active", "unconfirmed"):
-                doubtful.append(ref(c))
+                doubtful.append(self._ref(c))
             else:
-                ignored.append(ref(c))
+                ignored.append(self._ref(c))
         if confirmed:
             return Fact[bool](value=True, refs=tuple(confirmed))
         unreadable = self._unreadable_matching(record, "Condition", self.t.extrahepatic_metastasis_condition,
@@ -244,10 +279,10 @@ class FeatureMapper:
                 continue
             day, _ = effective_day(p, "performedDateTime", "performedPeriod")
             if day is None:
-                self.warnings.append(f"{ref(p)}: hepatectomy without a date; not used as the reference resection")
+                self.warnings.append(f"{self._ref(p)}: hepatectomy without a date; not used as the reference resection")
                 continue
             if best is None or day > best[0]:
-                best = (day, ref(p))
+                best = (day, self._ref(p))
         if best is None:
             return None, ()
         return best[0], (best[1],)
@@ -266,11 +301,16 @@ class FeatureMapper:
             return None, False, f"{where}: size {value} {unit} is not a positive length"
         if quantity.comparator in ("<", "<="):
             return None, False, f"{where}: size given only as {quantity.comparator} {value} {unit}"
-        return value * factor, quantity.comparator in (">", ">="), None
+        mm = value * factor
+        limits = self.t.plausible_diameter_mm
+        if not limits.minimum <= mm <= limits.maximum:
+            return None, False, (f"{where}: size {value} {unit} is outside the plausible range "
+                                 f"{limits.minimum}-{limits.maximum} mm")
+        return mm, quantity.comparator in (">", ">="), None
 
     def _measurement_size(self, o: Any) -> tuple[Decimal | None, bool, str | None] | None:
         """Size of a tumour-size Observation, or None when it is not one."""
-        where = ref(o)
+        where = self._ref(o)
         for comp in o.component or []:
             if self.t.longest_dimension.matches_any(codings(comp.code)):
                 if comp.dataAbsentReason is not None:
@@ -297,11 +337,20 @@ class FeatureMapper:
             elif target is not None and target.startswith("Condition/"):
                 cond = next((c for c in record.conditions if f"Condition/{c.id}" == target), None)
                 if cond is not None and site is None:
-                    kind = self._metastasis_site(cond)
-                    site = True if kind == "liver" else False if kind == "extrahepatic" else None
+                    sites = self._metastasis_sites(cond)
+                    site = True if "liver" in sites else False if sites == {"extrahepatic"} else None
         if site is not None:
             return site
         return liver_recurrence
+
+    def _lesion_key(self, o: Any) -> str:
+        """A lesion's identity: its focus BodyStructure (stable across reports), else the
+        Observation itself. A focus on a Condition is not a lesion's identity."""
+        for f in o.focus or []:
+            target = plain_ref(f.reference)
+            if target and target.startswith("BodyStructure/"):
+                return target
+        return self._ref(o)
 
     def _lesions(self, record: PatientRecord, liver_recurrence: bool,
                  resection_day: dt.date | None) -> tuple[Fact[int], Fact[Decimal], list[dt.date]]:
@@ -312,26 +361,32 @@ class FeatureMapper:
             size = self._measurement_size(o)
             if size is None or not self._is_liver_lesion(o, record, liver_recurrence):
                 continue
-            day, precise = effective_day(o, "effectiveDateTime", "effectivePeriod", "effectiveInstant")
-            if day is not None and not precise:
-                self.warnings.append(f"{ref(o)}: date known only to the {'month' if day.day == 1 else 'day'}; "
-                                     "treated as the first day of that period")
-            if day is not None and resection_day is not None and day <= resection_day:
-                continue  # initial diagnosis, before (or at) the reference resection
-            focus = next((plain_ref(f.reference) for f in o.focus or [] if f.reference), None)
-            measurements.append(_Measurement(ref(o), focus or plain_ref(ref(o)) or ref(o), day, *size))
+            span = day_span(o, "effectiveDateTime", "effectivePeriod", "effectiveInstant")
+            if span is not None and resection_day is not None and span[1] <= resection_day:
+                continue  # initial diagnosis, before (or on the day of) the reference resection
+            if span is not None and span[0] != span[1]:
+                self.warnings.append(f"{self._ref(o)}: date known only to the month or year")
+            measurements.append(_Measurement(self._ref(o), self._lesion_key(o), span, *size))
 
+        # Precisely dated measurements after the resection fix the latest imaging date.
+        def placed(m: _Measurement) -> bool:
+            return (m.span is not None and m.span[0] == m.span[1]
+                    and (resection_day is None or m.span[0] > resection_day))
+
+        latest = max((m.span[0] for m in measurements if placed(m)), default=None)
+        current = [m for m in measurements if placed(m) and m.span[0] == latest]
+        # What cannot be placed (no date, a month that may be the latest, a period that
+        # straddles the resection) can only add lesions: count and size become lower bounds.
+        uncertain = [m for m in measurements if not placed(m) and (m.span is None or latest is None
+                                                                    or m.span[1] >= latest)]
         unreadable = self._unreadable_matching(record, "Observation", self.t.tumour_size_observation,
                                                self.t.longest_dimension)
-        undated = [m for m in measurements if m.day is None]
-        dated = [m for m in measurements if m.day is not None]
-        uncertain = [m.ref for m in undated] + unreadable
-        if uncertain:
+        if uncertain or unreadable:
             self.warnings.append("tumour measurements that cannot be placed in time or read: "
-                                 f"{', '.join(uncertain)}; count and size are lower bounds")
-        latest = max((m.day for m in dated), default=None)
-        current = [m for m in dated if m.day == latest] + undated
-        lesion_days = sorted({m.day for m in dated})
+                                 f"{', '.join([m.ref for m in uncertain] + unreadable)}; count and size are "
+                                 "lower bounds")
+        current += uncertain
+        lesion_days = sorted({m.span[0] for m in measurements if placed(m)})
         if not current:
             note = "no tumour measurement of the liver after the reference resection"
             if unreadable:
@@ -347,8 +402,8 @@ class FeatureMapper:
             elif m.size_problem:
                 lesion.size_problems.append(m.size_problem)
         refs = tuple(r for lesion in lesions.values() for r in lesion.refs)
-        bound = bool(uncertain)
-        when = f"on {latest.isoformat()}" if latest else "(undated)"
+        bound = bool(uncertain or unreadable)
+        when = f"on {latest.isoformat()}" if latest else "(not placed in time)"
         count = Fact[int](value=len(lesions), refs=refs, lower_bound=bound,
                           note=f"{len(lesions)} distinct lesion(s) measured {when}"
                                + ("; at least this many" if bound else ""))
@@ -357,8 +412,7 @@ class FeatureMapper:
         floors = [max(lz.lower_bound_mm) for lz in lesions.values() if not lz.sizes_mm and lz.lower_bound_mm]
         unsized = [lz for lz in lesions.values() if not lz.sizes_mm and not lz.lower_bound_mm]
         problems = [p for lz in unsized for p in lz.size_problems]
-        for p in problems:
-            self.warnings.append(p)
+        self.warnings.extend(problems)
         if not exact and not floors:
             size = Fact[Decimal](refs=refs, note="; ".join(problems) or "no lesion size recorded")
         else:
@@ -379,6 +433,10 @@ class FeatureMapper:
                 continue
             if not self.t.technical_resectability_observation.matches_any(codings(o.code)):
                 continue
+            if o.status not in FINAL_OBSERVATION:
+                self.warnings.append(f"{self._ref(o)}: technical resectability assessment is {o.status}, "
+                                     "not final; not used")
+                continue
             day, _ = effective_day(o, "effectiveDateTime", "effectivePeriod", "effectiveInstant")
             if day is not None and resection_day is not None and day <= resection_day:
                 continue  # a judgement about the initial disease, not the recurrence
@@ -392,8 +450,8 @@ class FeatureMapper:
                 elif self.t.technically_resectable_value.matches_any(pairs):
                     value = "resectable"
             if value is None and o.dataAbsentReason is None:
-                self.warnings.append(f"{ref(o)}: technical resectability value not recognised")
-            judgements.append((day, value, ref(o)))
+                self.warnings.append(f"{self._ref(o)}: technical resectability value not recognised")
+            judgements.append((day, value, self._ref(o)))
         usable = [j for j in judgements if j[1] is not None]
         if not usable:
             return Fact(note="no technical resectability assessment recorded after the reference resection",
@@ -412,18 +470,19 @@ class FeatureMapper:
                         lesion_days: list[dt.date]) -> dt.date | None:
         days = []
         for c in record.conditions:
-            if self._metastasis_site(c) == "liver" and self._condition_status(c) == "active":
+            if "liver" in self._metastasis_sites(c) and self._condition_status(c) == "active":
                 day, _ = effective_day(c, "onsetDateTime", "onsetPeriod", "recordedDate")
                 if day is not None and (resection_day is None or day > resection_day):
                     days.append(day)
         days += lesion_days[:1]
         return min(days) if days else None
 
-    def _chemo_records(self, record: PatientRecord) -> list[tuple[dt.date | None, str]]:
-        found = []
+    def _chemo_records(self, record: PatientRecord) -> tuple[list[tuple[dt.date | None, str]], list[str]]:
+        """(dated chemotherapy records, records that might be chemotherapy but cannot be read)."""
+        found, doubtful = [], []
         for p in record.procedures:
             if p.status in ("completed", "in-progress") and self.t.chemotherapy_procedure.matches_any(codings(p.code)):
-                found.append((effective_day(p, "performedDateTime", "performedPeriod")[0], ref(p)))
+                found.append((effective_day(p, "performedDateTime", "performedPeriod")[0], self._ref(p)))
         for statuses, items in ((GIVEN_ADMINISTRATION, record.medication_administrations),
                                 (TAKEN_STATEMENT, record.medication_statements)):
             for m in items:
@@ -432,17 +491,24 @@ class FeatureMapper:
                 concept = m.medicationCodeableConcept
                 if concept is None and m.medicationReference is not None:
                     med = record.medications.get(plain_ref(m.medicationReference.reference) or "")
-                    concept = med.code if med is not None else None
+                    if med is None:
+                        doubtful.append(f"{self._ref(m)} (medication {m.medicationReference.reference} not found)")
+                        continue
+                    concept = med.code
                 if concept is not None and self.t.chemotherapy_medication.matches_any(codings(concept)):
-                    found.append((effective_day(m, "effectiveDateTime", "effectivePeriod")[0], ref(m)))
-        return found
+                    found.append((effective_day(m, "effectiveDateTime", "effectivePeriod")[0], self._ref(m)))
+        for rtype in ("Procedure", "MedicationAdministration", "MedicationStatement"):
+            doubtful += self._unreadable_matching(record, rtype, self.t.chemotherapy_procedure,
+                                                  self.t.chemotherapy_medication)
+        return found, doubtful
 
     def _adjuvant(self, record: PatientRecord, resection_day: dt.date | None, resection_refs: tuple[str, ...],
                   recurrence_day: dt.date | None) -> Fact[bool]:
         if resection_day is None:
             return Fact[bool](note="no completed hepatectomy recorded, so no adjuvant window")
         given, undated, unplaced = [], [], []
-        for day, r in self._chemo_records(record):
+        records, doubtful = self._chemo_records(record)
+        for day, r in records:
             if day is None:
                 undated.append(r)
             elif day > resection_day and recurrence_day is None:
@@ -451,6 +517,9 @@ class FeatureMapper:
                 given.append(r)
         if given:
             return Fact[bool](value=True, refs=resection_refs + tuple(given))
+        if doubtful:
+            return Fact[bool](refs=resection_refs,
+                              note=f"records that may be chemotherapy cannot be read: {', '.join(doubtful)}")
         if undated or unplaced:
             why = (f"chemotherapy records without a date: {', '.join(undated)}" if undated else
                    f"chemotherapy after the resection ({', '.join(unplaced)}) but the recurrence date is "

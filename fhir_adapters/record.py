@@ -72,11 +72,15 @@ class PatientRecord:
     medications: dict[str, Any] = field(default_factory=dict)
     body_structures: dict[str, Any] = field(default_factory=dict)
     unreadable: list[Unreadable] = field(default_factory=list)
+    # fullUrl of resources that have no id (transaction Bundles with urn:uuid), by id(model)
+    full_urls: dict[int, str] = field(default_factory=dict)
 
     @property
     def patient_ref(self) -> str | None:
-        if self.patient is not None and self.patient.id:
-            return f"Patient/{self.patient.id}"
+        if self.patient is not None:
+            if self.patient.id:
+                return f"Patient/{self.patient.id}"
+            return self.full_urls.get(id(self.patient), self.subject)
         return self.subject
 
     @classmethod
@@ -86,7 +90,7 @@ class PatientRecord:
             record.add(raw)
         return record
 
-    def add(self, raw: dict) -> None:
+    def add(self, raw: dict, full_url: str | None = None) -> None:
         rtype = raw.get("resourceType") if isinstance(raw, dict) else None
         if rtype not in MAPPED_TYPES:
             return
@@ -97,8 +101,13 @@ class PatientRecord:
             codings = raw_codings(raw, "code", "bodySite", "medicationCodeableConcept", "location")
             for comp in raw.get("component", []) if isinstance(raw.get("component"), list) else []:
                 codings += raw_codings(comp, "code") if isinstance(comp, dict) else ()
-            self.unreadable.append(Unreadable(reference_of(raw), rtype, problem, codings))
+            where = reference_of(raw)
+            if where.endswith("/(no id)") and full_url:
+                where = full_url
+            self.unreadable.append(Unreadable(where, rtype, problem, codings))
             return
+        if model.id is None and full_url:
+            self.full_urls[id(model)] = full_url
         self._file(rtype, model)
 
     def _file(self, rtype: str, model: Any) -> None:

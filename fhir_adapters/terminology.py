@@ -70,6 +70,18 @@ class CodeList(BaseModel):
         return any(self.matches(s, c) for s, c in codings)
 
 
+class PlausibleRange(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    minimum: Decimal = Field(gt=0)
+    maximum: Decimal = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PlausibleRange":
+        if not (self.minimum.is_finite() and self.maximum.is_finite()) or self.minimum >= self.maximum:
+            raise ValueError("minimum must be below maximum")
+        return self
+
+
 class Terminology(BaseModel):
     """Validated content of ``rules/terminology.yaml``."""
 
@@ -98,6 +110,7 @@ class Terminology(BaseModel):
     technically_unresectable_value: CodeList
     # UCUM length units accepted for a diameter, with their exact factor to millimetres
     length_units_to_mm: dict[str, Decimal] = Field(min_length=1)
+    plausible_diameter_mm: "PlausibleRange"
 
     @field_validator("length_units_to_mm")
     @classmethod

@@ -160,11 +160,26 @@ def test_raw_durable_matches_strings_and_booleans_against_numbers():
     assert "ge4" in fired and "lt10" in fired
 
 
-@pytest.mark.parametrize("value", ["10", "abc", True, False, None, float("nan"), float("inf"), [4], {"v": 4}])
+@pytest.mark.parametrize("value", ["10", "abc", True, False, None, float("nan"), float("inf"), [4], {"v": 4},
+                                   1e-05, 1e300, 2**60, Decimal("5")])
 def test_wrong_types_never_reach_a_numeric_rule(value):
     rs = DurableRuleset("typed", {"r": GE4}, FIELDS)
     with pytest.raises(FactTypeError, match="'n' must be a number"):
         rs.fire({"kind": "t", "n": value})
+
+
+def test_raw_durable_cannot_read_numbers_with_an_exponent():
+    host = durable_session._ThreadlessHost()
+    host.register_rulesets({"raw-exp-probe": {"r": {**GE4, "run": lambda c: None}}})
+    with pytest.raises(Exception):
+        host.assert_fact("raw-exp-probe", {"sid": "1", "kind": "t", "n": 1e-05})
+
+
+def test_classification_with_extreme_sizes_is_an_error_not_a_crash():
+    from engine.compile import exact_for
+    assert exact_for(Decimal("0.00001"), ">=") == 0  # floors to 0.000: a plain number for durable
+    with pytest.raises(FactTypeError, match="too large"):
+        Engine.default().classify(features(count=1, size="1E+400"))
 
 
 def test_undeclared_fields_and_non_boolean_flags_are_refused():
