@@ -15,6 +15,10 @@ from clm_stratify import __version__
 
 EXAMPLES = """\
 examples:
+  clm-stratify demo
+  clm-stratify run --fhir-url http://127.0.0.1:8090/fhir --all
+  clm-stratify run --fhir-url https://fhir.example.org/r4 --patient 123 --dry-run --format json
+  clm-stratify run --fhir-url URL --all --auth smart --smart-client-id clm --smart-key key.pem
   clm-stratify classify --bundle fixtures/05-borderline-size-50mm-exact.json
   clm-stratify classify --bundle patient.json --format json
   clm-stratify rules validate rules/resectability.yaml
@@ -49,6 +53,163 @@ def cmd_classify(args: argparse.Namespace) -> int:
     else:
         print(text_report(result))
     return EXIT_OK
+
+
+# --------------------------------------------------------------------------- live server
+def _auth(args: argparse.Namespace):
+    import os
+
+    from fhir_adapters.auth import BearerToken, SmartBackendServices, load_private_key
+
+    if args.auth == "none":
+        return None
+    if args.auth == "bearer":
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise UsageError(f"--auth bearer reads the token from the environment variable {args.token_env}, "
+                             "which is not set")
+        return BearerToken(token)
+    if not args.smart_client_id or not args.smart_key:
+        raise UsageError("--auth smart needs --smart-client-id and --smart-key (a PEM private key file)")
+    try:
+        key = load_private_key(args.smart_key)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    return SmartBackendServices(args.smart_client_id, key, token_url=args.smart_token_url,
+                                base_url=args.fhir_url, scope=args.smart_scope, algorithm=args.smart_alg)
+
+
+def make_client(args: argparse.Namespace):
+    from fhir_adapters.client import FhirClient
+
+    if not args.fhir_url.startswith(("http://", "https://")):
+        raise UsageError(f"--fhir-url must start with http:// or https://, got {args.fhir_url!r}")
+    verify: bool | str = True
+    if args.ca_bundle:
+        verify = args.ca_bundle
+    if args.insecure:
+        print("warning: TLS certificate verification is OFF (--insecure): use only against a test server",
+              file=sys.stderr)
+        verify = False
+    return FhirClient(args.fhir_url, _auth(args), verify=verify, timeout=(args.connect_timeout, args.read_timeout))
+
+
+def _progress(done: int, total: int) -> None:
+    if not sys.stderr.isatty():
+        return
+    width = 30
+    filled = int(width * done / total) if total else width
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} patients", end="", file=sys.stderr)
+    if done >= total:
+        print(file=sys.stderr)
+
+
+def summary_table(summary) -> str:
+    from engine.ruleset import GROUP_IDS
+
+    lines = [f"{'group':<24}{'patients':>9}"]
+    for g in GROUP_IDS:
+        lines.append(f"{g:<24}{summary.groups.get(g, 0):>9}")
+    lines.append(f"{'total classified':<24}{sum(summary.groups.values()):>9}")
+    acts = summary.actions
+    lines.append("RiskAssessments: " + ", ".join(f"{k} {acts[k]}" for k in
+                 ("created", "updated", "unchanged", "would-create", "would-update", "no-recurrence", "failed")
+                 if acts.get(k)))
+    if summary.failures:
+        lines.append("Failed (not written; run again to retry):")
+        lines += [f"  Patient/{o.patient_id}: {o.error}" for o in summary.failures]
+    return "\n".join(lines)
+
+
+def _outcome_json(o) -> dict:
+    return {"patient": f"Patient/{o.patient_id}", "action": o.action, "group": o.group, "status": o.status,
+            "risk_assessment": o.risk_assessment, "error": o.error,
+            "classification": o.classification.to_json() if o.classification else None,
+            **({"would_write": o.written} if o.action.startswith("would-") else {})}
+
+
+def run_live(args: argparse.Namespace, client) -> int:
+    from clm_stratify.pipeline import RunSummary, Stratifier
+    from clm_stratify.report import text_report
+
+    engine, terminology = _load_engine_and_terminology(args)
+    stratifier = Stratifier(client, engine, terminology, dry_run=args.dry_run)
+    if args.patient:
+        summary = RunSummary([stratifier.patient(args.patient)])
+    else:
+        summary = stratifier.population(progress=_progress)
+    if args.format == "json":
+        from fhir_adapters.client import dumps
+        print(dumps({"fhir_url": client.base_url, "write_strategy": stratifier.writer.strategy.value,
+                     "strategy_notes": list(stratifier.writer.choice.notes),
+                     "patients": [_outcome_json(o) for o in summary.outcomes],
+                     "groups": dict(summary.groups), "actions": dict(summary.actions)}))
+    else:
+        if args.patient:
+            o = summary.outcomes[0]
+            if o.classification:
+                print(text_report(o.classification))
+            if o.action.startswith("would-"):
+                from fhir_adapters.client import dumps
+                print(f"\n--dry-run: would write ({o.action}):")
+                for resource in o.written:
+                    print(dumps(resource))
+        print(summary_table(summary))
+        print(f"Write strategy: {stratifier.writer.strategy.value}"
+              + "".join(f"\n  note: {n}" for n in stratifier.writer.choice.notes))
+    return EXIT_FAILED if summary.failures else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fhir_adapters.client import FhirError, FhirServerUnavailable
+
+    with make_client(args) as client:
+        try:
+            return run_live(args, client)
+        except FhirServerUnavailable as exc:
+            print(f"error: FHIR server unavailable: {exc}", file=sys.stderr)
+            return EXIT_SERVER
+        except FhirError as exc:
+            print(f"error: {exc}" + (f" ({exc.outcome})" if exc.outcome and exc.outcome not in str(exc) else ""),
+                  file=sys.stderr)
+            return EXIT_SERVER
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from fhir_adapters.client import FhirClient
+    from fhir_adapters.load import fixture_bundles, load_bundles
+    from fhir_adapters.local_server import LocalFhirServer, SekmetStartError
+    from fixtures import FIXTURES_DIR
+
+    data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="clm-demo-"))
+    server = LocalFhirServer(data_dir=data_dir, port=args.port, die_with_parent=not args.keep_running)
+    try:
+        print(f"Starting the embedded FHIR server (SEKMET) on 127.0.0.1 ...", file=sys.stderr)
+        server.start()
+    except SekmetStartError as exc:
+        print(f"error: the embedded FHIR server did not start: {exc}", file=sys.stderr)
+        return EXIT_SERVER
+    try:
+        with FhirClient(server.base_url) as client:
+            n = load_bundles(client, fixture_bundles(FIXTURES_DIR))
+            print(f"Loaded {n} resources of {len(fixture_bundles(FIXTURES_DIR))} synthetic patients "
+                  f"into {server.base_url}", file=sys.stderr)
+            args.fhir_url, args.patient, args.dry_run = server.base_url, None, False
+            code = run_live(args, client)
+        print(f"\nLook at the written RiskAssessments: {server.base_url}/RiskAssessment?_tag="
+              f"https://clm-stratify.org/fhir/CodeSystem/tag|clm-stratify")
+        print(f"and their Provenance: {server.base_url}/Provenance?_tag="
+              f"https://clm-stratify.org/fhir/CodeSystem/tag|clm-stratify")
+        if args.keep_running:
+            print(f"The FHIR server keeps running at {server.base_url} (pid {server.pid}, data in {data_dir}); "
+                  f"stop it with: kill {server.pid}")
+        return code
+    finally:
+        if not args.keep_running:
+            server.stop()
 
 
 def cmd_rules_validate(args: argparse.Namespace) -> int:
@@ -92,6 +253,48 @@ def build_parser() -> argparse.ArgumentParser:
     rules_options(p)
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_classify)
+
+    def server_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--auth", choices=("none", "bearer", "smart"), default="none",
+                       help="none (default), bearer (token from --token-env), or SMART Backend Services")
+        p.add_argument("--token-env", default="CLM_FHIR_TOKEN", metavar="VAR",
+                       help="environment variable holding the bearer token (default CLM_FHIR_TOKEN)")
+        p.add_argument("--smart-client-id", metavar="ID")
+        p.add_argument("--smart-key", metavar="PEM", help="private key (PEM) registered with the server")
+        p.add_argument("--smart-token-url", metavar="URL",
+                       help="token endpoint (default: from .well-known/smart-configuration)")
+        p.add_argument("--smart-scope", default="system/*.read system/RiskAssessment.write system/Provenance.write")
+        p.add_argument("--smart-alg", default="RS384", choices=("RS384", "ES384", "RS256", "ES256"))
+        p.add_argument("--ca-bundle", metavar="PEM", help="CA certificates to trust for TLS")
+        p.add_argument("--insecure", action="store_true",
+                       help="turn TLS certificate verification off (prints a warning; test servers only)")
+        p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S")
+        p.add_argument("--read-timeout", type=float, default=60.0, metavar="S")
+
+    p = sub.add_parser("run", help="classify patients on a FHIR server and write RiskAssessments back",
+                       epilog="examples:\n  clm-stratify run --fhir-url http://127.0.0.1:8090/fhir --all\n"
+                              "  clm-stratify run --fhir-url URL --patient 123 --dry-run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fhir-url", required=True, metavar="URL", help="FHIR R4 base URL")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--patient", metavar="ID", help="one patient (logical id)")
+    who.add_argument("--all", action="store_true",
+                     help="every patient with a liver-metastasis Condition")
+    p.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
+    server_options(p)
+    rules_options(p)
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="start a local FHIR server, load synthetic patients, run --all",
+                       epilog="examples:\n  clm-stratify demo\n  clm-stratify demo --keep-running",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--keep-running", action="store_true", help="leave the server up and print its URL")
+    p.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--data-dir", metavar="DIR", help="where the server keeps its database (default: a temp dir)")
+    rules_options(p)
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_demo, auth="none")
 
     p = sub.add_parser("rules", help="check rule set and terminology files")
     rules_sub = p.add_subparsers(dest="rules_command", metavar="ACTION")

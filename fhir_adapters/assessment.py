@@ -1,0 +1,207 @@
+"""Build the RiskAssessment (and its Provenance) for one classification.
+
+Both are built as R4B models, so they are validated before they leave the program,
+and checked against the invariants the models do not enforce (ras-2).
+
+Shape (README, "RiskAssessment written back"):
+
+* ``id``: deterministic per patient and rule-set version (``clmrs-`` + 40 hex chars),
+  so a re-run updates the same resource; ``identifier`` carries the same key readably.
+* ``status``: ``preliminary`` / ``final`` from the engine.
+* ``method``: the rule set (id, version); ``code``: what was assessed.
+* ``condition``: the liver-recurrence Condition; ``basis``: every resource behind a fact.
+* ``prediction[0]``: ``qualitativeRisk`` = the group in the project CodeSystem
+  :data:`GROUP_SYSTEM`; for a group with a cohort figure, ``outcome`` = overall survival,
+  ``probabilityDecimal`` = the cohort 5-year OS as a **fraction** (0.673, the convention
+  of HL7's own examples; ras-2 checked), ``whenRange`` 5 a, ``rationale`` citing the study.
+* ``mitigation``: the recommendations; ``note``: reason, factors, missing facts,
+  cohort-estimate caveat, status note, warnings.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from decimal import Decimal
+from typing import Any
+
+from fhir.resources.R4B.provenance import Provenance
+from fhir.resources.R4B.riskassessment import RiskAssessment
+
+from clm_stratify import __version__
+from engine.classify import Classification
+
+PROJECT = "https://clm-stratify.org/fhir"
+GROUP_SYSTEM = f"{PROJECT}/CodeSystem/resectability-group"
+RULESET_SYSTEM = f"{PROJECT}/CodeSystem/ruleset"
+ASSESSMENT_SYSTEM = f"{PROJECT}/CodeSystem/assessment"
+IDENTIFIER_SYSTEM = f"{PROJECT}/NamingSystem/risk-assessment"
+RULESET_HASH_SYSTEM = f"{PROJECT}/NamingSystem/ruleset-sha256"
+TAG_SYSTEM = f"{PROJECT}/CodeSystem/tag"
+UCUM = "http://unitsofmeasure.org"
+
+GROUP_DISPLAY = {
+    "resectable": "Resectable",
+    "borderline-resectable": "Borderline resectable",
+    "unresectable": "Unresectable",
+    "indeterminate": "Indeterminate (facts missing)",
+}
+
+# The project CodeSystem whose four codes are exactly the group names (README).
+GROUP_CODESYSTEM: dict[str, Any] = {
+    "resourceType": "CodeSystem",
+    "id": "resectability-group",
+    "url": GROUP_SYSTEM,
+    "name": "ClmResectabilityGroup",
+    "title": "Resectability group of recurrent colorectal liver metastases",
+    "status": "active",
+    "content": "complete",
+    "caseSensitive": True,
+    "concept": [{"code": code, "display": display} for code, display in GROUP_DISPLAY.items()],
+}
+
+
+def assessment_key(patient: str, ruleset_id: str, ruleset_version: str) -> str:
+    """The readable identifier value: one RiskAssessment per patient and rule-set version."""
+    return f"{patient}|{ruleset_id}|{ruleset_version}"
+
+
+def assessment_id(patient: str, ruleset_id: str, ruleset_version: str) -> str:
+    """Deterministic resource id (FHIR ids: ``[A-Za-z0-9-.]{1,64}``).
+
+    >>> assessment_id("Patient/p1", "clm-recurrence-resectability", "1.0.0")
+    'clmrs-df087ade13d73a76e5e85ec397b8c2ed11aa858d'
+    """
+    digest = hashlib.sha256(assessment_key(patient, ruleset_id, ruleset_version).encode()).hexdigest()
+    return f"clmrs-{digest[:40]}"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _fraction(percent: Decimal) -> Decimal:
+    return (percent / Decimal(100)).normalize()
+
+
+def _factor_text(c) -> str:
+    shown = c.value is not None and not isinstance(c.value, bool)
+    value = f" ({c.value}{' ' + c.unit if c.unit else ''})" if shown else ""
+    return f"{c.label}: {c.state}{value}"
+
+
+def _notes(r: Classification) -> list[dict]:
+    factors = "; ".join(_factor_text(c) for c in r.criteria.values())
+    notes = [f"{r.group} ({r.status}): {r.reason} [rule {r.group_rule}]", f"Prognostic factors at recurrence: {factors}."]
+    if r.missing:
+        notes.append("Missing facts: " + " ".join(m.text + (f" ({m.detail})" if m.detail else "") for m in r.missing))
+    if r.cohort_survival:
+        notes.append(r.cohort_survival.caveat)
+    if r.status_note:
+        notes.append(r.status_note)
+    notes += [f"Data warning: {w}" for w in r.warnings]
+    return [{"text": n} for n in notes]
+
+
+def build_risk_assessment(r: Classification, *, occurrence: str | None = None) -> dict:
+    """The RiskAssessment for ``r`` as validated R4 JSON (a dict)."""
+    if not r.patient:
+        raise ValueError("cannot write a RiskAssessment without a patient")
+    rs = r.ruleset
+    prediction: dict[str, Any] = {
+        "qualitativeRisk": {"coding": [{"system": GROUP_SYSTEM, "code": r.group,
+                                         "display": GROUP_DISPLAY[r.group]}], "text": r.group},
+    }
+    if r.cohort_survival:
+        s = r.cohort_survival
+        prediction.update({
+            "outcome": {"text": "Overall survival 5 years after the initial liver resection (cohort estimate)"},
+            "probabilityDecimal": _fraction(s.five_year_os_percent),
+            "whenRange": {"low": {"value": 5, "unit": "years", "system": UCUM, "code": "a"},
+                          "high": {"value": 5, "unit": "years", "system": UCUM, "code": "a"}},
+            "rationale": (f"Cohort 5-year overall survival of the {s.group} group: {s.five_year_os_percent} % "
+                          f"(p {s.p_value} across groups) in {rs.citation} doi:{rs.doi}, PMID {rs.pmid}. "
+                          f"{s.caveat}"),
+        })
+    else:
+        prediction["rationale"] = f"{r.reason} No cohort survival figure applies. Source: doi:{rs.doi}."
+    liver = r.facts["liver_recurrence"]
+    ra: dict[str, Any] = {
+        "resourceType": "RiskAssessment",
+        "id": assessment_id(r.patient, rs.id, rs.version),
+        "meta": {"tag": [{"system": TAG_SYSTEM, "code": "clm-stratify"}]},
+        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": assessment_key(r.patient, rs.id, rs.version)}],
+        "status": r.status,
+        "method": {"coding": [{"system": RULESET_SYSTEM, "code": rs.id, "version": rs.version, "display": rs.title}],
+                   "text": f"{rs.title}, rule set {rs.id} {rs.version} (doi:{rs.doi})"},
+        "code": {"coding": [{"system": ASSESSMENT_SYSTEM, "code": "recurrent-clm-resectability",
+                             "display": "Resectability of recurrent colorectal liver metastases"}]},
+        "subject": {"reference": r.patient},
+        "occurrenceDateTime": occurrence or _now(),
+        "prediction": [prediction],
+        "note": _notes(r),
+    }
+    if liver.state == "present" and liver.refs:
+        ra["condition"] = {"reference": liver.refs[0]}
+    basis = r.evidence_refs()
+    if basis:
+        ra["basis"] = [{"reference": ref} for ref in basis]
+    if r.recommendations:
+        ra["mitigation"] = "\n".join(f"- {rec.text}" for rec in r.recommendations)
+    return validated(ra)
+
+
+def validated(resource: dict) -> dict:
+    """Validate with the R4B model (raises pydantic.ValidationError) and check ras-2."""
+    model = {"RiskAssessment": RiskAssessment, "Provenance": Provenance}[resource["resourceType"]]
+    model.model_validate(resource)
+    for p in resource.get("prediction", []):
+        value = p.get("probabilityDecimal")
+        if value is not None and not (0 <= value <= 1):
+            raise ValueError(f"probabilityDecimal {value} is not a fraction in [0, 1] (project convention; ras-2)")
+    return resource
+
+
+def build_provenance(ra: dict, r: Classification, *, activity: str, target: str | None = None) -> dict:
+    """Provenance of a RiskAssessment write: this software, the basis, the rule-set hash."""
+    rs = r.ruleset
+    entities = [{"role": "source", "what": {"reference": ref}} for ref in r.evidence_refs()]
+    entities.append({"role": "derivation", "what": {
+        "identifier": {"system": RULESET_HASH_SYSTEM, "value": rs.sha256},
+        "display": f"rule set {rs.id} {rs.version} sha256:{rs.sha256}"}})
+    return validated({
+        "resourceType": "Provenance",
+        "meta": {"tag": [{"system": TAG_SYSTEM, "code": "clm-stratify"}]},
+        "target": [{"reference": target or f"RiskAssessment/{ra['id']}"}],
+        "recorded": _now(),
+        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                                 "code": activity}]},
+        "agent": [{
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                 "code": "assembler"}]},
+            "who": {"display": f"clm-stratify {__version__}"},
+        }],
+        "entity": entities,
+    })
+
+
+# Fields that make two RiskAssessments "the same assessment" (not the time it was made).
+_SIGNIFICANT = ("identifier", "status", "method", "code", "subject", "condition", "basis", "prediction",
+                "mitigation", "note")
+
+
+def same_assessment(current: dict | None, new: dict) -> bool:
+    """True when ``current`` (read from the server) already says what ``new`` says."""
+    if current is None:
+        return False
+    return all(_normal(current.get(k)) == _normal(new.get(k)) for k in _SIGNIFICANT)
+
+
+def _normal(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normal(v) for v in value]
+    if isinstance(value, (Decimal, float, int)) and not isinstance(value, bool):
+        return Decimal(str(value)).normalize()
+    return value

@@ -1,0 +1,209 @@
+"""Fetch what the mapping needs from a FHIR server, in as few round trips as it allows.
+
+One patient: a ``batch`` Bundle of searches (one round trip plus any further pages);
+a server without batch gets the same searches in parallel. A population: the patients
+with a liver-metastasis Condition, then their data for many patients per search
+(``patient=a,b,c``), grouped back by patient.
+
+The searches are built from the terminology (:class:`Searches`), so a site's own codes
+are fetched too. Resources that other resources point at (focus BodyStructures,
+Medications) are fetched by id afterwards: ``BodyStructure?patient=`` is not supported
+everywhere, and a server that silently ignores a search parameter returns everyone's
+resources. For the same reason, any resource whose subject is another patient is
+dropped.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+from urllib.parse import urlencode
+
+from fhir_adapters.client import FhirClient, FhirError
+from fhir_adapters.mapping import plain_ref
+from fhir_adapters.record import PatientRecord
+from fhir_adapters.terminology import CodeList, Terminology
+
+PAGE_SIZE = 500
+# Resource types searched per patient, and the search parameter naming the patient.
+PATIENT_SEARCHES = (
+    ("Observation", "patient"),
+    ("Condition", "patient"),
+    ("Procedure", "patient"),
+    ("MedicationAdministration", "patient"),
+    ("MedicationStatement", "patient"),
+)
+
+
+def token_list(*lists: CodeList) -> str | None:
+    """``system|code,...`` for a token search; None when a list has prefixes (fetch all)."""
+    tokens = []
+    for cl in lists:
+        for c in cl.codes:
+            if c.code is None:
+                return None
+            tokens.append(f"{c.system}|{c.code}")
+    return ",".join(dict.fromkeys(tokens))
+
+
+@dataclass(frozen=True)
+class Searches:
+    """The searches of the pipeline, for one terminology."""
+
+    terminology: Terminology
+
+    def for_patients(self, patient_ids: list[str]) -> list[tuple[str, dict[str, str]]]:
+        who = ",".join(patient_ids)
+        t = self.terminology
+        out = []
+        for rtype, param in PATIENT_SEARCHES:
+            params = {param: who, "_count": str(PAGE_SIZE)}
+            if rtype == "Observation":
+                codes = token_list(t.tumour_size_observation, t.longest_dimension,
+                                   t.technical_resectability_observation)
+                if codes:
+                    params["code"] = codes
+            out.append((rtype, params))
+        return out
+
+    def recurrence_conditions(self) -> dict[str, str]:
+        t = self.terminology
+        codes = token_list(t.liver_metastasis_condition, t.metastasis_condition_generic)
+        params = {"_count": str(PAGE_SIZE), "_elements": "subject"}
+        if codes:
+            params["code"] = codes
+        return params
+
+
+def _url(rtype: str, params: dict[str, str]) -> str:
+    return f"{rtype}?{urlencode(params, safe='|,:/')}"
+
+
+def _resources_of(client: FhirClient, page: dict) -> Iterator[dict]:
+    for bundle in client.follow_pages(page):
+        for entry in bundle.get("entry", []) or []:
+            if (entry.get("search") or {}).get("mode") == "outcome":
+                continue
+            resource = entry.get("resource")
+            if isinstance(resource, dict):
+                yield resource
+
+
+def supports_batch(client: FhirClient) -> bool:
+    caps = client.capabilities()
+    return any(i.get("code") == "batch" for rest in caps.get("rest", []) for i in rest.get("interaction", []))
+
+
+def _run_searches(client: FhirClient, searches: list[tuple[str, dict[str, str]]],
+                  extra_reads: Iterable[str] = ()) -> list[dict]:
+    """Every resource the searches (and reads ``Type/id``) return, de-duplicated."""
+    reads = list(extra_reads)
+    found: dict[str, dict] = {}
+    if supports_batch(client):
+        entries = [{"request": {"method": "GET", "url": _url(t, p)}} for t, p in searches]
+        entries += [{"request": {"method": "GET", "url": r}} for r in reads]
+        for i, response in enumerate(client.batch(entries)):
+            status = str((response.get("response") or {}).get("status", ""))
+            resource = response.get("resource")
+            if status.startswith("404") or status.startswith("410"):
+                continue
+            if not status.startswith("2") or not isinstance(resource, dict):
+                what = entries[i]["request"]["url"].split("?")[0]
+                raise FhirError(f"batch entry {i} ({what}) failed: {status}", status=None,
+                                url=client.base_url, outcome=str((response.get("response") or {}).get("outcome", "")))
+            items = _resources_of(client, resource) if resource.get("resourceType") == "Bundle" else [resource]
+            for res in items:
+                found[f"{res.get('resourceType')}/{res.get('id')}"] = res
+        return list(found.values())
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda s: list(client.search(*s)), searches))
+        results += list(pool.map(lambda r: [x] if (x := client.read(*r.split("/", 1))) else [], reads))
+    for items in results:
+        for res in items:
+            found[f"{res.get('resourceType')}/{res.get('id')}"] = res
+    return list(found.values())
+
+
+def _subject(resource: dict) -> str | None:
+    for key in ("subject", "patient"):
+        ref = plain_ref((resource.get(key) or {}).get("reference"))
+        if ref and ref.startswith("Patient/"):
+            return ref
+    return None
+
+
+def _referenced(resources: list[dict]) -> list[tuple[str, dict[str, str]]]:
+    """Searches by id for the Medications and focus BodyStructures not yet fetched."""
+    have = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for r in resources:
+        refs = [(r.get("medicationReference") or {}).get("reference")]
+        refs += [f.get("reference") for f in r.get("focus", []) if isinstance(f, dict)]
+        for ref in map(plain_ref, refs):
+            if ref and ref not in have and ref.split("/")[0] in ("Medication", "BodyStructure"):
+                rtype, rid = ref.split("/", 1)
+                wanted[rtype].add(rid)
+    return [(rtype, {"_id": ",".join(sorted(ids))}) for rtype, ids in sorted(wanted.items())]
+
+
+def _belongs_to(resource: dict, patients: set[str]) -> bool:
+    """False for a resource whose subject/patient is someone else (a search parameter
+    the server ignored). Resources without a subject (Medication) are kept."""
+    if resource.get("resourceType") == "Patient":
+        return f"Patient/{resource.get('id')}" in patients
+    owner = _subject(resource)
+    return owner is None or owner in patients
+
+
+def _with_references(client: FhirClient, resources: list[dict], patients: set[str]) -> list[dict]:
+    resources = [r for r in resources if _belongs_to(r, patients)]
+    extra = _referenced(resources)
+    if extra:
+        resources += [r for r in _run_searches(client, extra) if _belongs_to(r, patients)]
+    return resources
+
+
+def fetch_patient(client: FhirClient, patient_id: str, terminology: Terminology) -> list[dict]:
+    """All resources the mapping needs for one patient."""
+    resources = _run_searches(client, Searches(terminology).for_patients([patient_id]),
+                              extra_reads=[f"Patient/{patient_id}"])
+    return _with_references(client, resources, {f"Patient/{patient_id}"})
+
+
+def patients_with_liver_metastasis(client: FhirClient, terminology: Terminology) -> list[str]:
+    """Ids of the patients with a (liver-)metastasis Condition, in a stable order."""
+    ids: dict[str, None] = {}
+    for condition in client.search("Condition", Searches(terminology).recurrence_conditions()):
+        subject = _subject(condition)
+        if subject:
+            ids[subject.split("/", 1)[1]] = None
+    return list(ids)
+
+
+def fetch_population(client: FhirClient, patient_ids: list[str], terminology: Terminology,
+                     chunk: int = 50) -> Iterator[tuple[str, PatientRecord | FhirError]]:
+    """(patient id, record) for each patient, fetched ``chunk`` patients per search.
+
+    A chunk that fails yields the error for each of its patients; the others go on.
+    """
+    searches = Searches(terminology)
+    for start in range(0, len(patient_ids), chunk):
+        ids = patient_ids[start:start + chunk]
+        try:
+            resources = _run_searches(client, searches.for_patients(ids) + [("Patient", {"_id": ",".join(ids)})])
+            resources = _with_references(client, resources, {f"Patient/{pid}" for pid in ids})
+        except FhirError as exc:
+            for pid in ids:
+                yield pid, exc
+            continue
+        by_patient: dict[str, list[dict]] = defaultdict(list)
+        shared = [r for r in resources if r.get("resourceType") == "Medication"
+                  or (r.get("resourceType") == "BodyStructure" and _subject(r) is None)]
+        for r in resources:
+            owner = f"Patient/{r.get('id')}" if r.get("resourceType") == "Patient" else _subject(r)
+            if owner:
+                by_patient[owner].append(r)
+        for pid in ids:
+            yield pid, PatientRecord.from_resources(by_patient.get(f"Patient/{pid}", []) + shared)

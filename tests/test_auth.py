@@ -1,0 +1,307 @@
+"""Tests for fhir_adapters.auth: BearerToken, SmartBackendServices, load_private_key.
+
+The SMART tests run against a real SEKMET server that requires SMART Backend Services
+tokens; a scripted loopback token endpoint covers caching, threads and error texts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import jwt
+import pytest
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from fhir_adapters.auth import (
+    AuthError, BearerToken, PrivateKeyError, SmartBackendServices, load_private_key,
+)
+from fhir_adapters.client import FhirClient, FhirError
+from fhir_adapters.local_server import LocalFhirServer
+
+CLIENT_ID = "clm-stratify"
+
+
+def _pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+         enc: serialization.KeySerializationEncryption = serialization.NoEncryption()) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def pem(rsa_key: rsa.RSAPrivateKey) -> bytes:
+    return _pem(rsa_key)
+
+
+# --------------------------------------------------------------------------- scripted token endpoint
+
+class TokenEndpoint:
+    """A loopback token endpoint: ``reply(form) -> (status, body)``; records the forms it got."""
+
+    def __init__(self, reply: Callable[[dict[str, str]], tuple[int, object]]) -> None:
+        self.forms: list[dict[str, str]] = []
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                form = {k: v[0] for k, v in parse_qs(raw).items()}
+                with lock:
+                    outer.forms.append(form)
+                time.sleep(0.05)  # widen the window for concurrent callers
+                status, body = reply(form)
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain" if isinstance(body, str) else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/auth/token"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def token_endpoint() -> Iterator[Callable[..., TokenEndpoint]]:
+    started: list[TokenEndpoint] = []
+
+    def start(reply: Callable[[dict[str, str]], tuple[int, object]]) -> TokenEndpoint:
+        started.append(TokenEndpoint(reply))
+        return started[-1]
+
+    yield start
+    for t in started:
+        t.close()
+
+
+def _ok(form: dict[str, str]) -> tuple[int, object]:
+    return 200, {"access_token": f"tok-{uuid.uuid4().hex}", "token_type": "bearer", "expires_in": 3600,
+                 "scope": form.get("scope", "")}
+
+
+# --------------------------------------------------------------------------- unit tests
+
+def test_bearer_token_sets_header_and_hides_it() -> None:
+    auth = BearerToken("s3cret-value")
+    r = auth(requests.Request("GET", "http://127.0.0.1/fhir/metadata").prepare())
+    assert r.headers["Authorization"] == "Bearer s3cret-value"
+    assert "s3cret" not in repr(auth) and "s3cret" not in str(auth)
+    with pytest.raises(ValueError):
+        BearerToken("a\r\nX-Evil: 1")
+
+
+def test_load_private_key(tmp_path: Path, pem: bytes, rsa_key: rsa.RSAPrivateKey,
+                          caplog: pytest.LogCaptureFixture) -> None:
+    good = tmp_path / "key.pem"
+    good.write_bytes(pem)
+    good.chmod(0o600)
+    assert load_private_key(good) == pem
+    with pytest.raises(PrivateKeyError, match="does not exist"):
+        load_private_key(tmp_path / "missing.pem")
+    notpem = tmp_path / "cert.txt"
+    notpem.write_text("hello")
+    with pytest.raises(PrivateKeyError, match="not a PEM private key"):
+        load_private_key(notpem)
+    broken = tmp_path / "broken.pem"
+    broken.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(PrivateKeyError, match="not a valid PEM private key"):
+        load_private_key(broken)
+    encrypted = tmp_path / "enc.pem"
+    encrypted.write_bytes(_pem(rsa_key, serialization.BestAvailableEncryption(b"pw")))
+    with pytest.raises(PrivateKeyError, match="encrypted"):
+        load_private_key(encrypted)
+    good.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="clm_stratify.auth"):
+        load_private_key(good)
+    assert "chmod 600" in caplog.text and "PRIVATE" not in caplog.text
+
+
+def test_constructor_checks(pem: bytes) -> None:
+    with pytest.raises(ValueError, match="token_url or base_url"):
+        SmartBackendServices(CLIENT_ID, pem)
+    with pytest.raises(ValueError, match="unsupported algorithm"):
+        SmartBackendServices(CLIENT_ID, pem, token_url="http://127.0.0.1:1/t", algorithm="HS256")
+    with pytest.raises(PrivateKeyError, match="EC"):
+        SmartBackendServices(CLIENT_ID, pem, token_url="http://127.0.0.1:1/t", algorithm="ES384")
+    auth = SmartBackendServices(CLIENT_ID, pem.decode(), token_url="http://127.0.0.1:1/t", kid="k1")
+    text = repr(auth)
+    assert CLIENT_ID in text and "PRIVATE" not in text and "MII" not in text
+
+
+def test_assertion_claims_and_caching(token_endpoint, pem: bytes, rsa_key: rsa.RSAPrivateKey) -> None:
+    ep = token_endpoint(_ok)
+    auth = SmartBackendServices(CLIENT_ID, pem, token_url=ep.url, kid="key-1", scope="system/*.read")
+    tokens: list[str] = []
+    threads = [threading.Thread(target=lambda: tokens.append(auth.access_token())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert len(set(tokens)) == 1 and len(tokens) == 8
+    assert auth.token_requests == 1 and len(ep.forms) == 1
+    form = ep.forms[0]
+    assert form["grant_type"] == "client_credentials" and form["scope"] == "system/*.read"
+    assert form["client_assertion_type"] == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    assertion = form["client_assertion"]
+    assert jwt.get_unverified_header(assertion)["kid"] == "key-1"
+    assert jwt.get_unverified_header(assertion)["alg"] == "RS384"
+    claims = jwt.decode(assertion, rsa_key.public_key(), algorithms=["RS384"], audience=ep.url)
+    assert claims["iss"] == claims["sub"] == CLIENT_ID
+    assert claims["exp"] <= time.time() + 300 and claims["exp"] > time.time() + 200
+    auth.invalidate()
+    assert auth.access_token() != tokens[0]
+    second = jwt.decode(ep.forms[1]["client_assertion"], rsa_key.public_key(), algorithms=["RS384"],
+                        audience=ep.url)
+    assert second["jti"] != claims["jti"]
+
+
+def test_short_lived_tokens_are_refreshed(token_endpoint, pem: bytes) -> None:
+    ep = token_endpoint(lambda form: (200, {"access_token": uuid.uuid4().hex, "token_type": "Bearer",
+                                            "expires_in": 0.2}))
+    auth = SmartBackendServices(CLIENT_ID, pem, token_url=ep.url)
+    first = auth.access_token()
+    assert auth.access_token() == first
+    time.sleep(0.15)  # past half the lifetime
+    assert auth.access_token() != first and auth.token_requests == 2
+
+
+def test_ec_key_signs_es384(token_endpoint) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    ep = token_endpoint(_ok)
+    SmartBackendServices(CLIENT_ID, _pem(key), token_url=ep.url, algorithm="ES384").access_token()
+    jwt.decode(ep.forms[0]["client_assertion"], key.public_key(), algorithms=["ES384"], audience=ep.url)
+
+
+def test_token_errors_do_not_leak_secrets(token_endpoint, pem: bytes) -> None:
+    # A careless endpoint that echoes the whole form (assertion included) in a text/plain 400.
+    ep = token_endpoint(lambda form: (400, "bad request: " + json.dumps(form)))
+    auth = SmartBackendServices(CLIENT_ID, pem, token_url=ep.url)
+    with pytest.raises(AuthError) as ei:
+        auth.access_token()
+    assertion = ep.forms[0]["client_assertion"]
+    assert assertion not in str(ei.value) and assertion[:40] not in str(ei.value)
+    assert "[assertion]" in str(ei.value) and ei.value.status == 400
+    ep2 = token_endpoint(lambda form: (401, {"error": "invalid_client", "error_description": "Unknown key"}))
+    with pytest.raises(AuthError, match="invalid_client: Unknown key") as ei2:
+        SmartBackendServices(CLIENT_ID, pem, token_url=ep2.url).access_token()
+    assert ei2.value.outcome == "invalid_client: Unknown key" and isinstance(ei2.value, FhirError)
+
+
+def test_discovery_failure_is_clear(token_endpoint, pem: bytes) -> None:
+    ep = token_endpoint(_ok)  # answers POST only: GET .well-known gives 501
+    base = ep.url.rsplit("/auth/token", 1)[0] + "/fhir"
+    with pytest.raises(AuthError, match="SMART discovery failed.*token_url"):
+        SmartBackendServices(CLIENT_ID, pem, base_url=base).access_token()
+
+
+# --------------------------------------------------------------------------- SEKMET with SMART
+
+@pytest.fixture(scope="module")
+def smart_server(fhir_server: LocalFhirServer, rsa_key: rsa.RSAPrivateKey,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFhirServer]:
+    """SEKMET requiring SMART Backend Services tokens (needs fhir_server only to skip consistently)."""
+    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True)
+    jwk.update(kid="clm-1", alg="RS384", use="sig")
+    with LocalFhirServer(data_dir=tmp_path_factory.mktemp("sekmet-smart"),
+                         smart_clients={CLIENT_ID: {"keys": [jwk]}}, smart_scopes="system/*.*") as server:
+        yield server
+
+
+@pytest.mark.integration
+def test_smart_token_is_fetched_once_and_reused(smart_server: LocalFhirServer, pem: bytes) -> None:
+    auth = SmartBackendServices(CLIENT_ID, pem, base_url=smart_server.base_url, kid="clm-1",
+                                scope="system/*.read system/*.write")
+    fhir = FhirClient(smart_server.base_url, auth, retries=0)
+    rid = f"clm-{uuid.uuid4().hex[:12]}"
+    assert fhir.update({"resourceType": "RiskAssessment", "id": rid, "status": "final",
+                        "subject": {"reference": "Patient/p1"}})[0] == 201
+    assert fhir.read("RiskAssessment", rid)["id"] == rid  # type: ignore[index]
+    assert list(fhir.search("Observation", {"patient": "p1"})) == []
+    out = fhir.batch([{"request": {"method": "GET", "url": "Observation?patient=p1"}}])
+    assert out[0]["response"]["status"] == "200 OK"
+    assert auth.token_url == smart_server.token_url  # discovered
+    assert auth.token_requests == 1 and fhir.round_trips == 4
+
+
+@pytest.mark.integration
+def test_smart_401_refreshes_once(smart_server: LocalFhirServer, pem: bytes) -> None:
+    auth = SmartBackendServices(CLIENT_ID, pem, token_url=smart_server.token_url)
+    fhir = FhirClient(smart_server.base_url, auth, retries=0)
+    fhir.read("Patient", "nobody")
+    auth._token = "not-a-valid-token"  # as if the server had rotated its signing secret
+    assert fhir.read("Patient", "nobody") is None
+    assert auth.token_requests == 2 and fhir.round_trips == 3
+
+
+@pytest.mark.integration
+def test_smart_without_auth_is_401(smart_server: LocalFhirServer) -> None:
+    fhir = FhirClient(smart_server.base_url, retries=0)
+    assert fhir.capabilities()["fhirVersion"] == "4.0.1"  # /metadata stays open
+    with pytest.raises(FhirError) as ei:
+        fhir.read("Patient", "p1")
+    assert ei.value.status == 401 and type(ei.value) is FhirError
+
+
+@pytest.mark.integration
+def test_smart_wrong_key_gives_auth_error(smart_server: LocalFhirServer) -> None:
+    other = _pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    auth = SmartBackendServices(CLIENT_ID, other, token_url=smart_server.token_url)
+    fhir = FhirClient(smart_server.base_url, auth, retries=0)
+    with pytest.raises(AuthError) as ei:
+        fhir.read("Patient", "p1")
+    e = ei.value
+    assert e.status == 401 and "invalid_client" in e.outcome and "verification failed" in str(e)
+    assert "eyJ" not in str(e) and "PRIVATE" not in str(e) and "MII" not in str(e)
+    assert fhir.round_trips == 1  # the request never left: token first
+
+
+@pytest.mark.integration
+def test_smart_logs_no_ids_or_tokens(smart_server: LocalFhirServer, pem: bytes,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    auth = SmartBackendServices(CLIENT_ID, pem, token_url=smart_server.token_url)
+    fhir = FhirClient(smart_server.base_url, auth, retries=0)
+    with caplog.at_level(logging.INFO):
+        list(fhir.search("Observation", {"patient": "secret-id"}))
+        auth._token = "stale-token"
+        list(fhir.search("Observation", {"patient": "secret-id"}))  # 401 -> refresh (one WARNING)
+    token = auth.access_token()
+    assert "refreshing" in caplog.text
+    for secret in ("secret-id", token, "stale-token", "Bearer", "eyJ"):
+        assert secret not in caplog.text
+
+
+@pytest.mark.integration
+def test_static_bearer_token(fhir_server: LocalFhirServer, tmp_path: Path) -> None:
+    with LocalFhirServer(data_dir=tmp_path, settings={"server_auth": {"types": ["bearer"], "tokens": ["t0k"]}}) \
+            as server:
+        ok = FhirClient(server.base_url, BearerToken("t0k"), retries=0)
+        assert ok.read("Patient", "nobody") is None
+        assert ok.create({"resourceType": "Patient"})[0] == 201
+        with pytest.raises(FhirError) as ei:
+            FhirClient(server.base_url, BearerToken("wrong"), retries=0).read("Patient", "nobody")
+        assert ei.value.status == 401

@@ -1,0 +1,511 @@
+"""Tests for fhir_adapters.client: a scripted loopback HTTP server for the failure modes,
+and the real SEKMET server (``fhir_server`` fixture) for the FHIR behaviour."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from email.utils import format_datetime
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from fhir_adapters.client import (
+    FhirClient, FhirConflict, FhirError, FhirServerUnavailable, _retry_after, dumps, loads,
+    operation_outcome_text,
+)
+from fhir_adapters.local_server import LocalFhirServer, free_port
+
+FAST = {"backoff": 0.01, "max_backoff": 0.05, "timeout": (2, 5)}
+
+
+# --------------------------------------------------------------------------- scripted server
+
+class Scripted:
+    """A loopback HTTP/1.0 server; ``reply(handler, n)`` answers the n-th request (1-based)."""
+
+    def __init__(self, reply: Callable[[BaseHTTPRequestHandler, int], None]) -> None:
+        self.reply = reply
+        self.calls: list[tuple[str, str, float, dict[str, str]]] = []  # (method, path+query, time, headers)
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.body = self.rfile.read(length) if length else b""
+                with outer._lock:
+                    outer.calls.append((self.command, self.path, time.monotonic(), dict(self.headers)))
+                    n = len(outer.calls)
+                outer.reply(self, n)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _any
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # resets and client timeouts are expected here
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., Scripted]]:
+    servers: list[Scripted] = []
+
+    def start(reply: Callable[[BaseHTTPRequestHandler, int], None]) -> Scripted:
+        servers.append(Scripted(reply))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def send(h: BaseHTTPRequestHandler, status: int, body: object = None, *,
+         ctype: str = "application/fhir+json; charset=utf-8", headers: dict[str, str] | None = None) -> None:
+    data = b"" if body is None else (body.encode() if isinstance(body, str) else json.dumps(body).encode())
+    h.send_response(status)
+    if data:
+        h.send_header("Content-Type", ctype)
+    h.send_header("Content-Length", str(len(data)))
+    for k, v in (headers or {}).items():
+        h.send_header(k, v)
+    h.end_headers()
+    h.wfile.write(data)
+
+
+def reset(h: BaseHTTPRequestHandler) -> None:
+    """Abort the TCP connection with an RST after the request was read."""
+    h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    h.connection.close()
+    h.close_connection = True
+
+
+PATIENT = {"resourceType": "Patient", "id": "p1"}
+OO_503 = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "transient",
+                                                         "diagnostics": "Overloaded, try later"}]}
+
+
+# --------------------------------------------------------------------------- pure functions
+
+def test_decimals_round_trip_exactly() -> None:
+    body = {"valueQuantity": {"value": Decimal("49.9")}, "p": Decimal("0.05"), "f": 0.05, "g": 49.9,
+            "big": Decimal("1E+2"), "i": 3, "s": "Ünïcode \"q\"", "b": [True, False, None]}
+    text = dumps(body)
+    assert '"value":49.9' in text and '"p":0.05' in text and '"f":0.05' in text and '"g":49.9' in text
+    back = loads(text)
+    assert back["valueQuantity"]["value"] == Decimal("49.9") and str(back["valueQuantity"]["value"]) == "49.9"
+    assert str(back["p"]) == "0.05" and isinstance(back["i"], int)
+    assert back == json.loads(text, parse_float=Decimal)
+    assert json.loads(text)["s"] == "Ünïcode \"q\""
+    for bad in (Decimal("NaN"), float("inf")):
+        with pytest.raises(ValueError):
+            dumps({"x": bad})
+    with pytest.raises(TypeError):
+        dumps({"x": object()})
+
+
+def test_operation_outcome_text_joins_diagnostics_and_details() -> None:
+    oo = {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "invalid", "diagnostics": "first", "details": {"text": "second"}},
+        {"severity": "error", "code": "conflict"}]}
+    assert operation_outcome_text(oo) == "first; second; conflict"
+    assert operation_outcome_text({"error": "invalid_client", "error_description": "bad key"}) == \
+        "invalid_client: bad key"
+
+
+def test_retry_after_seconds_and_http_date() -> None:
+    r = requests.Response()
+    r.headers["Retry-After"] = "7"
+    assert _retry_after(r) == 7
+    r.headers["Retry-After"] = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert 28 <= (_retry_after(r) or 0) <= 30
+    r.headers["Retry-After"] = "soon"
+    assert _retry_after(r) is None
+
+
+def test_paths_and_foreign_urls_are_checked() -> None:
+    c = FhirClient("http://127.0.0.1:9/fhir/")
+    assert c.base_url == "http://127.0.0.1:9/fhir"
+    for rtype, rid in (("Patient", "../metadata"), ("Patient", "a?b=c"), ("patient", "x"), ("Patient", "x" * 65)):
+        with pytest.raises(ValueError):
+            c.read(rtype, rid)
+    with pytest.raises(FhirError, match="another server"):
+        c.request("GET", "http://127.0.0.2:9/fhir/Patient")
+    assert c.round_trips == 0
+
+
+# --------------------------------------------------------------------------- retries and failures
+
+def test_429_retry_after_is_honoured(scripted) -> None:
+    s = scripted(lambda h, n: send(h, 429, OO_503, headers={"Retry-After": "1"}) if n == 1 else send(h, 200, PATIENT))
+    c = FhirClient(s.base_url, backoff=0.01, max_backoff=5)
+    t0 = time.monotonic()
+    assert c.read("Patient", "p1") == PATIENT
+    waited = s.calls[1][2] - s.calls[0][2]
+    assert 0.95 <= waited < 1.6, waited
+    assert time.monotonic() - t0 < 2
+    assert c.round_trips == 2
+
+
+def test_retry_after_is_capped_by_max_backoff(scripted) -> None:
+    s = scripted(lambda h, n: send(h, 503, OO_503, headers={"Retry-After": "120"}) if n == 1 else send(h, 200, PATIENT))
+    c = FhirClient(s.base_url, retries=1, backoff=0.01, max_backoff=0.2)
+    t0 = time.monotonic()
+    assert c.read("Patient", "p1") == PATIENT
+    assert time.monotonic() - t0 < 1
+
+
+def test_503_forever_gives_server_unavailable(scripted) -> None:
+    s = scripted(lambda h, n: send(h, 503, OO_503))
+    c = FhirClient(s.base_url, retries=3, **FAST)
+    with pytest.raises(FhirServerUnavailable) as ei:
+        list(c.search("Observation", {"patient": "p1"}))
+    e = ei.value
+    assert len(s.calls) == 4 and c.round_trips == 4
+    assert e.status == 503 and e.outcome == "Overloaded, try later"
+    assert s.base_url in str(e) and "4 tries" in str(e) and "HTTP 503" in str(e)
+    assert "?" not in e.url and "p1" not in str(e)
+
+
+def test_server_down_gives_clear_message() -> None:
+    base = f"http://127.0.0.1:{free_port()}/fhir"  # nothing listens there
+    c = FhirClient(base, retries=2, **FAST)
+    with pytest.raises(FhirServerUnavailable) as ei:
+        c.capabilities()
+    msg = str(ei.value)
+    assert base in msg and "connection refused" in msg and "3 tries" in msg
+    assert ei.value.status is None and c.round_trips == 3
+
+
+def test_post_is_retried_when_nothing_was_sent() -> None:
+    c = FhirClient(f"http://127.0.0.1:{free_port()}/fhir", retries=2, **FAST)
+    with pytest.raises(FhirServerUnavailable, match="connection refused"):
+        c.create({"resourceType": "Patient"})
+    assert c.round_trips == 3
+
+
+def test_reset_connection_get_is_retried(scripted) -> None:
+    s = scripted(lambda h, n: reset(h) if n < 3 else send(h, 200, PATIENT))
+    c = FhirClient(s.base_url, retries=3, **FAST)
+    assert c.read("Patient", "p1") == PATIENT
+    assert c.round_trips == 3
+
+
+def test_reset_connection_get_gives_up(scripted) -> None:
+    s = scripted(lambda h, n: reset(h))
+    c = FhirClient(s.base_url, retries=1, **FAST)
+    with pytest.raises(FhirServerUnavailable, match="connection broken") as ei:
+        c.read("Patient", "p1")
+    assert s.base_url in str(ei.value) and "2 tries" in str(ei.value)
+
+
+def test_reset_after_post_is_not_retried(scripted) -> None:
+    s = scripted(lambda h, n: reset(h))
+    c = FhirClient(s.base_url, retries=3, **FAST)
+    with pytest.raises(FhirServerUnavailable, match="outcome is unknown"):
+        c.create({"resourceType": "Patient"})
+    assert len(s.calls) == 1 and c.round_trips == 1
+
+
+def test_read_timeout_post_is_not_retried_but_get_is(scripted) -> None:
+    s = scripted(lambda h, n: (time.sleep(0.4), send(h, 200, PATIENT)))
+    c = FhirClient(s.base_url, retries=1, backoff=0.01, timeout=(2, 0.1))
+    with pytest.raises(FhirServerUnavailable, match="read timeout.*outcome is unknown"):
+        c.transaction([{"resource": PATIENT, "request": {"method": "POST", "url": "Patient"}}])
+    assert c.round_trips == 1
+    with pytest.raises(FhirServerUnavailable, match="read timeout.*2 tries"):
+        c.read("Patient", "p1")
+    assert c.round_trips == 3
+
+
+def test_post_retried_on_503_but_not_on_502(scripted) -> None:
+    s = scripted(lambda h, n: send(h, 503, OO_503) if n == 1 else send(h, 502, "<h1>Bad gateway</h1>",
+                                                                       ctype="text/html"))
+    c = FhirClient(s.base_url, retries=3, **FAST)
+    with pytest.raises(FhirServerUnavailable, match="HTTP 502.*outcome is unknown") as ei:
+        c.create({"resourceType": "Patient"})
+    assert len(s.calls) == 2 and ei.value.outcome == "Bad gateway"
+
+
+def test_batch_of_gets_is_retried_like_a_get(scripted) -> None:
+    reply = {"resourceType": "Bundle", "type": "batch-response", "entry": [{"response": {"status": "200 OK"}}]}
+    s = scripted(lambda h, n: send(h, 504, OO_503) if n == 1 else send(h, 200, reply))
+    c = FhirClient(s.base_url, retries=2, **FAST)
+    assert c.batch([{"request": {"method": "GET", "url": "Observation?patient=1"}}]) == reply["entry"]
+    assert len(s.calls) == 2 and s.calls[0][0] == "POST"
+
+
+# --------------------------------------------------------------------------- content types and errors
+
+def test_application_json_is_accepted_and_headers_are_sent(scripted) -> None:
+    s = scripted(lambda h, n: send(h, 200, {"resourceType": "Patient", "id": "p1", "x": 1.10},
+                                   ctype="application/json;charset=UTF-8"))
+    c = FhirClient(s.base_url, **FAST)
+    got = c.read("Patient", "p1")
+    assert got is not None and got["x"] == Decimal("1.1")
+    c.update({"resourceType": "Patient", "id": "p1"})
+    get_headers, put_headers = s.calls[0][3], s.calls[1][3]
+    assert get_headers["Accept"] == "application/fhir+json"
+    assert get_headers["User-Agent"].startswith("clm-stratify/")
+    assert "Content-Type" not in get_headers
+    assert put_headers["Content-Type"] == "application/fhir+json"
+
+
+def test_html_200_is_an_error(scripted) -> None:
+    s = scripted(lambda h, n: send(h, 200, "<html><body>Please log in</body></html>", ctype="text/html"))
+    c = FhirClient(s.base_url, **FAST)
+    with pytest.raises(FhirError, match="text/html") as ei:
+        c.read("Patient", "p1")
+    assert ei.value.status == 200 and "Please log in" in ei.value.outcome
+
+
+def test_empty_2xx_body_is_fine(scripted) -> None:
+    s = scripted(lambda h, n: send(h, 201, None, headers={"Location": f"{h.path}/_history/1"}))
+    c = FhirClient(s.base_url, **FAST)
+    assert c.create({"resourceType": "Patient"}) == (201, None)
+
+
+def test_error_reply_carries_the_operation_outcome(scripted) -> None:
+    oo = {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "processing", "diagnostics": "Invalid date search value"}]}
+    s = scripted(lambda h, n: send(h, 400, oo))
+    c = FhirClient(s.base_url, **FAST)
+    with pytest.raises(FhirError) as ei:
+        list(c.search("Observation", {"date": "gt2026+00:00", "patient": "secret-id"}))
+    e = ei.value
+    assert type(e) is FhirError and e.status == 400 and e.method == "GET"
+    assert e.outcome == "Invalid date search value" and e.url == f"{s.base_url}/Observation"
+    assert "secret-id" not in str(e)
+    assert "date=gt2026%2B00%3A00" in s.calls[0][1]  # '+' is encoded, not sent as a space
+
+
+@pytest.mark.parametrize("status", [409, 412])
+def test_409_and_412_are_conflicts(scripted, status: int) -> None:
+    s = scripted(lambda h, n: send(h, status, {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "conflict", "details": {"text": "Version mismatch"}}]}))
+    c = FhirClient(s.base_url, **FAST)
+    with pytest.raises(FhirConflict, match="Version mismatch") as ei:
+        c.update({"resourceType": "Patient", "id": "p1"}, if_match='W/"1"')
+    assert ei.value.status == status and len(s.calls) == 1
+    assert s.calls[0][3]["If-Match"] == 'W/"1"'
+
+
+def test_next_link_to_another_server_is_refused(scripted) -> None:
+    page = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": PATIENT}],
+            "link": [{"relation": "next", "url": "http://127.0.0.2:1/fhir/Patient?page=2"}]}
+    s = scripted(lambda h, n: send(h, 200, page))
+    c = FhirClient(s.base_url, **FAST)
+    with pytest.raises(FhirError, match="another server"):
+        list(c.search("Patient"))
+    assert len(s.calls) == 1
+
+
+def test_paging_loop_is_detected(scripted) -> None:
+    def reply(h: BaseHTTPRequestHandler, n: int) -> None:
+        send(h, 200, {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": PATIENT}],
+                      "link": [{"relation": "next", "url": f"{s.base_url}/Patient?page=2"}]})
+    s = scripted(reply)
+    c = FhirClient(s.base_url, **FAST)
+    with pytest.raises(FhirError, match="paging loop"):
+        list(c.search("Patient"))
+    assert len(s.calls) == 2  # page 2 links to itself
+
+
+class CountingAuth(requests.auth.AuthBase):
+    def __init__(self) -> None:
+        self.invalidated = 0
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        r.headers["Authorization"] = f"Bearer tok{self.invalidated}"
+        return r
+
+    def invalidate(self) -> None:
+        self.invalidated += 1
+
+
+def test_401_refreshes_the_token_once(scripted) -> None:
+    s = scripted(lambda h, n: send(h, 200, PATIENT) if h.headers["Authorization"] == "Bearer tok1"
+                 else send(h, 401, {"resourceType": "OperationOutcome", "issue": [
+                     {"severity": "error", "code": "login", "diagnostics": "Token expired"}]}))
+    auth = CountingAuth()
+    c = FhirClient(s.base_url, auth, **FAST)
+    assert c.create(PATIENT)[0] == 200  # a POST refused with 401 is safe to resend
+    assert auth.invalidated == 1 and c.round_trips == 2
+    auth.invalidated = 5
+    with pytest.raises(FhirError, match="Token expired") as ei:
+        c.read("Patient", "p1")  # tok5 and the refreshed tok6 are refused: one refresh only
+    assert ei.value.status == 401 and auth.invalidated == 6 and c.round_trips == 4
+
+
+def test_logging_has_no_query_strings(scripted, caplog: pytest.LogCaptureFixture) -> None:
+    s = scripted(lambda h, n: send(h, 503, OO_503) if n == 1 else send(h, 200, {
+        "resourceType": "Bundle", "type": "searchset", "entry": [{"resource": PATIENT}]}))
+    c = FhirClient(s.base_url, auth=CountingAuth(), **FAST)
+    with caplog.at_level(logging.DEBUG, logger="clm_stratify.http"):
+        assert list(c.search("Observation", {"patient": "secret-id"})) == [PATIENT]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and r.name == "clm_stratify.http"]
+    assert len(warnings) == 1 and "/fhir/Observation" in warnings[0].getMessage()
+    assert "503" in warnings[0].getMessage() and len(debug) == 2
+    assert "secret-id" not in caplog.text and "Bearer" not in caplog.text and "tok0" not in caplog.text
+
+
+# --------------------------------------------------------------------------- SEKMET
+
+def _obs(subject: str, value: Decimal | float = Decimal("12.5")) -> dict:
+    return {"resourceType": "Observation", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "21889-1"}]},
+            "subject": {"reference": f"Patient/{subject}"},
+            "valueQuantity": {"value": value, "unit": "mm", "system": "http://unitsofmeasure.org", "code": "mm"}}
+
+
+def _ra(rid: str, subject: str, p: Decimal = Decimal("0.05")) -> dict:
+    return {"resourceType": "RiskAssessment", "id": rid, "status": "final",
+            "subject": {"reference": f"Patient/{subject}"}, "prediction": [{"probabilityDecimal": p}]}
+
+
+def _uid() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def fhir(fhir_server: LocalFhirServer) -> Iterator[FhirClient]:
+    with FhirClient(fhir_server.base_url, retries=1, backoff=0.05) as client:
+        yield client
+
+
+@pytest.mark.integration
+def test_capabilities_are_cached(fhir: FhirClient) -> None:
+    cs = fhir.capabilities()
+    assert cs["resourceType"] == "CapabilityStatement" and cs["fhirVersion"] == "4.0.1"
+    assert fhir.capabilities() is cs and fhir.round_trips == 1
+    fhir.capabilities(refresh=True)
+    assert fhir.round_trips == 2
+
+
+@pytest.mark.integration
+def test_create_read_update_delete(fhir: FhirClient) -> None:
+    status, created = fhir.create({"resourceType": "Patient", "active": True})
+    assert status == 201 and created is not None and created["meta"]["versionId"] == "1"
+    pid = created["id"]
+    assert fhir.read("Patient", pid)["active"] is True  # type: ignore[index]
+    status, updated = fhir.update({"resourceType": "Patient", "id": pid, "active": False})
+    assert status == 200 and updated["meta"]["versionId"] == "2"  # type: ignore[index]
+    rid = f"clm-{_uid()}"
+    assert fhir.update(_ra(rid, pid))[0] == 201
+    assert fhir.delete("Patient", pid) == 200
+    assert fhir.read("Patient", pid) is None  # 410 Gone
+    assert fhir.read("Patient", f"never-{_uid()}") is None  # 404
+    status, existing = fhir.create(_ra("ignored", pid), if_none_exist=f"_id={rid}")
+    assert status == 200 and existing["id"] == rid  # type: ignore[index]
+
+
+@pytest.mark.integration
+def test_search_follows_next_links_verbatim(fhir: FhirClient) -> None:
+    subject = _uid()
+    ids = {fhir.create(_obs(subject))[1]["id"] for _ in range(5)}  # type: ignore[index]
+    sent: list[str] = []
+    fhir.session.hooks["response"].append(lambda r, *a, **k: sent.append(r.url))
+    pages = list(fhir.search_pages("Observation", [("patient", subject), ("_count", "2")]))
+    assert [len(p.get("entry", [])) for p in pages] == [2, 2, 1]
+    nexts = [link["url"] for p in pages for link in p["link"] if link["relation"] == "next"]
+    assert sent[1:] == nexts  # followed exactly as given
+    found = [r["id"] for r in fhir.search("Observation", {"patient": subject, "_count": "2"})]
+    assert sorted(found) == sorted(ids) and len(found) == 5
+    assert fhir.last_search_warnings == []
+
+
+@pytest.mark.integration
+def test_search_warnings_and_strict_handling(fhir: FhirClient) -> None:
+    fhir.update(_ra(f"clm-{_uid()}", "x"))
+    results = list(fhir.search("RiskAssessment", {"patient": "x"}))
+    assert results and all(r["resourceType"] == "RiskAssessment" for r in results)
+    assert any("Unknown search parameter 'patient'" in w for w in fhir.last_search_warnings)
+    with pytest.raises(FhirError) as ei:
+        list(fhir.search("RiskAssessment", {"patient": "x"}, strict=True))
+    assert ei.value.status == 400 and "patient" in ei.value.outcome
+
+
+@pytest.mark.integration
+def test_batch_of_searches_and_follow_pages(fhir: FhirClient) -> None:
+    subject = _uid()
+    for _ in range(3):
+        fhir.create(_obs(subject))
+    before = fhir.round_trips
+    out = fhir.batch([{"request": {"method": "GET", "url": f"Observation?patient={subject}&_count=2"}},
+                      {"request": {"method": "GET", "url": f"Condition?patient={subject}"}}])
+    assert fhir.round_trips == before + 1
+    assert [e["response"]["status"] for e in out] == ["200 OK", "200 OK"]
+    assert out[1]["resource"].get("entry", []) == []
+    pages = list(fhir.follow_pages(out[0]["resource"]))
+    assert len(pages) == 2 and sum(len(p["entry"]) for p in pages) == 3
+
+
+@pytest.mark.integration
+def test_transaction_put_and_provenance(fhir: FhirClient) -> None:
+    rid = f"clm-{_uid()}"
+    prov = {"resourceType": "Provenance", "target": [{"reference": f"RiskAssessment/{rid}"}],
+            "recorded": "2026-01-02T03:04:05Z", "agent": [{"who": {"display": "clm-stratify"}}]}
+    out = fhir.transaction([
+        {"resource": _ra(rid, "p1"), "request": {"method": "PUT", "url": f"RiskAssessment/{rid}"}},
+        {"resource": prov, "request": {"method": "POST", "url": "Provenance"}}])
+    assert [e["response"]["status"].split()[0] for e in out] == ["201", "201"]
+    assert [p["target"][0]["reference"] for p in fhir.search("Provenance", {"target": f"RiskAssessment/{rid}"})] \
+        == [f"RiskAssessment/{rid}"]
+    rid2 = f"clm-{_uid()}"
+    bad = dict(prov, agent=None)
+    del bad["agent"]
+    with pytest.raises(FhirError, match="rolled back") as ei:
+        fhir.transaction([
+            {"resource": _ra(rid2, "p1"), "request": {"method": "PUT", "url": f"RiskAssessment/{rid2}"}},
+            {"resource": bad, "request": {"method": "POST", "url": "Provenance"}}])
+    assert ei.value.status == 400 and "agent" in ei.value.outcome
+    assert fhir.read("RiskAssessment", rid2) is None  # nothing stored
+    with pytest.raises(FhirConflict):
+        fhir.transaction([{"resource": _ra(rid, "p1"),
+                           "request": {"method": "PUT", "url": f"RiskAssessment/{rid}", "ifMatch": 'W/"9"'}}])
+
+
+@pytest.mark.integration
+def test_if_match_mismatch_is_a_conflict(fhir: FhirClient) -> None:
+    rid = f"clm-{_uid()}"
+    fhir.update(_ra(rid, "p1"))
+    assert fhir.update(_ra(rid, "p1"), if_match='W/"1"')[0] == 200
+    with pytest.raises(FhirConflict) as ei:
+        fhir.update(_ra(rid, "p1"), if_match='W/"1"')
+    assert ei.value.status == 412 and ei.value.outcome
+
+
+@pytest.mark.integration
+def test_decimals_are_stored_exactly(fhir: FhirClient) -> None:
+    _, obs = fhir.create(_obs(_uid(), Decimal("49.9")))
+    rid = f"clm-{_uid()}"
+    fhir.update(_ra(rid, "p1", Decimal("0.05")))
+    assert str(fhir.read("Observation", obs["id"])["valueQuantity"]["value"]) == "49.9"  # type: ignore[index]
+    assert str(fhir.read("RiskAssessment", rid)["prediction"][0]["probabilityDecimal"]) == "0.05"  # type: ignore[index]
+    _, obs2 = fhir.create(_obs(_uid(), 0.05))  # a float is written with repr: 0.05, not 0.05000000000000000277
+    assert fhir.read("Observation", obs2["id"])["valueQuantity"]["value"] == Decimal("0.05")  # type: ignore[index]

@@ -1,0 +1,192 @@
+"""The live pipeline against a real SEKMET FHIR server process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fhir.resources.R4B.provenance import Provenance
+from fhir.resources.R4B.riskassessment import RiskAssessment
+
+from clm_stratify.cli import main
+from clm_stratify.pipeline import Stratifier
+from engine.classify import Engine
+from fhir_adapters.assessment import GROUP_SYSTEM, TAG_SYSTEM, assessment_id
+from fhir_adapters.bundle import read_bundle_file
+from fhir_adapters.client import FhirClient
+from fhir_adapters.load import fixture_bundles, load_bundles
+from fhir_adapters.local_server import LocalFhirServer
+from fhir_adapters.mapping import map_features
+from fhir_adapters.terminology import load_terminology
+from fixtures import FIXTURES_DIR
+
+pytestmark = pytest.mark.integration
+RULESET = ("clm-recurrence-resectability", "1.0.0")
+
+
+def file_results() -> dict[str, object]:
+    """The file-based classification of every fixture, by patient id."""
+    engine, terminology = Engine.default(), load_terminology()
+    out = {}
+    for path in sorted(FIXTURES_DIR.glob("[0-9][0-9]-*.json")):
+        r = engine.classify(map_features(read_bundle_file(path), terminology))
+        out[r.patient.split("/", 1)[1]] = r
+    return out
+
+
+FILE_RESULTS = file_results()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LocalFhirServer(data_dir=tmp_path_factory.mktemp("live")) as srv:
+        with FhirClient(srv.base_url) as client:
+            load_bundles(client, fixture_bundles(FIXTURES_DIR))
+        yield srv
+
+
+@pytest.fixture
+def client(server):
+    with FhirClient(server.base_url) as c:
+        yield c
+
+
+def ra_of(client: FhirClient, pid: str) -> dict | None:
+    return client.read("RiskAssessment", assessment_id(f"Patient/{pid}", *RULESET))
+
+
+def all_ras(client: FhirClient) -> list[dict]:
+    return list(client.search("RiskAssessment", {"_tag": f"{TAG_SYSTEM}|clm-stratify", "_count": "500"}))
+
+
+def run_json(argv, capsys) -> tuple[int, dict]:
+    code = main(argv + ["--format", "json"])
+    out = capsys.readouterr()
+    return code, json.loads(out.out) if out.out.strip() else {"stderr": out.err}
+
+
+def test_dry_run_writes_nothing(server, client, capsys):
+    code, out = run_json(["run", "--fhir-url", server.base_url, "--all", "--dry-run"], capsys)
+    assert code == 0
+    assert {p["action"] for p in out["patients"]} <= {"would-create", "no-recurrence"}
+    assert all_ras(client) == []
+    would = next(p for p in out["patients"] if p["action"] == "would-create")["would_write"]
+    assert [r["resourceType"] for r in would] == ["RiskAssessment", "Provenance"]
+
+
+def test_all_patients_match_file_classification_and_write_valid_r4(server, client, capsys):
+    code, out = run_json(["run", "--fhir-url", server.base_url, "--all"], capsys)
+    assert code == 0, out
+    assert out["write_strategy"] == "update-as-create"
+    assert any("not in the CapabilityStatement" in n for n in out["strategy_notes"])
+    seen = {p["patient"].split("/", 1)[1]: p for p in out["patients"]}
+    for pid, p in seen.items():
+        assert p["group"] == FILE_RESULTS[pid].group, pid
+        assert p["status"] == FILE_RESULTS[pid].status, pid
+    # Every fixture patient with a liver recurrence (present or unconfirmed) has one RA.
+    expected = {pid for pid, r in FILE_RESULTS.items() if r.facts["liver_recurrence"].state != "absent"}
+    ras = all_ras(client)
+    assert sorted(r["subject"]["reference"] for r in ras) == sorted(f"Patient/{p}" for p in expected)
+    for ra in ras:
+        RiskAssessment.model_validate(ra)
+        pid = ra["subject"]["reference"].split("/", 1)[1]
+        risk = ra["prediction"][0]["qualitativeRisk"]["coding"][0]
+        assert risk["system"] == GROUP_SYSTEM and risk["code"] == FILE_RESULTS[pid].group
+        assert ra["status"] == FILE_RESULTS[pid].status
+        for p in ra["prediction"]:
+            if "probabilityDecimal" in p:
+                assert 0 <= p["probabilityDecimal"] <= 1  # fractions, the documented convention
+                assert p["whenRange"]["high"] == {"value": 5, "unit": "years", "system": "http://unitsofmeasure.org", "code": "a"}
+        assert ra["method"]["coding"][0]["version"] == RULESET[1]
+        provs = list(client.search("Provenance", {"target": f"RiskAssessment/{ra['id']}"}))
+        assert len(provs) == 1
+        Provenance.model_validate(provs[0])
+        assert "clm-stratify" in provs[0]["agent"][0]["who"]["display"]
+        assert any("sha256" in (e["what"].get("display") or "") for e in provs[0]["entity"])
+
+
+def test_one_patient_matches_file_classification(server, client, capsys):
+    pid = "f12-pat"
+    code, out = run_json(["run", "--fhir-url", server.base_url, "--patient", pid], capsys)
+    assert code == 0
+    [p] = out["patients"]
+    assert p["group"] == FILE_RESULTS[pid].group == "borderline-resectable"
+    assert p["classification"]["criteria"] == FILE_RESULTS[pid].criteria_values()
+    # basis names the same resources as the file-based evidence (versioned on the server)
+    ra = ra_of(client, pid)
+    basis = {b["reference"].split("/_history/")[0] for b in ra["basis"]}
+    assert basis == {r.split("/_history/")[0] for r in FILE_RESULTS[pid].evidence_refs()}
+
+
+def test_second_run_adds_no_risk_assessment_and_no_version(server, client, capsys):
+    main(["run", "--fhir-url", server.base_url, "--all"])
+    before = {r["id"]: r["meta"]["versionId"] for r in all_ras(client)}
+    provenances = len(list(client.search("Provenance", {"_tag": f"{TAG_SYSTEM}|clm-stratify", "_count": "500"})))
+    capsys.readouterr()
+    code, out = run_json(["run", "--fhir-url", server.base_url, "--all"], capsys)
+    assert code == 0
+    assert {p["action"] for p in out["patients"]} <= {"unchanged", "no-recurrence"}
+    assert {r["id"]: r["meta"]["versionId"] for r in all_ras(client)} == before
+    assert len(list(client.search("Provenance", {"_tag": f"{TAG_SYSTEM}|clm-stratify", "_count": "500"}))) == provenances
+
+
+def test_changed_observation_updates_the_existing_assessment(server, client, capsys):
+    pid = "f06-pat"  # 49.9 mm: resectable
+    main(["run", "--fhir-url", server.base_url, "--patient", pid])
+    first = ra_of(client, pid)
+    assert first["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] == "resectable"
+    obs = client.read("Observation", "f06-ct-les1")  # plain style: 33728-7 with valueQuantity 49.9 mm
+    assert obs["valueQuantity"]["value"] == Decimal("49.9")
+    obs["valueQuantity"].update(value=Decimal("5.1"), unit="cm", code="cm")
+    client.update(obs)
+    capsys.readouterr()
+    code, out = run_json(["run", "--fhir-url", server.base_url, "--patient", pid], capsys)
+    assert code == 0 and out["patients"][0]["action"] == "updated"
+    second = ra_of(client, pid)
+    assert second["id"] == first["id"]
+    assert int(second["meta"]["versionId"]) == int(first["meta"]["versionId"]) + 1
+    assert second["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] == "borderline-resectable"
+    history = client.request("GET", f"RiskAssessment/{first['id']}/_history").json()
+    assert len(history["entry"]) >= 2  # the server keeps the previous version
+    assert len([r for r in all_ras(client) if r["subject"]["reference"] == f"Patient/{pid}"]) == 1
+
+
+def test_unknown_patient_fails_with_exit_1(server, capsys):
+    code = main(["run", "--fhir-url", server.base_url, "--patient", "no-such-patient"])
+    out = capsys.readouterr()
+    assert code == 1
+    assert "Patient/no-such-patient" in out.out and "no such patient" in out.out
+
+
+def test_server_down_gives_a_clear_error_and_exit_3(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["run", "--fhir-url", f"http://127.0.0.1:{port}/fhir", "--all", "--connect-timeout", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "unavailable" in err and f"127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_stratifier_serialises_a_patient(server, client):
+    """Concurrent evaluations of one patient leave one RiskAssessment."""
+    from concurrent.futures import ThreadPoolExecutor
+    s = Stratifier(client, Engine.default(), load_terminology())
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda _: s.patient("f03-pat"), range(8)))
+    assert not [o for o in outcomes if o.failed]
+    assert len([r for r in all_ras(client) if r["subject"]["reference"] == "Patient/f03-pat"]) == 1
+
+
+def test_demo_command_on_a_fresh_server():
+    proc = subprocess.run([sys.executable, "-m", "clm_stratify", "demo"], capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = sum(1 for r in FILE_RESULTS.values() if r.facts["liver_recurrence"].state != "absent")
+    assert f"created {expected}" in proc.stdout
+    assert "RiskAssessment?_tag=" in proc.stdout
