@@ -190,3 +190,57 @@ def test_demo_command_on_a_fresh_server():
     expected = sum(1 for r in FILE_RESULTS.values() if r.facts["liver_recurrence"].state != "absent")
     assert f"created {expected}" in proc.stdout
     assert "RiskAssessment?_tag=" in proc.stdout
+
+
+# --------------------------------------------------------------------------- SMART
+@pytest.fixture(scope="module")
+def smart(tmp_path_factory):
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from fhir_adapters.auth import SmartBackendServices
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    key_file = tmp_path_factory.mktemp("smart") / "clm.pem"
+    key_file.write_bytes(pem)
+    key_file.chmod(0o600)
+    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    jwk.update(kid="clm-1", alg="RS384", use="sig")
+    with LocalFhirServer(data_dir=tmp_path_factory.mktemp("smart-srv"),
+                         smart_clients={"clm": {"keys": [jwk]}}, smart_scopes="system/*.*") as srv:
+        auth = SmartBackendServices("clm", pem, base_url=srv.base_url, scope="system/*.*")
+        with FhirClient(srv.base_url, auth) as c:
+            load_bundles(c, fixture_bundles(FIXTURES_DIR)[:12])
+        yield srv, key_file
+
+
+def test_run_with_smart_backend_services(smart, capsys):
+    srv, key_file = smart
+    argv = ["run", "--fhir-url", srv.base_url, "--patient", "f05-pat", "--auth", "smart",
+            "--smart-client-id", "clm", "--smart-key", str(key_file)]
+    code, out = run_json(argv + ["--smart-scope", "system/*.read system/*.write"], capsys)
+    assert code == 0, out
+    assert out["patients"][0]["action"] == "created"
+    assert out["patients"][0]["group"] == FILE_RESULTS["f05-pat"].group
+
+
+def test_read_only_smart_scope_still_reads_without_batch(smart, capsys):
+    """SEKMET refuses a batch of reads to a read-only token (403): the pull falls back."""
+    srv, key_file = smart
+    code, out = run_json(["run", "--fhir-url", srv.base_url, "--patient", "f09-pat", "--dry-run",
+                          "--auth", "smart", "--smart-client-id", "clm", "--smart-key", str(key_file),
+                          "--smart-scope", "system/*.read"], capsys)
+    assert code == 0, out
+    assert out["patients"][0]["group"] == FILE_RESULTS["f09-pat"].group
+    assert out["patients"][0]["action"] == "would-create"
+
+
+def test_without_credentials_the_server_refuses(smart, capsys):
+    srv, _ = smart
+    code = main(["run", "--fhir-url", srv.base_url, "--patient", "f05-pat"])
+    out = capsys.readouterr()
+    assert code in (1, 3)
+    assert "401" in out.out + out.err and "Traceback" not in out.err
