@@ -19,6 +19,9 @@ examples:
   clm-stratify run --fhir-url http://127.0.0.1:8090/fhir --all
   clm-stratify run --fhir-url https://fhir.example.org/r4 --patient 123 --dry-run --format json
   clm-stratify run --fhir-url URL --all --auth smart --smart-client-id clm --smart-key key.pem
+  CLM_SUBSCRIPTION_SECRET=... clm-stratify serve --fhir-url http://127.0.0.1:8090/fhir --port 8765
+  CLM_SUBSCRIPTION_SECRET=... clm-stratify subscribe --fhir-url http://127.0.0.1:8090/fhir --endpoint http://127.0.0.1:8765/notify
+  clm-stratify inbox --inbox clm-inbox.sqlite
   clm-stratify classify --bundle fixtures/05-borderline-size-50mm-exact.json
   clm-stratify classify --bundle patient.json --format json
   clm-stratify rules validate rules/resectability.yaml
@@ -212,6 +215,119 @@ def cmd_demo(args: argparse.Namespace) -> int:
             server.stop()
 
 
+# --------------------------------------------------------------------------- subscriptions
+def _secret(args: argparse.Namespace) -> str:
+    import os
+
+    secret = os.environ.get(args.secret_env, "")
+    if len(secret) < 16:
+        raise UsageError(f"set the subscription secret (16 characters or more) in the environment variable "
+                         f"{args.secret_env}; every Subscription sends it and the receiver checks it")
+    return secret
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    import uvicorn
+
+    from clm_stratify.inbox import Inbox
+    from clm_stratify.pipeline import Stratifier
+    from clm_stratify.receiver import ReceiverConfig, create_app
+    from clm_stratify.worker import Worker
+
+    secret = _secret(args)
+    hmac_secret = os.environ.get(args.hmac_secret_env) if args.hmac_secret_env else None
+    if args.hmac_secret_env and not hmac_secret:
+        raise UsageError(f"--hmac-secret-env {args.hmac_secret_env}: the variable is not set")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}, not only on loopback", file=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine, terminology = _load_engine_and_terminology(args)
+    client = make_client(args)
+    inbox = Inbox(args.inbox, max_attempts=args.max_attempts)
+    stratifier = Stratifier(client, engine, terminology)
+    worker = Worker(inbox, stratifier, evaluators=args.workers, coalesce=args.coalesce)
+    app = create_app(inbox, ReceiverConfig(secret=secret, hmac_secret=hmac_secret, hmac_header=args.hmac_header,
+                                           max_body=args.max_body))
+    print(f"clm-stratify receiver on http://{args.host}:{args.port}/notify (inbox {args.inbox}); "
+          f"FHIR server {client.base_url}", file=sys.stderr)
+    worker.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        worker.stop()
+        client.close()
+    return EXIT_OK
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    from clm_stratify.receiver import SECRET_HEADER
+    from fhir_adapters import subscriptions as subs
+    from fhir_adapters.client import FhirError
+
+    with make_client(args) as client:
+        try:
+            if args.remove:
+                removed = subs.remove(client)
+                print(f"removed {len(removed)} Subscription(s)" + (f": {', '.join(removed)}" if removed else ""))
+                return EXIT_OK
+            if not args.endpoint:
+                raise UsageError("--endpoint URL is required (the receiver's /notify URL), unless --remove")
+            secret = _secret(args)
+            _, terminology = _load_engine_and_terminology(args)
+            if args.style == "criteria":
+                wanted = subs.criteria_subscriptions(terminology, args.endpoint, SECRET_HEADER, secret,
+                                                     payload=args.payload != "none")
+            else:
+                if not args.topic:
+                    raise UsageError("--style backport needs at least one --topic URL=ResourceType")
+                topics = []
+                for t in args.topic:
+                    url, _, rtype = t.rpartition("=")
+                    if not url or not rtype:
+                        raise UsageError(f"--topic {t!r}: expected URL=ResourceType")
+                    topics.append((url, rtype))
+                wanted = subs.backport_subscriptions(terminology, args.endpoint, SECRET_HEADER, secret, topics,
+                                                     content=args.payload_content, heartbeat=args.heartbeat)
+            statuses = subs.create(client, wanted)
+        except FhirError as exc:
+            print(f"error: {exc}" + (f" ({exc.outcome})" if exc.outcome else ""), file=sys.stderr)
+            return EXIT_SERVER
+    for st in statuses:
+        print(f"Subscription/{st.id}: {st.status}  {st.criteria}" + (f"  error: {st.error}" if st.error else ""))
+    return EXIT_OK if all(st.status == "active" for st in statuses) else EXIT_FAILED
+
+
+def cmd_inbox(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from clm_stratify.inbox import Inbox
+
+    if not Path(args.inbox).exists():
+        raise UsageError(f"{args.inbox}: no inbox there")
+    inbox = Inbox(args.inbox)
+    if args.replay is not None or args.replay_all:
+        kind, item = (None, None)
+        if args.replay is not None:
+            kind, _, num = args.replay.partition(":")
+            if kind not in ("patient", "notification") or not num.isdigit():
+                raise UsageError("--replay takes patient:ID or notification:ID (see the list)")
+            item = int(num)
+        print(f"replayed {inbox.replay(kind, item)} item(s); a running receiver picks them up")
+        return EXIT_OK
+    depth = inbox.depth()
+    print("inbox " + ", ".join(f"{k} {v}" for k, v in sorted(depth.items())) if depth else "inbox empty")
+    dead = inbox.dead_letters()
+    if dead:
+        print("dead letters (replay with --replay KIND:ID or --replay-all):")
+        for d in dead:
+            who = f" {d['patient']}" if d["patient"] else ""
+            print(f"  {d['kind']}:{d['id']}{who} after {d['attempts']} attempts: {d['error']}")
+    return EXIT_OK
+
+
 def cmd_rules_validate(args: argparse.Namespace) -> int:
     from engine.classify import Engine
     from engine.ruleset import load_ruleset
@@ -295,6 +411,57 @@ def build_parser() -> argparse.ArgumentParser:
     rules_options(p)
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_demo, auth="none")
+
+    p = sub.add_parser("serve", help="receive Subscription notifications and re-classify patients",
+                       epilog="example:\n  CLM_SUBSCRIPTION_SECRET=$(openssl rand -hex 24) \\\n"
+                              "    clm-stratify serve --fhir-url http://127.0.0.1:8090/fhir --port 8765",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fhir-url", required=True, metavar="URL")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--inbox", default="clm-inbox.sqlite", metavar="PATH", help="SQLite inbox file")
+    p.add_argument("--secret-env", default="CLM_SUBSCRIPTION_SECRET", metavar="VAR",
+                   help="environment variable with the subscription secret (required)")
+    p.add_argument("--hmac-secret-env", metavar="VAR", help="also require an HMAC-SHA256 body signature")
+    p.add_argument("--hmac-header", default="X-Signature")
+    p.add_argument("--max-body", type=int, default=1_000_000, metavar="BYTES")
+    p.add_argument("--workers", type=int, default=2, help="patients evaluated in parallel")
+    p.add_argument("--coalesce", type=float, default=0.15, metavar="S",
+                   help="wait this long to merge notifications for one patient")
+    p.add_argument("--max-attempts", type=int, default=6, help="tries before an item is dead-lettered")
+    server_options(p)
+    rules_options(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("subscribe", help="create (or --remove) this tool's Subscriptions on a FHIR server",
+                       epilog="examples:\n  clm-stratify subscribe --fhir-url URL --endpoint http://127.0.0.1:8765/notify\n"
+                              "  clm-stratify subscribe --fhir-url URL --endpoint E --style backport \\\n"
+                              "    --topic http://example.org/SubscriptionTopic/tumor-size=Observation\n"
+                              "  clm-stratify subscribe --fhir-url URL --remove",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fhir-url", required=True, metavar="URL")
+    p.add_argument("--endpoint", metavar="URL", help="the receiver's /notify URL")
+    p.add_argument("--style", choices=("criteria", "backport"), default="criteria")
+    p.add_argument("--payload", choices=("resource", "none"), default="resource",
+                   help="criteria style: send the resource, or an empty notification")
+    p.add_argument("--topic", action="append", metavar="URL=TYPE",
+                   help="backport style: a SubscriptionTopic canonical URL and its resource type (repeat)")
+    p.add_argument("--payload-content", choices=("full-resource", "id-only", "empty"), default="full-resource")
+    p.add_argument("--heartbeat", type=int, metavar="S", help="backport heartbeat period")
+    p.add_argument("--secret-env", default="CLM_SUBSCRIPTION_SECRET", metavar="VAR")
+    p.add_argument("--remove", action="store_true", help="delete the Subscriptions this tool created")
+    server_options(p)
+    rules_options(p)
+    p.set_defaults(func=cmd_subscribe)
+
+    p = sub.add_parser("inbox", help="show the receiver's inbox and dead letters; replay them",
+                       epilog="examples:\n  clm-stratify inbox --inbox clm-inbox.sqlite\n"
+                              "  clm-stratify inbox --inbox clm-inbox.sqlite --replay-all",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inbox", default="clm-inbox.sqlite", metavar="PATH")
+    p.add_argument("--replay", metavar="KIND:ID", help="put one dead letter back in the queue")
+    p.add_argument("--replay-all", action="store_true")
+    p.set_defaults(func=cmd_inbox)
 
     p = sub.add_parser("rules", help="check rule set and terminology files")
     rules_sub = p.add_subparsers(dest="rules_command", metavar="ACTION")

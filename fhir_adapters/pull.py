@@ -68,6 +68,23 @@ class Searches:
             out.append((rtype, params))
         return out
 
+    def watched(self) -> list[tuple[str, dict[str, str]]]:
+        """What a new imaging report or diagnosis looks like: the searches a Subscription
+        watches, and that a receiver re-runs (with ``_lastUpdated``) when a notification
+        carries no payload or events were missed."""
+        t = self.terminology
+        observations = token_list(t.tumour_size_observation, t.longest_dimension,
+                                  t.technical_resectability_observation)
+        conditions = token_list(t.liver_metastasis_condition, t.metastasis_condition_generic,
+                                t.extrahepatic_metastasis_condition)
+        reports = token_list(t.radiology_report_category)
+        return [
+            ("Observation", {"code": observations} if observations else {}),
+            # ICD-10 prefixes cannot be written as a token search: then every Condition.
+            ("Condition", {"code": conditions} if conditions else {}),
+            ("DiagnosticReport", {"category": reports} if reports else {}),
+        ]
+
     def recurrence_conditions(self) -> dict[str, str]:
         t = self.terminology
         codes = token_list(t.liver_metastasis_condition, t.metastasis_condition_generic)
@@ -185,6 +202,23 @@ def fetch_patient(client: FhirClient, patient_id: str, terminology: Terminology)
     resources = _run_searches(client, Searches(terminology).for_patients([patient_id]),
                               extra_reads=[f"Patient/{patient_id}"])
     return _with_references(client, resources, {f"Patient/{patient_id}"})
+
+
+def changed_patients_since(client: FhirClient, terminology: Terminology, since: str) -> tuple[set[str], str | None]:
+    """Patients with a watched resource updated after ``since`` (an instant), and the
+    latest ``meta.lastUpdated`` seen (the next watermark)."""
+    patients: set[str] = set()
+    latest: str | None = None
+    for rtype, params in Searches(terminology).watched():
+        query = {**params, "_lastUpdated": f"ge{since}", "_count": str(PAGE_SIZE)}
+        for resource in client.search(rtype, query):
+            subject = _subject(resource)
+            if subject:
+                patients.add(subject)
+            updated = (resource.get("meta") or {}).get("lastUpdated")
+            if isinstance(updated, str) and (latest is None or updated > latest):
+                latest = updated
+    return patients, latest
 
 
 def patients_with_liver_metastasis(client: FhirClient, terminology: Terminology) -> list[str]:

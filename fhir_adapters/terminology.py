@@ -108,6 +108,8 @@ class Terminology(BaseModel):
     technical_resectability_observation: CodeList
     technically_resectable_value: CodeList
     technically_unresectable_value: CodeList
+    # Imaging reports whose arrival triggers a re-classification
+    radiology_report_category: CodeList
     # UCUM length units accepted for a diameter, with their exact factor to millimetres
     length_units_to_mm: dict[str, Decimal] = Field(min_length=1)
     plausible_diameter_mm: "PlausibleRange"
@@ -140,4 +142,5 @@ TerminologyKey = Literal[
     "technical_resectability_observation",
     "technically_resectable_value",
     "technically_unresectable_value",
+    "radiology_report_category",
 ]

@@ -1,0 +1,165 @@
+"""Workers of the receiver: notifications -> patients -> RiskAssessments.
+
+* The **resolver** takes each stored notification and finds the patients it concerns:
+  the patient named in the notification, else the focus resource's subject (one read),
+  else, for a notification without payload or after missed events, every patient with
+  a watched resource updated since the watermark. Duplicate backport events (by event
+  number) are dropped; a gap in the event numbers triggers that re-query.
+* The **evaluators** take one patient at a time and run the pipeline
+  (:meth:`clm_stratify.pipeline.Stratifier.patient`); a failure is retried with
+  backoff and, after the inbox's ``max_attempts``, dead-lettered.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+
+from clm_stratify.inbox import Inbox
+from clm_stratify.pipeline import Stratifier
+from fhir_adapters.client import FhirError
+from fhir_adapters.mapping import plain_ref
+from fhir_adapters.notifications import Notification
+from fhir_adapters.pull import changed_patients_since
+
+log = logging.getLogger("clm_stratify.worker")
+
+# Re-queries overlap the watermark by this much: the server's clock and commit order
+# are not ours, and evaluating a patient twice is harmless (the write is idempotent).
+WATERMARK_OVERLAP = dt.timedelta(seconds=2)
+
+
+def _minus_overlap(instant: str) -> str:
+    try:
+        t = dt.datetime.fromisoformat(instant.replace("Z", "+00:00"))
+    except ValueError:
+        return instant
+    return (t - WATERMARK_OVERLAP).isoformat()
+
+
+class Worker:
+    def __init__(self, inbox: Inbox, stratifier: Stratifier, *, evaluators: int = 2, coalesce: float = 0.15,
+                 poll: float = 0.1):
+        self.inbox = inbox
+        self.stratifier = stratifier
+        self.client = stratifier.client
+        self.evaluators = evaluators
+        self.coalesce = coalesce
+        self.poll = poll
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ resolving
+    def _patient_of_focus(self, focus: str) -> str | None:
+        rtype, _, rid = focus.partition("/")
+        if rtype == "Patient":
+            return focus
+        resource = self.client.read(rtype, rid)
+        if resource is None:
+            return None
+        for key in ("subject", "patient"):
+            ref = plain_ref((resource.get(key) or {}).get("reference"))
+            if ref and ref.startswith("Patient/"):
+                return ref
+        return None
+
+    def _requery(self) -> tuple[set[str], str | None]:
+        since = self.inbox.watermark() or (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)).isoformat()
+        return changed_patients_since(self.client, self.stratifier.terminology, _minus_overlap(since))
+
+    def resolve(self, notification_id: int, body: str) -> None:
+        """Turn one stored notification into queued patients (or nothing)."""
+        n = Notification.model_validate_json(body)
+        patients: set[str] = set()
+        watermark = None
+        events = None
+        last_event = None
+        requery = n.kind == "empty"
+        sub = n.subscription or "(unknown subscription)"
+        if n.kind in ("heartbeat", "handshake", "query-status") and n.events_since_start is not None:
+            last = self.inbox.last_event(sub)
+            if n.kind != "handshake" and n.events_since_start > (last or 0):
+                log.warning("events missed on %s (server count %s, last seen %s): re-querying",
+                            sub, n.events_since_start, last)
+                requery = True
+            last_event = (sub, n.events_since_start)
+        pending = list(n.events)
+        if n.kind == "event-notification":
+            numbers = [e.number for e in n.events if e.number is not None]
+            seen = self.inbox.seen_events(sub, numbers)
+            pending = [e for e in n.events if e.number is None or e.number not in seen]
+            last = self.inbox.last_event(sub)
+            new_numbers = sorted(e.number for e in pending if e.number is not None)
+            if new_numbers and new_numbers[0] > (last or 0) + 1:
+                log.warning("gap in events of %s (last seen %s, got %s): re-querying", sub, last, new_numbers[0])
+                requery = True
+            events = (sub, numbers)
+            top = max([*numbers, n.events_since_start or 0], default=0)
+            last_event = (sub, top) if top else None
+        for e in pending:
+            patient = e.patient or (self._patient_of_focus(e.focus) if e.focus else None)
+            if patient:
+                patients.add(patient.split("/", 1)[1])
+            elif e.focus is None:
+                requery = True  # an empty payload: find what changed
+        if requery:
+            found, watermark = self._requery()
+            patients |= {p.split("/", 1)[1] for p in found}
+        self.inbox.resolve(notification_id, patients, coalesce=self.coalesce, events=events,
+                           last_event=last_event, watermark=watermark)
+
+    def resolve_one(self) -> bool:
+        item = self.inbox.next_notification()
+        if item is None:
+            return False
+        nid, body, _ = item
+        try:
+            self.resolve(nid, body)
+        except FhirError as exc:
+            log.warning("notification %s not resolved yet: %s", nid, exc)
+            self.inbox.notification_failed(nid, str(exc))
+        return True
+
+    # ------------------------------------------------------------------ evaluating
+    def process_one(self) -> bool:
+        item = self.inbox.take()
+        if item is None:
+            return False
+        try:
+            outcome = self.stratifier.patient(item.patient)
+        except Exception as exc:  # a bug must not kill the worker; the item is retried
+            log.exception("evaluation %s failed unexpectedly", item.id)
+            self.inbox.failed(item, f"{type(exc).__name__}: {exc}")
+            return True
+        if outcome.failed:
+            state = self.inbox.failed(item, outcome.error or "failed")
+            log.warning("evaluation %s failed (%s): %s", item.id, state, outcome.error)
+        else:
+            self.inbox.done(item, f"{outcome.action} {outcome.risk_assessment or ''} {outcome.group or ''}".strip())
+        return True
+
+    # ------------------------------------------------------------------ threads
+    def _loop(self, step) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = step()
+            except Exception:
+                log.exception("worker step failed")
+                busy = False
+            if not busy:
+                self.inbox.wakeup.wait(self.poll)
+                self.inbox.wakeup.clear()
+
+    def start(self) -> None:
+        self._threads = [threading.Thread(target=self._loop, args=(self.resolve_one,), name="resolver", daemon=True)]
+        self._threads += [threading.Thread(target=self._loop, args=(self.process_one,), name=f"evaluator-{i}",
+                                           daemon=True) for i in range(self.evaluators)]
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.inbox.wakeup.set()
+        for t in self._threads:
+            t.join(timeout)
