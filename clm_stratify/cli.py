@@ -247,6 +247,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine, terminology = _load_engine_and_terminology(args)
     client = make_client(args)
     inbox = Inbox(args.inbox, max_attempts=args.max_attempts)
+    try:
+        inbox.claim()
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
     stratifier = Stratifier(client, engine, terminology)
     worker = Worker(inbox, stratifier, evaluators=args.workers, coalesce=args.coalesce)
     app = create_app(inbox, ReceiverConfig(secret=secret, hmac_secret=hmac_secret, hmac_header=args.hmac_header,

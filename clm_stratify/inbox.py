@@ -110,6 +110,26 @@ class Inbox:
             raise
         db.execute("COMMIT")
 
+    def claim(self) -> None:
+        """Become the one process serving this inbox (an exclusive lock on ``PATH.lock``,
+        released when the process ends, even by SIGKILL). Rows leased by a previous
+        process are taken back at once: their evaluations died with it."""
+        import fcntl
+
+        self._lock_file = open(self.path + ".lock", "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{self.path} is already served by another receiver process") from None
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM work WHERE state = 'running' AND EXISTS "
+                       "(SELECT 1 FROM work w2 WHERE w2.patient = work.patient AND w2.state = 'pending')")
+            db.execute("UPDATE work SET state = 'pending', lease_until = NULL, due_at = min(due_at, ?) "
+                       "WHERE state = 'running'", (now,))
+            db.execute("UPDATE work SET due_at = ? WHERE state = 'pending' AND due_at > ?", (now, now))
+            db.execute("UPDATE notification SET next_at = ? WHERE state = 'new' AND next_at > ?", (now, now))
+
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:

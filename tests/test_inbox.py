@@ -1,0 +1,140 @@
+"""The receiver's SQLite inbox, on a real file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clm_stratify.cli import main
+from clm_stratify.inbox import Inbox
+from fhir_adapters.notifications import NotificationError, parse_notification
+
+
+def inbox(tmp_path, **kw) -> Inbox:
+    return Inbox(tmp_path / "inbox.sqlite", **kw)
+
+
+def test_notifications_for_one_patient_coalesce_into_one_evaluation(tmp_path):
+    box = inbox(tmp_path)
+    for _ in range(3):
+        nid = box.accept("{}")
+        box.resolve(nid, {"p1"})
+    box.resolve(box.accept("{}"), {"p2"})
+    first, second = box.take(), box.take()
+    assert {first.patient, second.patient} == {"p1", "p2"}
+    assert {first.patient: first.notifications, second.patient: second.notifications}["p1"] == 3
+    assert box.take() is None
+
+
+def test_a_patient_being_evaluated_is_not_taken_twice(tmp_path):
+    box = inbox(tmp_path)
+    box.resolve(box.accept("{}"), {"p1"})
+    item = box.take()
+    box.resolve(box.accept("{}"), {"p1"})  # arrives while p1 is running: queued, not run in parallel
+    assert box.take() is None
+    box.done(item, "created")
+    assert box.take().patient == "p1"
+
+
+def test_expired_lease_makes_the_patient_available_again(tmp_path):
+    box = inbox(tmp_path, lease_seconds=0.05)
+    box.resolve(box.accept("{}"), {"p1"})
+    assert box.take().patient == "p1"
+    time.sleep(0.1)
+    assert box.take().patient == "p1"
+
+
+def test_failures_back_off_then_dead_letter_and_replay(tmp_path, capsys):
+    box = inbox(tmp_path, max_attempts=3, backoff=0.01, max_backoff=0.01)
+    box.resolve(box.accept("{}"), {"p1"})
+    states = []
+    for _ in range(3):
+        item = None
+        for _ in range(100):  # bounded wait for the backoff
+            item = box.take()
+            if item:
+                break
+            time.sleep(0.01)
+        states.append(box.failed(item, "FHIR server unavailable"))
+    assert states == ["pending", "pending", "dead"]
+    assert box.take() is None
+    assert main(["inbox", "--inbox", box.path]) == 0
+    out = capsys.readouterr().out
+    assert "patient:1 p1 after 3 attempts: FHIR server unavailable" in out
+    assert main(["inbox", "--inbox", box.path, "--replay", "patient:1"]) == 0
+    assert box.take().patient == "p1"
+
+
+def test_notification_resolution_failures_dead_letter(tmp_path):
+    box = inbox(tmp_path, max_attempts=2, backoff=0.0)
+    nid = box.accept("{}")
+    box.notification_failed(nid, "boom")
+    box.notification_failed(nid, "boom")
+    assert [d["kind"] for d in box.dead_letters()] == ["notification"]
+    assert box.replay("notification", nid) == 1
+    assert box.next_notification()[0] == nid
+
+
+def test_seen_events_and_last_event(tmp_path):
+    box = inbox(tmp_path)
+    box.resolve(box.accept("{}"), set(), events=("Subscription/s", [1, 2]), last_event=("Subscription/s", 2))
+    assert box.seen_events("Subscription/s", [1, 2, 3]) == {1, 2}
+    assert box.last_event("Subscription/s") == 2
+    box.resolve(box.accept("{}"), set(), last_event=("Subscription/s", 1))
+    assert box.last_event("Subscription/s") == 2  # never goes back
+
+
+def test_only_one_process_serves_an_inbox(tmp_path):
+    box = inbox(tmp_path)
+    box.claim()
+    code = ("import sys; from clm_stratify.inbox import Inbox\n"
+            f"try:\n    Inbox({box.path!r}).claim()\nexcept RuntimeError as e:\n    print(e); sys.exit(3)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and "already served" in proc.stdout
+
+
+def test_claim_takes_back_rows_of_a_dead_process(tmp_path):
+    box = inbox(tmp_path, lease_seconds=3600)
+    box.resolve(box.accept("{}"), {"p1"})
+    assert box.take().patient == "p1"  # leased for an hour by a process that then died
+    fresh = inbox(tmp_path, lease_seconds=3600)
+    fresh.claim()
+    assert fresh.take().patient == "p1"
+
+
+def test_inbox_command_on_a_missing_file(tmp_path, capsys):
+    assert main(["inbox", "--inbox", str(tmp_path / "none.sqlite")]) == 2
+    assert "no inbox there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"resourceType": "Bundle", "type": "history", "entry": []}, "no status entry"),
+    ({"resourceType": "Bundle", "type": "history", "entry": [{"resource": {"resourceType": "Patient"}}]},
+     "Parameters or SubscriptionStatus"),
+    ({"resourceType": "Bundle", "type": "history", "entry": [{"resource": {"resourceType": "Parameters",
+      "parameter": [{"name": "type", "valueCode": "event-notification"},
+                    {"name": "events-since-subscription-start", "valueString": "x"}]}}]}, "not a whole number"),
+    ({"resourceType": "Observation"}, "no resourceType or id"),
+    ([1], "not a FHIR resource"),
+])
+def test_parser_refuses_what_is_not_a_notification(body, message):
+    with pytest.raises(NotificationError, match=message):
+        parse_notification(body)
+
+
+def test_parser_reads_r4b_and_r5_subscription_status():
+    status = {"resourceType": "SubscriptionStatus", "type": "event-notification", "eventsSinceSubscriptionStart": 7,
+              "subscription": {"reference": "http://x/fhir/Subscription/s1"},
+              "notificationEvent": [{"eventNumber": 7, "focus": {"reference": "http://x/fhir/Observation/o1"},
+                                     "additionalContext": [{"reference": "Patient/p1"}]}]}
+    full = {"resourceType": "Observation", "id": "o1", "meta": {"versionId": "3"}, "subject": {"reference": "Patient/p1"}}
+    for btype, style in (("history", "backport-r4b"), ("subscription-notification", "r5")):
+        n = parse_notification({"resourceType": "Bundle", "type": btype,
+                                "entry": [{"resource": status}, {"resource": full}]})
+        assert (n.style, n.kind, n.subscription, n.events_since_start) == (style, "event-notification",
+                                                                          "Subscription/s1", 7)
+        assert (n.events[0].number, n.events[0].focus, n.events[0].patient, n.events[0].version) == \
+            (7, "Observation/o1", "Patient/p1", "3")
