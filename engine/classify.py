@@ -17,9 +17,9 @@ import itertools
 import threading
 from decimal import Decimal
 from pathlib import Path
-from typing import Any as AnyType, Literal
+from typing import Any as AnyType, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict
+from dataclasses import asdict, dataclass
 
 from engine.compile import (DECIDED_KIND, FEATURES_KIND, STATES_KIND, CompiledRuleset, compile_ruleset,
                             post_value, representative_value)
@@ -32,10 +32,14 @@ class RulesetInconsistentError(RuntimeError):
     """The rule set did not produce exactly one group / status / factor state."""
 
 
-class Criterion(BaseModel):
-    """One fact or factor as the engine saw it, with its evidence."""
+@dataclass(frozen=True, slots=True)
+class Criterion:
+    """One fact or factor as the engine saw it, with its evidence.
 
-    model_config = ConfigDict(frozen=True)
+    The result types are plain frozen dataclasses: they are built from values that are
+    already validated (Features, RuleSet), millions of times in a population run;
+    :meth:`Classification.to_json` is their documented boundary."""
+
     id: str
     label: str
     state: str
@@ -48,29 +52,29 @@ class Criterion(BaseModel):
     rule: str | None = None  # the durable rule that decided the state (factors only)
 
 
-class MissingFact(BaseModel):
-    model_config = ConfigDict(frozen=True)
+@dataclass(frozen=True, slots=True)
+class MissingFact:
     fact: str
     text: str
     detail: str | None = None
 
 
-class Recommendation(BaseModel):
-    model_config = ConfigDict(frozen=True)
+@dataclass(frozen=True, slots=True)
+class Recommendation:
     rule: str
     text: str
 
 
-class CohortSurvival(BaseModel):
-    model_config = ConfigDict(frozen=True)
+@dataclass(frozen=True, slots=True)
+class CohortSurvival:
     group: str
     five_year_os_percent: Decimal
     p_value: str | None
     caveat: str
 
 
-class RulesetRef(BaseModel):
-    model_config = ConfigDict(frozen=True)
+@dataclass(frozen=True, slots=True)
+class RulesetRef:
     id: str
     version: str
     sha256: str
@@ -80,10 +84,10 @@ class RulesetRef(BaseModel):
     citation: str
 
 
-class Classification(BaseModel):
+@dataclass(frozen=True, slots=True)
+class Classification:
     """The engine's answer with everything needed to explain it."""
 
-    model_config = ConfigDict(frozen=True)
     patient: str | None
     group: GroupId
     group_rule: str
@@ -116,16 +120,29 @@ class Classification(BaseModel):
             "status": self.status,
             "reason": self.reason,
             "criteria": self.criteria_values(),
-            "evidence": {k: c.model_dump(mode="json") for k, c in {**self.criteria, **self.facts}.items()},
-            "missing": [m.model_dump(mode="json") for m in self.missing],
-            "recommendations": [r.model_dump(mode="json") for r in self.recommendations],
-            "cohort_survival": self.cohort_survival.model_dump(mode="json") if self.cohort_survival else None,
+            "evidence": {k: _json(c) for k, c in {**self.criteria, **self.facts}.items()},
+            "missing": [_json(m) for m in self.missing],
+            "recommendations": [_json(r) for r in self.recommendations],
+            "cohort_survival": _json(self.cohort_survival) if self.cohort_survival else None,
             "rules_fired": list(self.rules_fired),
             "group_rule": self.group_rule,
             "status_note": self.status_note,
-            "ruleset": self.ruleset.model_dump(mode="json"),
+            "ruleset": _json(self.ruleset),
             "warnings": list(self.warnings),
         }
+
+
+def _json_value(v: AnyType) -> AnyType:
+    if isinstance(v, Decimal):
+        return str(v)
+    if isinstance(v, tuple):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def _json(obj: AnyType) -> dict:
+    """A result dataclass as JSON-ready data (decimals as exact strings)."""
+    return {k: _json_value(v) for k, v in asdict(obj).items()}
 
 
 def _fact_state(fact: str, f: Fact) -> str:
@@ -160,6 +177,17 @@ class Engine:
         self.ref = RulesetRef(id=ruleset.id, version=ruleset.version, sha256=ruleset.sha256,
                               title=ruleset.title, doi=ruleset.citation.doi,
                               pmid=ruleset.citation.pmid, citation=ruleset.citation.text.strip())
+        # What the result quotes, prepared once.
+        self._groups = dict(zip(c.group_rule_names, ruleset.groups))
+        self._reasons = {g.rule: g.reason.strip() for g in ruleset.groups}
+        self._recommendations = {name: Recommendation(rule=r.rule, text=r.text.strip())
+                                 for name, r in zip(c.recommendation_rule_names, ruleset.recommendations)}
+        self._missing_texts = {k: v.strip() for k, v in ruleset.missing_fact_texts.items()}
+        self._preliminary_note = ruleset.status.preliminary_note.strip()
+        self._survival = {
+            g: CohortSurvival(group=g, five_year_os_percent=pct, p_value=ruleset.survival.p_value,
+                              caveat=ruleset.cohort.caveat.strip())
+            for g, pct in ruleset.survival.five_year_os_percent.items()}
         if check_coverage:
             self.check_coverage()
 
@@ -184,20 +212,46 @@ class Engine:
         return fact
 
     def classify(self, features: Features) -> Classification:
-        fired = self._factors.fire(self.features_fact(features))
-        states = {"kind": STATES_KIND}
+        return self.classify_many([features])[0]
+
+    def classify_many(self, features: Sequence[Features], batch: int = 200) -> list[Classification]:
+        """Classify many patients; each stage asserts ``batch`` facts per engine call."""
+        out: list[Classification] = []
+        for start in range(0, len(features), batch):
+            chunk = features[start:start + batch]
+            fired = self._factors.fire_many([self.features_fact(f) for f in chunk])
+            states = [self._states(f, rules) for f, rules in zip(chunk, fired)]
+            for rules, more in zip(fired, self._decision.fire_many(states)):
+                rules.extend(more)
+            groups = [self._groups[self._one(rules, "group.", "group", f)] for f, rules in zip(chunk, fired)]
+            decided = [{**st, "kind": DECIDED_KIND, "group": g.id} for st, g in zip(states, groups)]
+            for rules, more in zip(fired, self._recommend.fire_many(decided)):
+                rules.extend(more)
+            out += [self._interpret(f, rules) for f, rules in zip(chunk, fired)]
+        return out
+
+    def _states(self, features: Features, fired: list[str]) -> dict[str, object]:
+        """Stage 2 fact: the state of every fact (factor states from stage 1's rules)."""
+        states: dict[str, object] = {"kind": STATES_KIND}
         for name in BASE_FACTS:
             states[name] = _fact_state(name, getattr(features, name))
+        by = self._by_prefix(fired)
         for fid in self.ruleset.factors:
-            states[fid] = self._one(fired, f"factor.{fid}.", f"state of factor {fid}", features).rsplit(".", 1)[1]
-        fired += self._decision.fire(states)
-        group_rule = self._one(fired, "group.", "group", features)
-        group = self.ruleset.groups[self.compiled.group_rule_names.index(group_rule)].id
-        fired += self._recommend.fire({**states, "kind": DECIDED_KIND, "group": group})
-        return self._interpret(features, fired)
+            states[fid] = self._one(by, f"factor.{fid}.", f"state of factor {fid}", features).rsplit(".", 1)[1]
+        return states
 
-    def _one(self, fired: list[str], prefix: str, what: str, features: Features) -> str:
-        hits = [r for r in fired if r.startswith(prefix)]
+    @staticmethod
+    def _by_prefix(fired: list[str]) -> dict[str, list[str]]:
+        """Fired rules keyed by what they decide: ``factor.<id>.``, ``group.``, ``status.``."""
+        out: dict[str, list[str]] = {}
+        for r in fired:
+            kind, _, rest = r.partition(".")
+            key = f"factor.{rest.partition('.')[0]}." if kind == "factor" else f"{kind}."
+            out.setdefault(key, []).append(r)
+        return out
+
+    def _one(self, fired: list[str] | dict[str, list[str]], prefix: str, what: str, features: Features) -> str:
+        hits = (fired if isinstance(fired, dict) else self._by_prefix(fired)).get(prefix, [])
         if len(hits) != 1:
             raise RulesetInconsistentError(
                 f"rule set {self.ruleset.id} {self.ruleset.version}: expected exactly one {what} rule "
@@ -205,43 +259,38 @@ class Engine:
         return hits[0]
 
     def _interpret(self, features: Features, fired: list[str]) -> Classification:
+        """The Classification for ``fired``, built without re-validation (every value
+        here is already typed)."""
         rs = self.ruleset
+        by = self._by_prefix(fired)
         criteria: dict[str, Criterion] = {}
         for fid, factor in rs.factors.items():
-            rule = self._one(fired, f"factor.{fid}.", f"state of factor {fid}", features)
+            rule = self._one(by, f"factor.{fid}.", f"state of factor {fid}", features)
             f: Fact = getattr(features, factor.feature)
-            criteria[fid] = Criterion(id=fid, label=factor.label, state=rule.rsplit(".", 1)[1],
-                                      value=f.value, operator=factor.operator,
-                                      threshold=factor.threshold, unit=factor.unit,
-                                      refs=f.refs, note=f.note, rule=rule)
+            criteria[fid] = Criterion(
+                id=fid, label=factor.label, state=rule.rsplit(".", 1)[1], value=f.value, operator=factor.operator,
+                threshold=factor.threshold, unit=factor.unit, refs=f.refs, note=f.note, rule=rule)
         facts = {}
         for name in BASE_FACTS:
             f = getattr(features, name)
-            facts[name] = Criterion(id=name, label=_FACT_LABELS[name], state=_fact_state(name, f),
-                                    value=f.value, refs=f.refs, note=f.note)
-        group_rule = self._one(fired, "group.", "group", features)
-        g = rs.groups[self.compiled.group_rule_names.index(group_rule)]
-        status = self._one(fired, "status.", "status", features).split(".", 1)[1]
-        recs = tuple(Recommendation(rule=r.rule, text=r.text.strip())
-                     for name, r in zip(self.compiled.recommendation_rule_names, rs.recommendations)
-                     if name in fired)
+            facts[name] = Criterion(
+                id=name, label=_FACT_LABELS[name], state=_fact_state(name, f), value=f.value, operator=None,
+                threshold=None, unit=None, refs=f.refs, note=f.note, rule=None)
+        g = self._groups[self._one(by, "group.", "group", features)]
+        status = self._one(by, "status.", "status", features)[len("status."):]
+        fired_recs = set(by.get("recommendation.", ()))
+        recs = tuple(self._recommendations[n] for n in self.compiled.recommendation_rule_names if n in fired_recs)
         missing = []
         for name, c in (("liver_recurrence", facts["liver_recurrence"]), *criteria.items(),
                         ("technical_resectability", facts["technical_resectability"]),
                         ("adjuvant_chemotherapy", facts["adjuvant_chemotherapy"])):
             if c.state in ("unknown", "not-assessed") or (name == "liver_recurrence" and c.state != "present"):
-                missing.append(MissingFact(fact=name, text=rs.missing_fact_texts[name].strip(), detail=c.note))
-        pct = rs.survival_percent(g.id)
-        survival = None
-        if pct is not None:
-            survival = CohortSurvival(group=g.id, five_year_os_percent=pct,
-                                      p_value=rs.survival.p_value,
-                                      caveat=rs.cohort.caveat.strip())
+                missing.append(MissingFact(fact=name, text=self._missing_texts[name], detail=c.note))
         return Classification(
-            patient=features.patient, group=g.id, group_rule=g.rule, reason=g.reason.strip(),
-            status=status, status_note=None if status == "final" else rs.status.preliminary_note.strip(),
+            patient=features.patient, group=g.id, group_rule=g.rule, reason=self._reasons[g.rule],
+            status=status, status_note=None if status == "final" else self._preliminary_note,
             criteria=criteria, facts=facts, missing=tuple(missing), recommendations=recs,
-            rules_fired=tuple(fired), cohort_survival=survival, ruleset=self.ref,
+            rules_fired=tuple(fired), cohort_survival=self._survival.get(g.id), ruleset=self.ref,
             warnings=features.warnings)
 
     # ------------------------------------------------------------------ load-time check

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any as AnyType, Literal, Mapping, Union
@@ -214,7 +215,9 @@ class RuleSet(BaseModel):
     @classmethod
     def _factor_ids(cls, v: dict[str, Factor]) -> dict[str, Factor]:
         for fid in v:
-            if fid in BASE_FACTS or fid in ("group", "all", "any", "sid"):
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", fid):
+                raise ValueError(f"factor id {fid!r}: letters, digits and _ only, starting with a letter")
+            if fid in BASE_FACTS or fid in ("group", "all", "any", "sid", "fid", "kind"):
                 raise ValueError(f"factor id {fid!r} is reserved")
         return v
 
