@@ -140,10 +140,11 @@ def run_live(args: argparse.Namespace, client) -> int:
     if args.patient:
         summary = RunSummary([stratifier.patient(args.patient)])
     else:
-        summary = stratifier.population(progress=_progress)
+        summary = stratifier.population(progress=_progress, bulk=False if args.no_bulk else None)
     if args.format == "json":
         from fhir_adapters.client import dumps
-        print(dumps({"fhir_url": client.base_url, "write_strategy": stratifier.writer.strategy.value,
+        print(dumps({"fhir_url": client.base_url, "data_source": stratifier.last_source or "patient-search",
+                     "write_strategy": stratifier.writer.strategy.value,
                      "strategy_notes": list(stratifier.writer.choice.notes),
                      "patients": [_outcome_json(o) for o in summary.outcomes],
                      "groups": dict(summary.groups), "actions": dict(summary.actions)}))
@@ -158,6 +159,8 @@ def run_live(args: argparse.Namespace, client) -> int:
                 for resource in o.written:
                     print(dumps(resource))
         print(summary_table(summary))
+        if stratifier.last_source:
+            print(f"Data read by: {stratifier.last_source} ({client.round_trips} HTTP round trips)")
         print(f"Write strategy: {stratifier.writer.strategy.value}"
               + "".join(f"\n  note: {n}" for n in stratifier.writer.choice.notes))
     return EXIT_FAILED if summary.failures else EXIT_OK
@@ -200,7 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             n = load_bundles(client, fixture_bundles(FIXTURES_DIR))
             print(f"Loaded {n} resources of {len(fixture_bundles(FIXTURES_DIR))} synthetic patients "
                   f"into {server.base_url}", file=sys.stderr)
-            args.fhir_url, args.patient, args.dry_run = server.base_url, None, False
+            args.fhir_url, args.patient, args.dry_run, args.no_bulk = server.base_url, None, False, False
             code = run_live(args, client)
         print(f"\nLook at the written RiskAssessments: {server.base_url}/RiskAssessment?_tag="
               f"https://clm-stratify.org/fhir/CodeSystem/tag|clm-stratify")
@@ -332,6 +335,15 @@ def cmd_inbox(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_interop(args: argparse.Namespace) -> int:
+    """Test a FHIR server end to end (clm_stratify/interop.py); exit 1 when a check failed."""
+    from clm_stratify.interop import run_command
+
+    engine, terminology = _load_engine_and_terminology(args)
+    with make_client(args) as client:
+        return run_command(client, engine, terminology, report_path=args.report, keep=args.keep)
+
+
 def cmd_rules_validate(args: argparse.Namespace) -> int:
     from engine.classify import Engine
     from engine.ruleset import load_ruleset
@@ -401,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--all", action="store_true",
                      help="every patient with a liver-metastasis Condition")
     p.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
+    p.add_argument("--no-bulk", action="store_true",
+                   help="--all: search in chunks of patients even when the server offers $export")
     server_options(p)
     rules_options(p)
     p.add_argument("--format", choices=("text", "json"), default="text")
@@ -466,6 +480,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay", metavar="KIND:ID", help="put one dead letter back in the queue")
     p.add_argument("--replay-all", action="store_true")
     p.set_defaults(func=cmd_inbox)
+
+    p = sub.add_parser("interop", help="test a FHIR server: store, read back, classify, write, clean up",
+                       epilog="examples:\n  clm-stratify interop --fhir-url http://127.0.0.1:8090/fhir --report r.json\n"
+                              "  clm-stratify interop --fhir-url URL --auth bearer --keep",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fhir-url", required=True, metavar="URL", help="FHIR R4 base URL")
+    p.add_argument("--report", metavar="PATH", help="write the JSON report (checks, quirks, timings) here")
+    p.add_argument("--keep", action="store_true", help="leave the run's tagged test data and assessments")
+    server_options(p)
+    rules_options(p)
+    p.set_defaults(func=cmd_interop)
 
     p = sub.add_parser("rules", help="check rule set and terminology files")
     rules_sub = p.add_subparsers(dest="rules_command", metavar="ACTION")

@@ -22,7 +22,9 @@ from typing import Callable, Iterable, Iterator
 from engine.classify import Classification, Engine
 from fhir_adapters.client import FhirClient, FhirError
 from fhir_adapters.mapping import map_features
-from fhir_adapters.pull import fetch_patient, fetch_population, patients_with_liver_metastasis
+from fhir_adapters.bulk import Spool, export_to_spool, supports_export
+from fhir_adapters.pull import (fetch_patient, fetch_population, mentions_metastasis,
+                                patients_with_liver_metastasis)
 from fhir_adapters.record import PatientRecord
 from fhir_adapters.terminology import Terminology
 from fhir_adapters.writeback import AssessmentWriter, WriteResult
@@ -71,6 +73,7 @@ class Stratifier:
         self.terminology = terminology
         self.dry_run = dry_run
         self.writer = writer or AssessmentWriter(client)
+        self.last_source: str | None = None   # how the last population run read its data
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -79,11 +82,18 @@ class Stratifier:
         with self._locks_guard:
             return self._locks.setdefault(patient_id, threading.Lock())
 
-    def classify_record(self, patient_id: str, record: PatientRecord) -> Classification:
+    def _features(self, patient_id: str, record: PatientRecord):
         features = map_features(record, self.terminology)
         if features.patient != f"Patient/{patient_id}":
             features = features.model_copy(update={"patient": f"Patient/{patient_id}"})
-        return self.engine.classify(features)
+        return features
+
+    def classify_record(self, patient_id: str, record: PatientRecord) -> Classification:
+        return self.engine.classify(self._features(patient_id, record))
+
+    def classify_records(self, records: list[tuple[str, PatientRecord]]) -> list[Classification]:
+        """Many patients through the engine in one batch per stage."""
+        return self.engine.classify_many([self._features(pid, record) for pid, record in records])
 
     def patient(self, patient_id: str) -> PatientOutcome:
         """Pull, classify and write one patient. FHIR errors become a failed outcome."""
@@ -100,23 +110,38 @@ class Stratifier:
             except FhirError as exc:
                 return PatientOutcome(patient_id, "failed", error=str(exc))
 
-    def population(self, patient_ids: list[str] | None = None, *, chunk: int = 50,
-                   progress: Callable[[int, int], None] | None = None) -> RunSummary:
+    def population(self, patient_ids: list[str] | None = None, *, chunk: int = 100,
+                   progress: Callable[[int, int], None] | None = None, bulk: bool | None = None) -> RunSummary:
         """Every patient with a liver-metastasis Condition (or ``patient_ids``).
 
-        Data is fetched ``chunk`` patients per request and written in one transaction
-        per chunk; a failure is reported per patient and the others go on.
+        With Bulk Data ``$export`` on the server (``bulk`` None: when the
+        CapabilityStatement offers it), the cohort's data comes in one export, spooled
+        to disk; otherwise ``chunk`` patients per search. Either way the patients are
+        classified and written ``chunk`` at a time (one read batch and one transaction
+        per chunk); a failure is reported per patient and the others go on.
         """
+        if patient_ids is None and (bulk if bulk is not None else supports_export(self.client)):
+            with Spool() as spool:
+                export_to_spool(self.client, self.terminology, spool)
+                self.last_source = "bulk-export"
+                cohort = [(pid, record) for pid, record in spool.records(spool.patients())
+                          if mentions_metastasis(record, self.terminology)]
+                return self._run(((pid, r) for pid, r in cohort), len(cohort), chunk, progress)
         ids = patient_ids if patient_ids is not None else patients_with_liver_metastasis(self.client, self.terminology)
+        self.last_source = "search"
+        return self._run(fetch_population(self.client, ids, self.terminology, chunk), len(ids), chunk, progress)
+
+    def _run(self, records: Iterable[tuple[str, PatientRecord | FhirError]], total: int, chunk: int,
+             progress: Callable[[int, int], None] | None) -> RunSummary:
         summary = RunSummary()
         done = 0
-        for batch in _chunks(fetch_population(self.client, ids, self.terminology, chunk), chunk):
+        for batch in _chunks(records, chunk):
             to_write: list[tuple[str, Classification]] = []
+            readable = [(pid, record) for pid, record in batch if not isinstance(record, FhirError)]
             for pid, record in batch:
                 if isinstance(record, FhirError):
                     summary.outcomes.append(PatientOutcome(pid, "failed", error=str(record)))
-                    continue
-                result = self.classify_record(pid, record)
+            for (pid, _), result in zip(readable, self.classify_records(readable)):
                 if result.facts["liver_recurrence"].state == "absent":
                     summary.outcomes.append(_outcome(pid, result, None))
                 else:
@@ -130,7 +155,7 @@ class Stratifier:
                     summary.outcomes.append(_outcome(pid, result, w))
             done += len(batch)
             if progress:
-                progress(done, len(ids))
+                progress(done, total)
         return summary
 
 

@@ -385,7 +385,7 @@ class FhirClient:
 
     def request(self, method: str, url_or_path: str, *, params: Any = None, json_body: Any = None,
                 headers: Mapping[str, str] | None = None,
-                idempotent: bool | None = None) -> requests.Response:
+                idempotent: bool | None = None, stream: bool = False) -> requests.Response:
         """Send one FHIR request with retries; return the 2xx response or raise.
 
         Args:
@@ -397,6 +397,7 @@ class FhirClient:
             headers: extra headers (they override the defaults; an ``Accept`` that is not
                 JSON turns off the content-type check for replies of that type).
             idempotent: override the retry-safety derived from the method (see module doc).
+            stream: do not read the body yet (large NDJSON files); the caller iterates it.
 
         Raises:
             FhirConflict: 409/412. FhirServerUnavailable: see the class.
@@ -427,7 +428,8 @@ class FhirClient:
             started = time.monotonic()
             try:
                 resp = self.session.request(method, url, params=params, data=data, headers=hdrs,
-                                            auth=self.auth, timeout=self.timeout, verify=self.verify)
+                                            auth=self.auth, timeout=self.timeout, verify=self.verify,
+                                            stream=stream)
             except requests.exceptions.SSLError as exc:
                 raise FhirError(f"{method} {safe_url}: TLS error talking to {self.base_url}: {_short(exc)}",
                                 url=safe_url, method=method) from None

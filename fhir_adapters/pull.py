@@ -221,6 +221,15 @@ def changed_patients_since(client: FhirClient, terminology: Terminology, since: 
     return patients, latest
 
 
+def mentions_metastasis(record: PatientRecord, terminology: Terminology) -> bool:
+    """The record has a Condition coded as a (liver) metastasis: the same cohort as
+    :func:`patients_with_liver_metastasis`, for data fetched in bulk."""
+    lists = (terminology.liver_metastasis_condition, terminology.metastasis_condition_generic)
+    return any(cl.matches(c.system, c.code) for cond in record.conditions
+               for c in (cond.code.coding or [] if cond.code else []) for cl in lists) or any(
+        u.resource_type == "Condition" and any(cl.matches_any(u.codings) for cl in lists) for u in record.unreadable)
+
+
 def patients_with_liver_metastasis(client: FhirClient, terminology: Terminology) -> list[str]:
     """Ids of the patients with a (liver-)metastasis Condition, in a stable order."""
     ids: dict[str, None] = {}

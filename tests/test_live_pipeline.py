@@ -110,6 +110,19 @@ def test_all_patients_match_file_classification_and_write_valid_r4(server, clien
         assert any("sha256" in (e["what"].get("display") or "") for e in provs[0]["entity"])
 
 
+def test_bulk_export_and_search_paths_agree(server, capsys):
+    groups = {}
+    for flag in ([], ["--no-bulk"]):
+        code, out = run_json(["run", "--fhir-url", server.base_url, "--all", "--dry-run", *flag], capsys)
+        assert code == 0
+        groups[out["data_source"]] = {p["patient"]: (p["group"], p["status"]) for p in out["patients"]}
+    assert set(groups) == {"bulk-export", "search"}
+    assert groups["bulk-export"] == groups["search"]
+    for patient, (group, status) in groups["search"].items():
+        r = FILE_RESULTS[patient.split("/", 1)[1]]
+        assert (group, status) == (r.group, r.status), patient
+
+
 def test_one_patient_matches_file_classification(server, client, capsys):
     pid = "f12-pat"
     code, out = run_json(["run", "--fhir-url", server.base_url, "--patient", pid], capsys)
