@@ -130,6 +130,7 @@ class LocalFhirServer:
         startup_timeout: float = 30.0,
         stop_timeout: float = 10.0,
         die_with_parent: bool = True,
+        public_url: str | None = None,
     ) -> None:
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="sekmet-")).resolve()
@@ -141,6 +142,9 @@ class LocalFhirServer:
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.die_with_parent = die_with_parent
+        # The FHIR base the server names in its absolute URLs when it is reached through
+        # something else (a loopback latency or fault proxy); default: its own address.
+        self.public_url = public_url.rstrip("/") if public_url else None
         self._proc: subprocess.Popen[bytes] | None = None
 
     # ---------------- paths and URLs ----------------
@@ -151,9 +155,14 @@ class LocalFhirServer:
         return f"http://{self.host}:{self.port}"
 
     @property
-    def base_url(self) -> str:
-        """FHIR base, e.g. ``http://127.0.0.1:53211/fhir`` (no trailing slash)."""
+    def direct_url(self) -> str:
+        """FHIR base on the server's own port, e.g. ``http://127.0.0.1:53211/fhir``."""
         return f"{self.root_url}/fhir"
+
+    @property
+    def base_url(self) -> str:
+        """FHIR base clients use (``public_url`` when given; no trailing slash)."""
+        return self.public_url or self.direct_url
 
     @property
     def token_url(self) -> str:
@@ -244,7 +253,7 @@ class LocalFhirServer:
                 raise SekmetStartError(
                     f"SEKMET exited with code {self._proc.returncode} during startup\n{self.log_tail()}")
             try:
-                r = requests.get(f"{self.base_url}/metadata", timeout=2,
+                r = requests.get(f"{self.direct_url}/metadata", timeout=2,
                                  headers={"Accept": "application/fhir+json"})
                 if r.status_code == 200 and r.json().get("implementation", {}).get("url") == self.base_url:
                     return
