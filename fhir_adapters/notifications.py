@@ -110,6 +110,13 @@ def _value(p: dict) -> Any:
     return None
 
 
+def _event(number: Any, timestamp: Any, focus_ref: Any, context: list[Any], what: str) -> Event:
+    patient = next((c for c in map(_ref, context) if c and c.startswith("Patient/")), None)
+    focus = _ref(focus_ref)
+    return Event(number=_int(number, what), timestamp=timestamp if isinstance(timestamp, str) else None,
+                 focus=focus, patient=patient, resource_type=focus.split("/")[0] if focus else None)
+
+
 def _parse_parameters(status: dict) -> tuple[dict, list[Event]]:
     params = _params(status.get("parameter", []) if isinstance(status.get("parameter"), list) else [])
     first = {name: _value(items[0]) for name, items in params.items()}
@@ -117,11 +124,9 @@ def _parse_parameters(status: dict) -> tuple[dict, list[Event]]:
     for item in params.get("notification-event", []):
         parts = _params(item.get("part", []) if isinstance(item.get("part"), list) else [])
         get = {name: _value(items[0]) for name, items in parts.items()}
-        context = [_ref(_value(c)) for c in parts.get("additional-context", [])]
-        patient = next((c for c in context if c and c.startswith("Patient/")), None)
-        focus = _ref(get.get("focus"))
-        events.append(Event(number=_int(get.get("event-number"), "event-number"), timestamp=get.get("timestamp"),
-                            focus=focus, patient=patient, resource_type=focus.split("/")[0] if focus else None))
+        context = [_value(c) for c in parts.get("additional-context", [])]
+        events.append(_event(get.get("event-number"), get.get("timestamp"), get.get("focus"), context,
+                             "event-number"))
     header = {
         "subscription": _ref(first.get("subscription")),
         "topic": first.get("topic"),
@@ -136,11 +141,8 @@ def _parse_status(status: dict) -> tuple[dict, list[Event]]:
     for item in status.get("notificationEvent", []) or []:
         if not isinstance(item, dict):
             continue
-        context = [_ref(c) for c in item.get("additionalContext", []) or []]
-        patient = next((c for c in context if c and c.startswith("Patient/")), None)
-        focus = _ref(item.get("focus"))
-        events.append(Event(number=_int(item.get("eventNumber"), "eventNumber"), timestamp=item.get("timestamp"),
-                            focus=focus, patient=patient, resource_type=focus.split("/")[0] if focus else None))
+        events.append(_event(item.get("eventNumber"), item.get("timestamp"), item.get("focus"),
+                             list(item.get("additionalContext", []) or []), "eventNumber"))
     header = {
         "subscription": _ref(status.get("subscription")),
         "topic": status.get("topic"),
