@@ -124,9 +124,10 @@ class Stratifier:
             with Spool() as spool:
                 export_to_spool(self.client, self.terminology, spool)
                 self.last_source = "bulk-export"
-                cohort = [(pid, record) for pid, record in spool.records(spool.patients())
-                          if mentions_metastasis(record, self.terminology)]
-                return self._run(((pid, r) for pid, r in cohort), len(cohort), chunk, progress)
+                ids = spool.patients()  # every exported patient; the cohort is filtered as it streams
+                cohort = ((pid, record) for pid, record in spool.records(ids)
+                          if mentions_metastasis(record, self.terminology))
+                return self._run(cohort, len(ids), chunk, progress)
         ids = patient_ids if patient_ids is not None else patients_with_liver_metastasis(self.client, self.terminology)
         self.last_source = "search"
         return self._run(fetch_population(self.client, ids, self.terminology, chunk), len(ids), chunk, progress)
