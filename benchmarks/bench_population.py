@@ -33,6 +33,7 @@ from fhir_adapters.record import PatientRecord
 from fhir_adapters.terminology import load_terminology
 from fhir_adapters.writeback import AssessmentWriter
 
+from benchmarks.bench_engine import rss_mib
 from benchmarks.latency_proxy import LatencyProxy
 
 SNOMED, LOINC, UCUM = "http://snomed.info/sct", "http://loinc.org", "http://unitsofmeasure.org"
@@ -111,11 +112,12 @@ class Run:
     wall: float
     cpu: float
     round_trips: int
+    rss_mib: float
 
     def line(self) -> str:
         return (f"{self.label:34s} {self.patients:6d} patients {self.wall:8.2f} s {self.patients / self.wall:8.1f} "
                 f"patients/s {self.round_trips / self.patients:7.3f} round trips/patient  "
-                f"own CPU {self.cpu / self.wall:5.1%} of wall")
+                f"own CPU {self.cpu / self.wall:5.1%} of wall, RSS {self.rss_mib:.0f} MiB")
 
 
 def measure(label: str, base_url: str, fn, tag: str, terminology) -> Run:
@@ -125,7 +127,8 @@ def measure(label: str, base_url: str, fn, tag: str, terminology) -> Run:
         client.round_trips = 0
         w, c = time.perf_counter(), time.process_time()
         n = fn(client, engine, terminology)
-        return Run(label, n, time.perf_counter() - w, time.process_time() - c, client.round_trips)
+        wall, cpu = time.perf_counter() - w, time.process_time() - c
+        return Run(label, n, wall, cpu, client.round_trips, rss_mib())
 
 
 def main() -> None:

@@ -156,7 +156,9 @@ class Stratifier:
                     summary.outcomes.append(_outcome(pid, result, w))
             done += len(batch)
             if progress:
-                progress(done, total)
+                progress(min(done, total), total)
+        if progress and done < total:
+            progress(total, total)  # the cohort was smaller than the export
         return summary
 
 
