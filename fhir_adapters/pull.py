@@ -166,7 +166,7 @@ def _subject(resource: dict) -> str | None:
     return None
 
 
-def _referenced(resources: list[dict]) -> list[tuple[str, dict[str, str]]]:
+def referenced_searches(resources: list[dict]) -> list[tuple[str, dict[str, str]]]:
     """Searches by id for the Medications and focus BodyStructures not yet fetched."""
     have = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
     wanted: dict[str, set[str]] = defaultdict(set)
@@ -191,7 +191,7 @@ def _belongs_to(resource: dict, patients: set[str]) -> bool:
 
 def _with_references(client: FhirClient, resources: list[dict], patients: set[str]) -> list[dict]:
     resources = [r for r in resources if _belongs_to(r, patients)]
-    extra = _referenced(resources)
+    extra = referenced_searches(resources)
     if extra:
         resources += [r for r in _run_searches(client, extra) if _belongs_to(r, patients)]
     return resources

@@ -112,7 +112,9 @@ class AssessmentWriter:
 
     def current_many(self, ras: Sequence[dict]) -> list[dict | None]:
         """Current assessments for many, in one batch round trip where possible."""
-        if self.strategy is not Strategy.UPDATE_AS_CREATE or not ras:
+        from fhir_adapters.pull import supports_batch
+
+        if self.strategy is not Strategy.UPDATE_AS_CREATE or not ras or not supports_batch(self.client):
             return [self.current(ra) for ra in ras]
         responses = self.client.batch([{"request": {"method": "GET", "url": f"RiskAssessment/{ra['id']}"}}
                                        for ra in ras])
