@@ -255,6 +255,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         raise UsageError(str(exc)) from None
     stratifier = Stratifier(client, engine, terminology)
+    from clm_stratify.reload import Reloader
+    Reloader(stratifier, args.rules, args.terminology).install()   # SIGHUP: reload rules + terminology
     worker = Worker(inbox, stratifier, evaluators=args.workers, coalesce=args.coalesce)
     app = create_app(inbox, ReceiverConfig(secret=secret, hmac_secret=hmac_secret, hmac_header=args.hmac_header,
                                            max_body=args.max_body))

@@ -65,6 +65,12 @@ CREATE TABLE IF NOT EXISTS subscription_state (
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# Before a running row is dropped because its patient is pending again: add its
+# notification count to the pending row, so every notification stays counted once.
+_MERGE_RUNNING_INTO_PENDING = (
+    "UPDATE work SET notifications = notifications + (SELECT coalesce(sum(r.notifications), 0) FROM work r "
+    "WHERE r.patient = work.patient AND r.state = 'running' {expired}) WHERE state = 'pending'")
+
 
 @dataclass(frozen=True)
 class WorkItem:
@@ -85,6 +91,7 @@ class Inbox:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._local = threading.local()
+        self._write_lock = threading.Lock()
         self.wakeup = threading.Event()
         self._db().executescript(SCHEMA)
 
@@ -102,13 +109,18 @@ class Inbox:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        # One writer at a time inside this process: threads queue on a Python lock
+        # (woken at once) instead of in SQLite's busy handler, which sleeps in steps of
+        # up to 100 ms and made accept() latency spike under load (docs/reliability.md).
+        # busy_timeout still covers other processes (the `inbox` command).
+        with self._write_lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def claim(self) -> None:
         """Become the one process serving this inbox (an exclusive lock on ``PATH.lock``,
@@ -123,6 +135,9 @@ class Inbox:
             raise RuntimeError(f"{self.path} is already served by another receiver process") from None
         now = time.time()
         with self._tx() as db:
+            # A running row whose patient is already waiting again is merged into the
+            # waiting row (its notifications are counted there, not dropped).
+            db.execute(_MERGE_RUNNING_INTO_PENDING.format(expired=""))
             db.execute("DELETE FROM work WHERE state = 'running' AND EXISTS "
                        "(SELECT 1 FROM work w2 WHERE w2.patient = work.patient AND w2.state = 'pending')")
             db.execute("UPDATE work SET state = 'pending', lease_until = NULL, due_at = min(due_at, ?) "
@@ -222,6 +237,7 @@ class Inbox:
         now = time.time()
         with self._tx() as db:
             # Leases that expired (the worker died): the patient is evaluated again.
+            db.execute(_MERGE_RUNNING_INTO_PENDING.format(expired="AND r.lease_until < ?"), (now,))
             db.execute("DELETE FROM work WHERE state = 'running' AND lease_until < ? AND EXISTS "
                        "(SELECT 1 FROM work w2 WHERE w2.patient = work.patient AND w2.state = 'pending')", (now,))
             db.execute("UPDATE work SET state = 'pending', lease_until = NULL "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import threading
 
 from clm_stratify.inbox import Inbox
@@ -28,6 +29,25 @@ log = logging.getLogger("clm_stratify.worker")
 # Re-queries overlap the watermark by this much: the server's clock and commit order
 # are not ours, and evaluating a patient twice is harmless (the write is idempotent).
 WATERMARK_OVERLAP = dt.timedelta(seconds=2)
+
+
+_PATIENT_REF = re.compile(r"Patient/[A-Za-z0-9\-.]+")
+
+
+def redact(text: str, patient: str | None = None) -> str:
+    """``text`` for the log: patient references (and the patient's bare id) replaced.
+
+    Logs name the work item or notification id instead: a patient's logical id is an
+    identifier (README: logs hold no patient identifiers).
+
+    >>> redact("GET /fhir/Patient/p-17: no such patient (p-17)", "p-17")
+    'GET /fhir/Patient/[redacted]: no such patient ([redacted])'
+    """
+    text = _PATIENT_REF.sub("Patient/[redacted]", text)
+    if patient:
+        bare = patient.split("/", 1)[-1]
+        text = re.sub(rf"(?<![A-Za-z0-9\-.]){re.escape(bare)}(?![A-Za-z0-9\-.])", "[redacted]", text)
+    return text
 
 
 def _minus_overlap(instant: str) -> str:
@@ -117,7 +137,7 @@ class Worker:
         try:
             self.resolve(nid, body)
         except FhirError as exc:
-            log.warning("notification %s not resolved yet: %s", nid, exc)
+            log.warning("notification %s not resolved yet: %s", nid, redact(str(exc)))
             self.inbox.notification_failed(nid, str(exc))
         return True
 
@@ -129,12 +149,14 @@ class Worker:
         try:
             outcome = self.stratifier.patient(item.patient)
         except Exception as exc:  # a bug must not kill the worker; the item is retried
-            log.exception("evaluation %s failed unexpectedly", item.id)
+            log.error("evaluation %s failed unexpectedly: %s: %s", item.id, type(exc).__name__,
+                      redact(str(exc), item.patient))
+            log.debug("evaluation %s traceback", item.id, exc_info=True)
             self.inbox.failed(item, f"{type(exc).__name__}: {exc}")
             return True
         if outcome.failed:
             state = self.inbox.failed(item, outcome.error or "failed")
-            log.warning("evaluation %s failed (%s): %s", item.id, state, outcome.error)
+            log.warning("evaluation %s failed (%s): %s", item.id, state, redact(outcome.error or "failed", item.patient))
         else:
             self.inbox.done(item, f"{outcome.action} {outcome.risk_assessment or ''} {outcome.group or ''}".strip())
         return True

@@ -61,6 +61,8 @@ def load_model(path: Path | str, model: type[M]) -> M:
         raise DeclarativeFileError(p, [f"cannot be read: {exc}"]) from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise DeclarativeFileError(p, ["nested too deeply to be a rule or terminology file"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -37,6 +37,8 @@ def read_bundle_file(path: Path | str) -> PatientRecord:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         where = f" at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise BundleError(f"{p}: not valid JSON{where}") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise BundleError(f"{p}: not usable JSON: {str(exc)[:120]}") from None
     except RecursionError:
         raise BundleError(f"{p}: JSON nested too deeply") from None
     return record_from_bundle(data, str(p))

@@ -96,8 +96,9 @@ class PatientRecord:
             return
         try:
             model = get_fhir_model_class(rtype).model_validate(raw)
-        except ValidationError as exc:
-            problem = "; ".join(describe_validation_error(exc)[:3])
+        except (ValidationError, RecursionError) as exc:
+            problem = ("nested too deeply to validate" if isinstance(exc, RecursionError)
+                       else "; ".join(describe_validation_error(exc)[:3]))
             codings = raw_codings(raw, "code", "bodySite", "medicationCodeableConcept", "location")
             for comp in raw.get("component", []) if isinstance(raw.get("component"), list) else []:
                 codings += raw_codings(comp, "code") if isinstance(comp, dict) else ()

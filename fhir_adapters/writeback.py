@@ -25,7 +25,7 @@ from typing import Sequence
 from engine.classify import Classification
 from fhir_adapters.assessment import (IDENTIFIER_SYSTEM, assessment_key, build_provenance,
                                       build_risk_assessment, same_assessment)
-from fhir_adapters.client import FhirClient, FhirConflict, FhirError
+from fhir_adapters.client import FhirClient, FhirConflict, FhirError, FhirServerUnavailable
 
 
 class Strategy(str, Enum):
@@ -96,8 +96,18 @@ class AssessmentWriter:
 
     def __init__(self, client: FhirClient, choice: StrategyChoice | None = None):
         self.client = client
-        self.choice = choice or choose_strategy(client.capabilities())
-        self.strategy = self.choice.strategy
+        self._choice = choice
+
+    @property
+    def choice(self) -> StrategyChoice:
+        """Chosen on first use (a receiver may start while the FHIR server is down)."""
+        if self._choice is None:
+            self._choice = choose_strategy(self.client.capabilities())
+        return self._choice
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.choice.strategy
 
     # ------------------------------------------------------------------ reading
     def current(self, ra: dict) -> dict | None:
@@ -183,6 +193,8 @@ class AssessmentWriter:
         ras = [build_risk_assessment(r) for r in results]
         try:
             currents = self.current_many(ras)
+        except FhirServerUnavailable as exc:  # the server is down: the chunk fails as one
+            return [WriteResult(r.patient, "failed", error=str(exc)) for r in results]
         except FhirError:
             return [self._write_alone(r, dry_run) for r in results]
         out: list[WriteResult | None] = [None] * len(results)
@@ -203,9 +215,23 @@ class AssessmentWriter:
                 response = self.client.transaction([e for _, entries in pending for e in entries])
                 for k, (i, entries) in enumerate(pending):
                     out[i] = _result(results[i].patient, response[2 * k:2 * k + 2], currents[i], entries)
-            except FhirError:
+            except FhirError as exc:
+                # One bad entry fails the whole transaction, or its reply was lost: write
+                # each patient alone (each re-reads first, so nothing is written twice).
+                # Once one of them finds the server down, the rest fail at once rather
+                # than each waiting through the client's retries.
+                down: FhirServerUnavailable | None = None
                 for i, _ in pending:
-                    out[i] = self._write_alone(results[i], dry_run)
+                    if down is not None:
+                        out[i] = WriteResult(results[i].patient, "failed", error=str(down))
+                        continue
+                    try:
+                        out[i] = self.write(results[i], dry_run=dry_run)
+                    except FhirServerUnavailable as alone:
+                        down = alone
+                        out[i] = WriteResult(results[i].patient, "failed", error=str(alone))
+                    except FhirError as alone:
+                        out[i] = WriteResult(results[i].patient, "failed", error=str(alone))
         return [w for w in out if w is not None]
 
     def _write_alone(self, r: Classification, dry_run: bool) -> WriteResult:
