@@ -241,3 +241,13 @@ def test_serve_refuses_to_start_without_a_secret(server, monkeypatch, capsys):
     monkeypatch.delenv("CLM_SUBSCRIPTION_SECRET")
     assert main(["serve", "--fhir-url", server.base_url]) == 2
     assert "CLM_SUBSCRIPTION_SECRET" in capsys.readouterr().err
+
+
+def test_receiver_starts_and_stores_while_the_fhir_server_is_down(tmp_path):
+    from fhir_adapters.local_server import free_port
+    down = f"http://127.0.0.1:{free_port()}/fhir"
+    with Receiver(down, tmp_path / "down.sqlite") as r:
+        body = json.dumps({"resourceType": "Observation", "id": "o1", "status": "final", "code": {},
+                           "subject": {"reference": "Patient/p1"}}).encode()
+        assert post(r, "/notify/Observation/o1", body, method="PUT").status_code == 200
+        assert r.health()["inbox_depth"] >= 1
