@@ -339,7 +339,7 @@ def cmd_inbox(args: argparse.Namespace) -> int:
 
 
 def cmd_interop(args: argparse.Namespace) -> int:
-    """Test a FHIR server end to end (clm_stratify/interop.py); exit 1 when a check failed."""
+    """Test a FHIR server end to end (the clm_stratify.interop package); exit 1 when a check failed."""
     from clm_stratify.interop import run_command
 
     engine, terminology = _load_engine_and_terminology(args)

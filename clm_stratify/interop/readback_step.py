@@ -1,0 +1,118 @@
+"""Step 3 of ``clm-stratify interop``: read every patient back with the pipeline's own
+searches, check paging (``_count=2``) and the patient filter, and the media types of the
+server's replies (the behaviour probes of this step are in :mod:`.behaviour_probes`)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from clm_stratify.interop.checks import FAIL, PASS, WARN, short_list
+from clm_stratify.interop.run_state import FixturePatient, RunState
+from fhir_adapters import interop_probes as probes
+from fhir_adapters.interop_probes import ref_of
+from fhir_adapters.pull import Searches, fetch_patient, referenced_searches, supports_batch
+
+
+class ReadBackStep(RunState):
+    """The ``read.*`` checks."""
+
+    def expected_read(self, p: FixturePatient) -> set[str]:
+        """What fetch_patient must return for ``p`` from a correct server."""
+        patient = f"Patient/{p.patient_id}"
+        want = {patient}
+        for rtype, params in Searches(self.terminology).for_patients([p.patient_id]):
+            want |= probes.local_search(p.resources, rtype, params, patient)
+        have = {ref_of(r) for r in p.resources}
+        for rtype, params in referenced_searches([r for r in p.resources if ref_of(r) in want]):
+            want |= {f"{rtype}/{i}" for i in params["_id"].split(",")} & have
+        return want
+
+    def read_back(self) -> None:
+        problems: list[str] = []
+        total = 0
+        before = self.client.round_trips
+        with self.timed() as t:
+            for p in self.patients:
+                got = {ref_of(r) for r in fetch_patient(self.client, p.patient_id, self.terminology)}
+                want = self.expected_read(p)
+                total += len(got)
+                if got != want:
+                    problems.append(f"{p.fixture}: missing {sorted(want - got) or 'none'}, "
+                                    f"unexpected {sorted(got - want) or 'none'}")
+        trips = self.client.round_trips - before
+        mode = "batch" if supports_batch(self.client) else "parallel searches"
+        self.check("read.fetch-patient", "read back with the pipeline's searches", FAIL if problems else PASS,
+                   short_list(problems, 3) if problems else
+                   f"{len(self.patients)} patients, {total} resources, all as expected "
+                   f"({trips} round trips, {mode})", seconds=t[0])
+
+    def paging(self) -> None:
+        p = max(self.patients, key=lambda x: sum(r["resourceType"] == "Observation" for r in x.resources))
+        patient = f"Patient/{p.patient_id}"
+        want = probes.local_search(p.resources, "Observation", {}, patient)
+        query = f"Observation?patient={p.patient_id}&_count=2"
+        with self.timed() as t:
+            res = probes.search_pages(self.client, "Observation", {"patient": p.patient_id, "_count": "2"},
+                                      max_pages=50)
+        foreign = [r for r in res.resources if probes.owner_of(r) != patient]
+        mine = [ref_of(r) for r in res.resources if probes.owner_of(r) == patient]
+        dups = sorted(k for k, n in Counter(mine).items() if n > 1)
+        missing = sorted(want - set(mine))
+        if len(want) < 3:
+            self.check("read.paging", "paging (_count=2, next links)", WARN, f"{query}: only {len(want)} "
+                       "Observations in the chosen fixtures: paging not exercised", seconds=t[0])
+        elif foreign and res.truncated:
+            self.check("read.paging", "paging (_count=2, next links)", WARN, f"{query}: the patient filter was "
+                       f"ignored and the pages never ended ({res.pages} pages read): paging not checked",
+                       seconds=t[0])
+        else:
+            bad = missing or dups
+            detail = (f"{query}: {len(want)} Observations in {res.pages} pages"
+                      + (f"; missing {missing}" if missing else "") + (f"; repeated {dups}" if dups else "")
+                      + ("" if bad else ", all came back once"))
+            self.check("read.paging", "paging (_count=2, next links)", FAIL if bad else PASS, detail,
+                       seconds=t[0])
+        if res.page_sizes and res.page_sizes[0] > 2:
+            self.quirk("count-ignored", f"{query} gave {res.page_sizes[0]} resources on the first page",
+                       "pages are followed whatever their size")
+        if res.totals and all(x is None for x in res.totals):
+            self.quirk("bundle-total-absent", f"{query}: no Bundle.total on any of {res.pages} pages",
+                       "Bundle.total is never used: pages are followed until there is no next link")
+        elif res.totals and res.totals[0] is not None and res.totals[0] != len(res.resources) and not res.truncated:
+            self.quirk("bundle-total-absent", f"{query}: Bundle.total says {res.totals[0]}, "
+                       f"{len(res.resources)} came back", "Bundle.total is never used")
+        if res.next_link_lengths and max(res.next_link_lengths) > probes.LONG_LINK_CHARS:
+            self.quirk("long-next-links", f"{query}: next links of up to {max(res.next_link_lengths)} characters",
+                       "next links are followed verbatim (never rebuilt); all pages came back"
+                       if not missing else "next links are followed verbatim")
+        text = "; ".join(dict.fromkeys(res.warnings))
+        self.check("read.patient-filter", "search filter by patient (Observation)", WARN if foreign else PASS,
+                   (f"{query} returned {len(foreign)} Observations of other patients"
+                    + (f" (server: {text})" if text else " with no warning")
+                    + "; fallback: pull drops resources whose subject is another patient")
+                   if foreign else f"{query} returned only that patient's Observations")
+        if foreign:
+            self.quirk("search-parameter-ignored",
+                       f"Observation?patient= returned other patients' Observations"
+                       + ("" if text else " (silently: no warning in the searchset)"),
+                       "pull drops every resource whose subject is another patient", text)
+
+    def media_types(self, recorder: probes.ReplyRecorder) -> None:
+        types = dict(recorder.media_types)
+        self.report.info["media_types"] = types
+        others = {m: n for m, n in types.items() if m != probes.FHIR_JSON}
+        if not types:
+            return
+        if not others:
+            self.check("read.media-type", "reply media type", PASS, f"{probes.FHIR_JSON} ({types[probes.FHIR_JSON]} "
+                       "replies)")
+            return
+        plain = others.get("application/json")
+        bad = {m: n for m, n in others.items() if m != "application/json"}
+        self.check("read.media-type", "reply media type", FAIL if bad else WARN,
+                   ", ".join(f"{m}: {n} replies (e.g. {recorder.examples.get(m)})" for m, n in others.items())
+                   + "; accepted: any JSON media type")
+        if plain:
+            self.quirk("application-json-content-type", f"{plain} replies were application/json",
+                       "accepted: the client takes application/fhir+json, application/json and other "
+                       "application/*+json")

@@ -1,0 +1,123 @@
+"""What one ``clm-stratify interop`` run holds (server, fixtures, what it created) and its
+bookkeeping (checks, quirks, skips, fallbacks, step timings), shared by the step modules."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from clm_stratify.interop.checks import FAIL, QUIRKS, SKIP, Check, InteropReport, Quirk
+from engine.classify import Engine
+from fhir_adapters import interop_probes as probes
+from fhir_adapters.bundle import loads
+from fhir_adapters.client import FhirClient, FhirError
+from fhir_adapters.interop_probes import ref_of
+from fhir_adapters.terminology import Terminology
+from fhir_adapters.writeback import Strategy
+
+
+@dataclass
+class FixturePatient:
+    """A fixture patient as loaded (run-suffixed id) and what ``expected.yaml`` says of it."""
+
+    fixture: str
+    original_id: str
+    patient_id: str
+    expected_group: str
+    expected_status: str
+    resources: list[dict]
+
+
+class RunState:
+    """The state of one interop run and its bookkeeping; the steps are mixins of this
+    class, put together in :class:`clm_stratify.interop.run.InteropRun`."""
+
+    _types: list[str]                  # resource types of the fixtures (set by the capabilities step)
+    _raw_bundles: list[dict]           # the fixture Bundles, read once (see _bundles)
+
+    def __init__(self, client: FhirClient, engine: Engine, terminology: Terminology, *,
+                 fixtures_dir: Path | None = None, fixtures: list[str] | None = None,
+                 keep: bool = False, run_id: str | None = None):
+        from fixtures import FIXTURES_DIR
+
+        self.client = client
+        self.engine = engine
+        self.terminology = terminology
+        self.fixtures_dir = Path(fixtures_dir or FIXTURES_DIR)
+        self.fixture_names = fixtures or sorted(p.name for p in self.fixtures_dir.glob("[0-9][0-9]-*.json"))
+        self.keep = keep
+        self.run_id = run_id or probes.new_run_id()
+        self.tag = (probes.RUN_TAG_SYSTEM, self.run_id)
+        self.report = InteropReport(self.run_id, client.base_url)
+        self.caps: probes.ServerCaps | None = None
+        self.choice = None
+        self.patients: list[FixturePatient] = []
+        self.loaded: list[dict] = []          # every resource sent (for clean-up)
+        self.created: list[str] = []          # probe resources, Provenances found
+        self.ra_refs: dict[str, str] = {}     # patient id -> RiskAssessment/<id>
+        self._step = ""
+
+    # ------------------------------------------------------------------ bookkeeping
+    def check(self, id: str, title: str, status: str, detail: str = "", outcome: str = "",
+              seconds: float = 0.0) -> Check:
+        c = Check(id, self._step, title, status, detail, outcome, seconds)
+        self.report.checks.append(c)
+        return c
+
+    def quirk(self, id: str, detail: str, handling: str, evidence: str = "") -> None:
+        q = self.report.quirks.get(id)
+        if q is None:
+            self.report.quirks[id] = Quirk(id, QUIRKS[id], detail, handling, evidence)
+        else:
+            q.detail += f"; {detail}"
+            if evidence and evidence not in q.evidence:
+                q.evidence = "; ".join(x for x in (q.evidence, evidence) if x)
+
+    def skip(self, checks: tuple[tuple[str, str, str], ...], reason: str) -> None:
+        for step, id, title in checks:
+            self.report.checks.append(Check(id, step, title, SKIP, f"not run: {reason}"))
+
+    def fallback(self, missing: str, used: str) -> None:
+        self.report.info.setdefault("fallbacks", []).append({"missing": missing, "fallback": used})
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        self._step = name
+        started = time.monotonic()
+        try:
+            yield
+        except FhirError as exc:
+            self.check(f"{name}.error", f"{name}: unexpected server error", FAIL, str(exc), exc.outcome)
+        finally:
+            self.report.steps[name] = self.report.steps.get(name, 0.0) + time.monotonic() - started
+
+    @contextmanager
+    def timed(self) -> Iterator[list[float]]:
+        out = [0.0]
+        started = time.monotonic()
+        try:
+            yield out
+        finally:
+            out[0] = time.monotonic() - started
+
+    # ------------------------------------------------------------------ shared by the steps
+    def _bundles(self) -> list[dict]:
+        if not hasattr(self, "_raw_bundles"):
+            self._raw_bundles = [loads((self.fixtures_dir / n).read_bytes()) for n in self.fixture_names]
+        return self._raw_bundles
+
+    @staticmethod
+    def _fallback_text(choice) -> str:
+        if choice.strategy is Strategy.UPDATE_AS_CREATE:
+            return ("update-as-create by deterministic id (PUT RiskAssessment/<id>; the current assessment is "
+                    "read by that id, never searched)")
+        return f"{choice.strategy.value} (conditional writes on the identifier)"
+
+    def _provenances(self, ra_ref: str) -> list[str]:
+        page = probes.search_pages(self.client, "Provenance", {"target": ra_ref, "_count": "50"}, max_pages=5)
+        return [ref_of(r) for r in page.resources if r.get("resourceType") == "Provenance"
+                and any((t.get("reference") or "").split("/_history/")[0].endswith(ra_ref)
+                        for t in r.get("target") or [])]
