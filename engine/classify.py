@@ -90,6 +90,7 @@ class Classification:
 
     patient: str | None
     group: GroupId
+    group_label: str
     group_rule: str
     reason: str
     status: Literal["final", "preliminary"]
@@ -117,6 +118,7 @@ class Classification:
         return {
             "patient": self.patient,
             "group": self.group,
+            "group_label": self.group_label,
             "status": self.status,
             "reason": self.reason,
             "criteria": self.criteria_values(),
@@ -287,7 +289,8 @@ class Engine:
             if c.state in ("unknown", "not-assessed") or (name == "liver_recurrence" and c.state != "present"):
                 missing.append(MissingFact(fact=name, text=self._missing_texts[name], detail=c.note))
         return Classification(
-            patient=features.patient, group=g.id, group_rule=g.rule, reason=self._reasons[g.rule],
+            patient=features.patient, group=g.id, group_label=rs.group_labels[g.id], group_rule=g.rule,
+            reason=self._reasons[g.rule],
             status=status, status_note=None if status == "final" else self._preliminary_note,
             criteria=criteria, facts=facts, missing=tuple(missing), recommendations=recs,
             rules_fired=tuple(fired), cohort_survival=self._survival.get(g.id), ruleset=self.ref,

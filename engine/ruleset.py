@@ -202,6 +202,7 @@ class RuleSet(BaseModel):
     cohort: Cohort
     factors: dict[str, Factor] = Field(min_length=1)
     groups: list[GroupRule] = Field(min_length=1)
+    group_labels: dict[GroupId, str]
     survival: Survival
     status: Status
     recommendations: list[Recommendation] = Field(default_factory=list)
@@ -210,6 +211,14 @@ class RuleSet(BaseModel):
     _group_conditions: tuple = PrivateAttr(default=())
     _final_when: AnyType = PrivateAttr(default=None)
     _recommendation_conditions: tuple = PrivateAttr(default=())
+
+    @field_validator("group_labels")
+    @classmethod
+    def _every_group_labelled(cls, v: dict[str, str]) -> dict[str, str]:
+        missing = [g for g in GROUP_IDS if not (v.get(g) or "").strip()]
+        if missing:
+            raise ValueError(f"no label for {', '.join(missing)}")
+        return v
 
     @field_validator("factors")
     @classmethod

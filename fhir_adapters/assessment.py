@@ -40,27 +40,6 @@ RULESET_HASH_SYSTEM = f"{PROJECT}/NamingSystem/ruleset-sha256"
 TAG_SYSTEM = f"{PROJECT}/CodeSystem/tag"
 UCUM = "http://unitsofmeasure.org"
 
-GROUP_DISPLAY = {
-    "resectable": "Resectable",
-    "borderline-resectable": "Borderline resectable",
-    "unresectable": "Unresectable",
-    "indeterminate": "Indeterminate (facts missing)",
-}
-
-# The project CodeSystem whose four codes are exactly the group names (README).
-GROUP_CODESYSTEM: dict[str, Any] = {
-    "resourceType": "CodeSystem",
-    "id": "resectability-group",
-    "url": GROUP_SYSTEM,
-    "name": "ClmResectabilityGroup",
-    "title": "Resectability group of recurrent colorectal liver metastases",
-    "status": "active",
-    "content": "complete",
-    "caseSensitive": True,
-    "concept": [{"code": code, "display": display} for code, display in GROUP_DISPLAY.items()],
-}
-
-
 def assessment_key(patient: str, ruleset_id: str, ruleset_version: str) -> str:
     """The readable identifier value: one RiskAssessment per patient and rule-set version."""
     return f"{patient}|{ruleset_id}|{ruleset_version}"
@@ -110,7 +89,7 @@ def build_risk_assessment(r: Classification, *, occurrence: str | None = None) -
     rs = r.ruleset
     prediction: dict[str, Any] = {
         "qualitativeRisk": {"coding": [{"system": GROUP_SYSTEM, "code": r.group,
-                                         "display": GROUP_DISPLAY[r.group]}], "text": r.group},
+                                         "display": r.group_label}], "text": r.group},
     }
     if r.cohort_survival:
         s = r.cohort_survival
