@@ -31,7 +31,8 @@ def _refs(refs: tuple[str, ...], limit: int = 4) -> str:
 
 
 def _wrap(text: str, indent: str) -> str:
-    return textwrap.fill(text, width=92, initial_indent=indent, subsequent_indent=indent + "  ")
+    return textwrap.fill(text, width=92, initial_indent=indent, subsequent_indent=indent + "  ",
+                         break_on_hyphens=False, break_long_words=False)
 
 
 def text_report(r: Classification) -> str:
