@@ -67,7 +67,7 @@ def main() -> None:
     # The durable-rules core alone: the three staged fire_many calls, no result building.
     from engine.compile import DECIDED_KIND
     stage1 = [engine.features_fact(f) for f in inputs]
-    fired1 = engine._factors.fire_many(stage1[:1])  # warm
+    engine._factors.fire_many(stage1[:1])  # warm
     t = time.perf_counter()
     for start in range(0, args.n, 200):
         chunk = inputs[start:start + 200]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from clm_stratify import __version__
 
@@ -193,7 +192,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="clm-demo-"))
     server = LocalFhirServer(data_dir=data_dir, port=args.port, die_with_parent=not args.keep_running)
     try:
-        print(f"Starting the embedded FHIR server (SEKMET) on 127.0.0.1 ...", file=sys.stderr)
+        print("Starting the embedded FHIR server (SEKMET) on 127.0.0.1 ...", file=sys.stderr)
         server.start()
     except SekmetStartError as exc:
         print(f"error: the embedded FHIR server did not start: {exc}", file=sys.stderr)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -127,20 +127,3 @@ def load_terminology(path: Path | str | None = None) -> Terminology:
     """Load and validate a terminology file (the project's default when ``path`` is None)."""
     return load_model(path or DEFAULT_TERMINOLOGY, Terminology)
 
-
-TerminologyKey = Literal[
-    "liver_metastasis_condition",
-    "metastasis_condition_generic",
-    "extrahepatic_metastasis_condition",
-    "liver_site",
-    "tumour_size_observation",
-    "longest_dimension",
-    "pathology_method",
-    "hepatectomy_procedure",
-    "chemotherapy_procedure",
-    "chemotherapy_medication",
-    "technical_resectability_observation",
-    "technically_resectable_value",
-    "technically_unresectable_value",
-    "radiology_report_category",
-]

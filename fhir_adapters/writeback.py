@@ -23,8 +23,7 @@ from enum import Enum
 from typing import Sequence
 
 from engine.classify import Classification
-from fhir_adapters.assessment import (IDENTIFIER_SYSTEM, assessment_key, build_provenance,
-                                      build_risk_assessment, same_assessment)
+from fhir_adapters.assessment import IDENTIFIER_SYSTEM, build_provenance, build_risk_assessment, same_assessment
 from fhir_adapters.client import FhirClient, FhirConflict, FhirError, FhirServerUnavailable
 
 
@@ -215,7 +214,7 @@ class AssessmentWriter:
                 response = self.client.transaction([e for _, entries in pending for e in entries])
                 for k, (i, entries) in enumerate(pending):
                     out[i] = _result(results[i].patient, response[2 * k:2 * k + 2], currents[i], entries)
-            except FhirError as exc:
+            except FhirError:
                 # One bad entry fails the whole transaction, or its reply was lost: write
                 # each patient alone (each re-reads first, so nothing is written twice).
                 # Once one of them finds the server down, the rest fail at once rather

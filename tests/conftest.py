@@ -19,3 +19,25 @@ def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFhirS
         pytest.skip("SEKMET is not installed (pip install 'sekmet-fhir==0.1.1' or set SEKMET_EXECUTABLE)")
     with LocalFhirServer(data_dir=tmp_path_factory.mktemp("sekmet")) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFhirServer]:
+    """A SEKMET server loaded with the 37 fixture patients, one per test module (the
+    modules change its data)."""
+    from fhir_adapters.client import FhirClient
+    from fhir_adapters.load import fixture_bundles, load_bundles
+    from fixtures import FIXTURES_DIR
+
+    with LocalFhirServer(data_dir=tmp_path_factory.mktemp("loaded")) as srv:
+        with FhirClient(srv.base_url) as c:
+            load_bundles(c, fixture_bundles(FIXTURES_DIR))
+        yield srv
+
+
+@pytest.fixture
+def client(server: LocalFhirServer):
+    from fhir_adapters.client import FhirClient
+
+    with FhirClient(server.base_url) as c:
+        yield c

@@ -7,7 +7,6 @@ from decimal import Decimal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from fhir.resources.R4B.provenance import Provenance
@@ -40,20 +39,6 @@ def file_results() -> dict[str, object]:
 
 
 FILE_RESULTS = file_results()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LocalFhirServer(data_dir=tmp_path_factory.mktemp("live")) as srv:
-        with FhirClient(srv.base_url) as client:
-            load_bundles(client, fixture_bundles(FIXTURES_DIR))
-        yield srv
-
-
-@pytest.fixture
-def client(server):
-    with FhirClient(server.base_url) as c:
-        yield c
 
 
 def ra_of(client: FhirClient, pid: str) -> dict | None:

@@ -14,28 +14,11 @@ import requests
 from clm_stratify.cli import main
 from fhir_adapters.assessment import assessment_id
 from fhir_adapters.client import FhirClient, dumps
-from fhir_adapters.load import fixture_bundles, load_bundles
-from fhir_adapters.local_server import LocalFhirServer
-from fixtures import FIXTURES_DIR
 from tests.receiver_process import SECRET, Receiver
 
 pytestmark = pytest.mark.integration
 RULESET = ("clm-recurrence-resectability", "1.0.0")
 HEADERS = {"X-CLM-Subscription-Secret": SECRET, "Content-Type": "application/fhir+json"}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LocalFhirServer(data_dir=tmp_path_factory.mktemp("subs")) as srv:
-        with FhirClient(srv.base_url) as c:
-            load_bundles(c, fixture_bundles(FIXTURES_DIR))
-        yield srv
-
-
-@pytest.fixture
-def client(server):
-    with FhirClient(server.base_url) as c:
-        yield c
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ class ReadBackStep(RunState):
                    if foreign else f"{query} returned only that patient's Observations")
         if foreign:
             self.quirk("search-parameter-ignored",
-                       f"Observation?patient= returned other patients' Observations"
+                       "Observation?patient= returned other patients' Observations"
                        + ("" if text else " (silently: no warning in the searchset)"),
                        "pull drops every resource whose subject is another patient", text)
 
