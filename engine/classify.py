@@ -71,6 +71,8 @@ class CohortSurvival:
     five_year_os_percent: Decimal
     p_value: str | None
     caveat: str
+    outcome: str
+    horizon_years: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,11 +157,6 @@ def _fact_state(fact: str, f: Fact) -> str:
     return {True: "present", False: "absent"}.get(f.value, "unknown")
 
 
-_FACT_LABELS = {
-    "liver_recurrence": "liver recurrence of colorectal metastases",
-    "technical_resectability": "technical resectability recorded by the care team",
-    "adjuvant_chemotherapy": "adjuvant chemotherapy after the initial liver resection",
-}
 
 
 class Engine:
@@ -188,7 +185,8 @@ class Engine:
         self._preliminary_note = ruleset.status.preliminary_note.strip()
         self._survival = {
             g: CohortSurvival(group=g, five_year_os_percent=pct, p_value=ruleset.survival.p_value,
-                              caveat=ruleset.cohort.caveat.strip())
+                              caveat=ruleset.cohort.caveat.strip(), outcome=ruleset.survival.outcome,
+                              horizon_years=ruleset.survival.horizon_years)
             for g, pct in ruleset.survival.five_year_os_percent.items()}
         if check_coverage:
             self.check_coverage()
@@ -276,7 +274,7 @@ class Engine:
         for name in BASE_FACTS:
             f = getattr(features, name)
             facts[name] = Criterion(
-                id=name, label=_FACT_LABELS[name], state=_fact_state(name, f), value=f.value, operator=None,
+                id=name, label=rs.fact_labels[name], state=_fact_state(name, f), value=f.value, operator=None,
                 threshold=None, unit=None, refs=f.refs, note=f.note, rule=None)
         g = self._groups[self._one(by, "group.", "group", features)]
         status = self._one(by, "status.", "status", features)[len("status."):]

@@ -172,6 +172,8 @@ class Survival(BaseModel):
     """Cohort 5-year overall survival per group, in percent (cohort estimates)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    outcome: str = Field(min_length=1)
+    horizon_years: int = Field(gt=0)
     five_year_os_percent: dict[GroupId, Percent]
     p_value: str = Field(min_length=1)
 
@@ -203,6 +205,7 @@ class RuleSet(BaseModel):
     factors: dict[str, Factor] = Field(min_length=1)
     groups: list[GroupRule] = Field(min_length=1)
     group_labels: dict[GroupId, str]
+    fact_labels: dict[str, str]
     survival: Survival
     status: Status
     recommendations: list[Recommendation] = Field(default_factory=list)
@@ -218,6 +221,16 @@ class RuleSet(BaseModel):
         missing = [g for g in GROUP_IDS if not (v.get(g) or "").strip()]
         if missing:
             raise ValueError(f"no label for {', '.join(missing)}")
+        return v
+
+    @field_validator("fact_labels")
+    @classmethod
+    def _every_fact_labelled(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(BASE_FACTS))
+        missing = [f for f in BASE_FACTS if not (v.get(f) or "").strip()]
+        if unknown or missing:
+            raise ValueError("; ".join(filter(None, [unknown and f"unknown facts: {', '.join(unknown)}",
+                                                    missing and f"no label for {', '.join(missing)}"])))
         return v
 
     @field_validator("factors")

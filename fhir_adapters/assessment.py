@@ -13,7 +13,8 @@ Shape (README, "RiskAssessment written back"):
 * ``prediction[0]``: ``qualitativeRisk`` = the group in the project CodeSystem
   :data:`GROUP_SYSTEM`; for a group with a cohort figure, ``outcome`` = overall survival,
   ``probabilityDecimal`` = the cohort 5-year OS as a **fraction** (0.673, the convention
-  of HL7's own examples; ras-2 checked), ``whenRange`` 5 a, ``rationale`` citing the study.
+  of HL7's own examples; ras-2 checked), ``whenRange`` the rule set's horizon in years
+  (UCUM ``a``), ``rationale`` citing the study. Texts and figures come from the rule set.
 * ``mitigation``: the recommendations; ``note``: reason, factors, missing facts,
   cohort-estimate caveat, status note, warnings.
 """
@@ -94,10 +95,10 @@ def build_risk_assessment(r: Classification, *, occurrence: str | None = None) -
     if r.cohort_survival:
         s = r.cohort_survival
         prediction.update({
-            "outcome": {"text": "Overall survival 5 years after the initial liver resection (cohort estimate)"},
+            "outcome": {"text": s.outcome},
             "probabilityDecimal": _fraction(s.five_year_os_percent),
-            "whenRange": {"low": {"value": 5, "unit": "years", "system": UCUM, "code": "a"},
-                          "high": {"value": 5, "unit": "years", "system": UCUM, "code": "a"}},
+            "whenRange": {"low": {"value": s.horizon_years, "unit": "years", "system": UCUM, "code": "a"},
+                          "high": {"value": s.horizon_years, "unit": "years", "system": UCUM, "code": "a"}},
             "rationale": (f"Cohort 5-year overall survival of the {s.group} group: {s.five_year_os_percent} % "
                           f"(p {s.p_value} across groups) in {rs.citation} doi:{rs.doi}, PMID {rs.pmid}. "
                           f"{s.caveat}"),

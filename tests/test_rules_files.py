@@ -48,6 +48,8 @@ def test_thresholds_come_from_the_file():
      "groups[1].when.all[2].tumour_size: unknown fact 'tumour_size'"),
     (lambda d: d.update(version="1.0"), "version: String should match pattern"),
     (lambda d: d.pop("citation"), "citation: Field required"),
+    (lambda d: d["fact_labels"].pop("adjuvant_chemotherapy"), "fact_labels: Value error, no label for adjuvant_chemotherapy"),
+    (lambda d: d["survival"].update(horizon_years=0), "survival.horizon_years: Input should be greater than 0"),
     (lambda d: d["survival"]["five_year_os_percent"].update(resectable=140),
      "survival.five_year_os_percent.resectable: Input should be less than or equal to 100"),
 ])
