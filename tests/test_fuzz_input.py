@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import math
 import tempfile
 import time
 from contextlib import redirect_stderr, redirect_stdout
@@ -216,11 +215,14 @@ def test_an_integer_of_5000_digits_is_a_clear_error():
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "-5", "0", "1e999", "-1e999"])
 def test_nan_infinite_and_negative_sizes_are_unknown_not_resectable(value):
-    doc = dump(FIXTURE_BUNDLES[0][1])                          # 01: resectable, one small lesion
-    doc = doc.replace('"value": 12', f'"value": {value}', 1) if '"value": 12' in doc else doc
+    original = dump(FIXTURE_BUNDLES[0][1])                     # 01: resectable, one 22 mm lesion
+    assert original.count('"value": 22') == 1
+    doc = original.replace('"value": 22', f'"value": {value}')
     code, result, err = classify_cli(doc)
     assert_clear_answer(code, result, err)
-    assert not math.isnan(0.0) and code == 0
+    assert code == 0
+    assert result["criteria"]["largest_ge_50mm"] is None, result["criteria"]
+    assert result["group"] == "indeterminate"
 
 
 # --------------------------------------------------------------------------- rule and terminology files
