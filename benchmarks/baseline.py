@@ -25,16 +25,20 @@ class BaselineResult:
 
 
 def factor_state(factor: Factor, fact: Fact) -> str:
-    if fact.value is None:
-        return "unknown"
+    """A factor's state from a fact's value (exact, or a lower bound) and upper bound."""
     if factor.operator == "is_true":
-        return "present" if fact.value else "absent"
-    holds = _HOLDS[factor.operator](Decimal(fact.value), factor.threshold)
-    if fact.lower_bound:  # only "at least this much" is known
-        if factor.operator in (">=", ">"):
-            return "present" if holds else "unknown"
-        return "absent" if not holds else "unknown"
-    return "present" if holds else "absent"
+        return "unknown" if fact.value is None else "present" if fact.value else "absent"
+    t = factor.threshold
+    holds = _HOLDS[factor.operator]
+    low = None if fact.value is None else Decimal(fact.value)
+    hi, strict = fact.upper
+    hi = None if hi is None else Decimal(hi)
+    upward = factor.operator in (">=", ">")
+    if low is not None and holds(low, t) == upward:  # the value proves present (up) / absent (down)
+        return "present" if upward else "absent"
+    if hi is not None and ((strict and hi <= t) or (not strict and holds(hi, t) != upward)):
+        return "absent" if upward else "present"
+    return "unknown"
 
 
 def holds(cond: Condition, states: dict[str, str]) -> bool:
@@ -52,6 +56,8 @@ def base_states(features: Features) -> dict[str, str]:
         "liver_recurrence": {True: "present", False: "absent"}.get(lr.value, "unknown"),
         "technical_resectability": tr.value if tr.value is not None else "not-assessed",
         "adjuvant_chemotherapy": {True: "given", False: "not-given"}.get(adj.value, "unknown"),
+        "prior_liver_resection": "recorded" if features.prior_liver_resection.value is True else "not-recorded",
+        "imaging_measurements": "stale" if features.imaging_measurements.value is False else "current",
     }
 
 

@@ -48,7 +48,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from fhir_adapters.mapping import map_features
 
     engine, terminology = _load_engine_and_terminology(args)
-    record = read_bundle_file(args.bundle)
+    record = read_bundle_file(args.bundle, args.patient)
     result = engine.classify(map_features(record, terminology))
     if args.format == "json":
         print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
@@ -384,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", required=True, metavar="FILE",
                    help="FHIR R4 Bundle (collection, searchset or transaction) of one patient")
+    p.add_argument("--patient", metavar="ID",
+                   help="the patient to classify when the Bundle holds several patients' resources "
+                        "(default: the Bundle's only Patient); other patients' resources are ignored and named")
     rules_options(p)
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_classify)

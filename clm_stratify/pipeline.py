@@ -23,7 +23,7 @@ from engine.classify import Classification, Engine
 from fhir_adapters.client import FhirClient, FhirError
 from fhir_adapters.mapping import map_features
 from fhir_adapters.bulk import Spool, export_to_spool, supports_export
-from fhir_adapters.pull import (fetch_patient, fetch_population, mentions_metastasis,
+from fhir_adapters.pull import (fetch_patient, fetch_population, mentions_metastasis, patient_record,
                                 patients_with_liver_metastasis)
 from fhir_adapters.record import PatientRecord
 from fhir_adapters.terminology import Terminology
@@ -103,8 +103,8 @@ class Stratifier:
                 if not resources:
                     return PatientOutcome(patient_id, "failed", error=f"Patient/{patient_id}: no such patient "
                                                                        "and no data on the server")
-                result = self.classify_record(patient_id, PatientRecord.from_resources(resources))
-                if result.facts["liver_recurrence"].state == "absent":
+                result = self.classify_record(patient_id, patient_record(self.client, patient_id, resources))
+                if not result.assessed:
                     return _outcome(patient_id, result, None)
                 return _outcome(patient_id, result, self.writer.write(result, dry_run=self.dry_run))
             except FhirError as exc:
@@ -121,7 +121,7 @@ class Stratifier:
         per chunk); a failure is reported per patient and the others go on.
         """
         if patient_ids is None and (bulk if bulk is not None else supports_export(self.client)):
-            with Spool() as spool:
+            with Spool(base=self.client.base_url) as spool:
                 export_to_spool(self.client, self.terminology, spool)
                 self.last_source = "bulk-export"
                 ids = spool.patients()  # every exported patient; the cohort is filtered as it streams
@@ -143,7 +143,7 @@ class Stratifier:
                 if isinstance(record, FhirError):
                     summary.outcomes.append(PatientOutcome(pid, "failed", error=str(record)))
             for (pid, _), result in zip(readable, self.classify_records(readable)):
-                if result.facts["liver_recurrence"].state == "absent":
+                if not result.assessed:
                     summary.outcomes.append(_outcome(pid, result, None))
                 else:
                     to_write.append((pid, result))

@@ -36,8 +36,12 @@ def _wrap(text: str, indent: str) -> str:
 
 
 def text_report(r: Classification) -> str:
-    lines = [f"{r.patient or '(patient not named)'}: {r.group.upper()} ({r.status})",
-             _wrap(f"Why: {r.reason} (rule {r.group_rule})", "  ")]
+    who = r.patient or "(patient not named)"
+    if not r.assessed:
+        lines = [f"{who}: NO-RECURRENCE ({r.group}, {r.status})", _wrap(r.not_assessed_reason or "", "  ")]
+    else:
+        lines = [f"{who}: {r.group.upper()} ({r.status})"]
+    lines.append(_wrap(f"Why: {r.reason} (rule {r.group_rule})", "  "))
     lines.append("  Prognostic factors at recurrence:")
     for c in r.criteria.values():
         op = ""

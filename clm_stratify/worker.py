@@ -20,7 +20,7 @@ import threading
 from clm_stratify.inbox import Inbox
 from clm_stratify.pipeline import Stratifier
 from fhir_adapters.client import FhirError
-from fhir_adapters.mapping import plain_ref
+from fhir_adapters.reference import plain_ref
 from fhir_adapters.notifications import Notification
 from fhir_adapters.pull import changed_patients_since
 

@@ -25,7 +25,8 @@ from engine.compile import (DECIDED_KIND, FEATURES_KIND, STATES_KIND, CompiledRu
                             post_value, representative_value)
 from engine.durable_session import DurableRuleset
 from engine.features import Fact, Features
-from engine.ruleset import BASE_FACTS, FACTOR_STATES, GroupId, RuleSet, load_ruleset
+from engine.ruleset import (BASE_FACTS, FACTOR_STATES, MISSING_STATES, GroupId, RuleSet, holds,
+                            load_ruleset)
 
 
 class RulesetInconsistentError(RuntimeError):
@@ -105,6 +106,8 @@ class Classification:
     cohort_survival: CohortSurvival | None
     ruleset: RulesetRef
     warnings: tuple[str, ...]
+    assessed: bool = True                 # False: the rule set writes no assessment (no recurrence)
+    not_assessed_reason: str | None = None
 
     def criteria_values(self) -> dict[str, bool | None]:
         """Each factor as true (present) / false (absent) / None (unknown)."""
@@ -133,6 +136,8 @@ class Classification:
             "status_note": self.status_note,
             "ruleset": _json(self.ruleset),
             "warnings": list(self.warnings),
+            "assessed": self.assessed,
+            "not_assessed_reason": self.not_assessed_reason,
         }
 
 
@@ -154,6 +159,10 @@ def _fact_state(fact: str, f: Fact) -> str:
         return f.value if f.known else "not-assessed"
     if fact == "adjuvant_chemotherapy":
         return {True: "given", False: "not-given"}.get(f.value, "unknown")
+    if fact == "prior_liver_resection":
+        return "recorded" if f.value is True else "not-recorded"
+    if fact == "imaging_measurements":
+        return "stale" if f.value is False else "current"
     return {True: "present", False: "absent"}.get(f.value, "unknown")
 
 
@@ -183,6 +192,7 @@ class Engine:
                                  for name, r in zip(c.recommendation_rule_names, ruleset.recommendations)}
         self._missing_texts = {k: v.strip() for k, v in ruleset.missing_fact_texts.items()}
         self._preliminary_note = ruleset.status.preliminary_note.strip()
+        self._not_written = ruleset.assessment.not_written_reason.strip()
         self._survival = {
             g: CohortSurvival(group=g, five_year_os_percent=pct, p_value=ruleset.survival.p_value,
                               caveat=ruleset.cohort.caveat.strip(), outcome=ruleset.survival.outcome,
@@ -208,7 +218,7 @@ class Engine:
         fact: dict[str, object] = {"kind": FEATURES_KIND}
         for factor in self.ruleset.factors.values():
             f: Fact = getattr(features, factor.feature)
-            post_value(fact, factor.feature, f.value, f.lower_bound, factor.operator)
+            post_value(fact, factor.feature, f.value, f.lower_bound, factor.operator, f.at_most, f.at_most_strict)
         return fact
 
     def classify(self, features: Features) -> Classification:
@@ -282,17 +292,18 @@ class Engine:
         recs = tuple(self._recommendations[n] for n in self.compiled.recommendation_rule_names if n in fired_recs)
         missing = []
         for name, c in (("liver_recurrence", facts["liver_recurrence"]), *criteria.items(),
-                        ("technical_resectability", facts["technical_resectability"]),
-                        ("adjuvant_chemotherapy", facts["adjuvant_chemotherapy"])):
-            if c.state in ("unknown", "not-assessed") or (name == "liver_recurrence" and c.state != "present"):
+                        *((n, facts[n]) for n in BASE_FACTS if n != "liver_recurrence")):
+            if c.state in MISSING_STATES or (name == "liver_recurrence" and c.state != "present"):
                 missing.append(MissingFact(fact=name, text=self._missing_texts[name], detail=c.note))
+        states = {**{n: c.state for n, c in facts.items()}, **{n: c.state for n, c in criteria.items()}}
         return Classification(
             patient=features.patient, group=g.id, group_label=rs.group_labels[g.id], group_rule=g.rule,
             reason=self._reasons[g.rule],
             status=status, status_note=None if status == "final" else self._preliminary_note,
             criteria=criteria, facts=facts, missing=tuple(missing), recommendations=recs,
             rules_fired=tuple(fired), cohort_survival=self._survival.get(g.id), ruleset=self.ref,
-            warnings=features.warnings)
+            warnings=features.warnings, assessed=holds(rs.write_when, states),
+            not_assessed_reason=None if holds(rs.write_when, states) else self._not_written)
 
     # ------------------------------------------------------------------ load-time check
     def check_coverage(self) -> int:
@@ -311,19 +322,35 @@ class Engine:
                 raise RulesetInconsistentError(
                     f"rule set {rs.id} {rs.version}: factor rules fired {sorted(fired)} for {fact}, "
                     f"expected {expected}")
-        # A lower bound at the threshold proves the factor; below it, it decides nothing.
+        # A lower bound at the threshold proves a ">=" factor; below it, it decides nothing.
+        # An upper bound below the threshold (or at it, when the bound is excluded) proves
+        # it absent; above it, nothing. (Mirrored for "<=" / "<" factors.)
         for fid, factor in rs.factors.items():
-            if factor.operator not in (">=", ">"):
+            if factor.operator == "is_true":
                 continue
-            for state, expect in (("present", "present"), ("absent", "unknown")):
+            upward = factor.operator in (">=", ">")
+            t = factor.threshold
+            step = Decimal(1) if factor.feature == "tumour_count" else Decimal("0.1")
+            cases = [  # (lower bound, upper bound, upper strict, expected state)
+                (representative_value(rs, fid, "present"), None, False, "present" if upward else "unknown"),
+                (representative_value(rs, fid, "absent"), None, False, "unknown" if upward else "absent"),
+                (None, t, True, "absent" if upward else "present"),
+                (None, t + step, True, "unknown"),
+                (None, t - step, False, "absent" if upward else "present"),
+                (None, t + step, False, "unknown"),
+            ]
+            if factor.feature == "tumour_count":
+                cases = [c for c in cases if c[1] is None]
+            for low, high, strict, expect in cases:
                 fact = {"kind": FEATURES_KIND}
                 for other in rs.factors.values():
                     post_value(fact, other.feature, None)
-                post_value(fact, factor.feature, representative_value(rs, fid, state), lower_bound=True)
+                post_value(fact, factor.feature, low, lower_bound=True, operator=factor.operator,
+                           at_most=high, at_most_strict=strict)
                 hits = [r for r in self._factors.fire(fact) if r.startswith(f"factor.{fid}.")]
                 if hits != [f"factor.{fid}.{expect}"]:
                     raise RulesetInconsistentError(
-                        f"rule set {rs.id} {rs.version}: lower bound {fact} gave {hits}, expected {expect}")
+                        f"rule set {rs.id} {rs.version}: bounds {fact} gave {hits}, expected {expect}")
         domains = rs.fact_domains
         names = list(domains)
         n = 0

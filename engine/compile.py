@@ -3,9 +3,11 @@
 A classification fires three small rulesets, each on one fact:
 
 1. **factors**: the patient's features against the thresholds. Each feature is
-   posted with a ``<feature>_known`` flag, an ``<feature>_exact`` flag (false when the
-   value is only a lower bound) and, when known, its value, so "unknown" is
-   ``{<feature>_known: false}``; a lower bound proves ``>= t`` but not ``< t``. (durable_rules' own test for a missing field,
+   posted with a ``<feature>_known`` flag and, when known, its value (exact, or a lower
+   bound), and a numeric one also with its upper bound ``<feature>_hi`` (the exact value,
+   or a bound such as ``< 30 mm``) and the flags ``_hi_known`` and ``_hi_strict``; so
+   "unknown" is ``{<feature>_known: false}``, a lower bound proves ``>= t`` but not
+   ``< t``, an upper bound the reverse. (durable_rules' own test for a missing field,
    ``$nex``, hangs or crashes the process in some positions; it is never used.)
    Rules ``factor.<factor id>.<state>``.
 2. **decision**: the state of every fact (``present`` / ``absent`` / ``unknown``...)
@@ -78,35 +80,54 @@ def exact_for(value: Decimal, operator: str | None) -> int | float:
 
 
 def post_value(fact: dict[str, object], field: str, value: object | None, lower_bound: bool = False,
-               operator: str | None = None) -> None:
-    """Put a feature into a stage-1 fact: its flags, and its value when known."""
+               operator: str | None = None, at_most: object | None = None, at_most_strict: bool = False) -> None:
+    """Put a feature into a stage-1 fact: its flags, its value when known, and its
+    upper bound (the exact value itself, or ``at_most``) when one is known."""
     fact[f"{field}_known"] = value is not None
-    fact[f"{field}_exact"] = not lower_bound
     if value is not None:
         fact[field] = exact_for(value, operator) if isinstance(value, Decimal) else value
+    if field not in NUMERIC_FEATURES:
+        return
+    hi, strict = (value, False) if value is not None and not lower_bound else (at_most, at_most_strict)
+    fact[f"{field}_hi_known"] = hi is not None
+    fact[f"{field}_hi_strict"] = bool(strict)
+    if hi is not None:
+        fact[f"{field}_hi"] = exact_for(hi, "<=" if strict else operator) if isinstance(hi, Decimal) else hi
 
 
 def _factor_state(factor: Factor, state: str) -> list[dict]:
     """Terms (anded) that put the factor in ``state``.
 
-    With a lower bound only "at least" is known: for ``>=``/``>`` the bound can prove
-    present but not absent; for ``<=``/``<`` it can prove absent but not present.
+    A numeric feature is posted as its value (exact, or only a lower bound) and its
+    upper bound (the exact value, or a bound such as ``< 30 mm``; ``_hi_strict`` when
+    the bound itself is excluded). For ``>=``/``>`` the value can prove the factor
+    present and only the upper bound can prove it absent; for ``<=``/``<`` the other
+    way round. Whatever neither proves is unknown.
     """
     f = factor.feature
     known = {f"{f}_known": True}
     if factor.operator == "is_true":
         return [{f"{f}_known": False}] if state == "unknown" else [known, {f: state == "present"}]
     t = json_number(factor.threshold)
+    hi = f"{f}_hi"
     holds = {_OPS[factor.operator]: {f: t}}
     fails = {_OPS[_COMPLEMENT[factor.operator]]: {f: t}}
-    exact = {f"{f}_exact": True}
-    upward = factor.operator in (">=", ">")  # a lower bound can only make it hold
-    if state == "present":
-        return [known, holds] if upward else [known, exact, holds]
-    if state == "absent":
-        return [known, exact, fails] if upward else [known, fails]
-    undecided = fails if upward else holds
-    return [{"$or": [{f"{f}_known": False}, {"$and": [known, {f"{f}_exact": False}, undecided]}]}]
+    upward = factor.operator in (">=", ">")
+    # The upper bound proves "value < t" (upward: absent) or "value <= t"/"< t" (downward: present).
+    bound_op = _COMPLEMENT[factor.operator] if upward else factor.operator
+    other_op = factor.operator if upward else _COMPLEMENT[factor.operator]
+    by_bound = {"$or": [{"$and": [{f"{hi}_strict": True}, {"$lte": {hi: t}}]},
+                        {"$and": [{f"{hi}_strict": False}, {_OPS[bound_op]: {hi: t}}]}]}
+    not_by_bound = {"$or": [{f"{hi}_known": False},
+                            {"$and": [{f"{hi}_known": True}, {f"{hi}_strict": True}, {"$gt": {hi: t}}]},
+                            {"$and": [{f"{hi}_known": True}, {f"{hi}_strict": False}, {_OPS[other_op]: {hi: t}}]}]}
+    by_value = [known, holds if upward else fails]
+    not_by_value = {"$or": [{f"{f}_known": False}, {"$and": [known, fails if upward else holds]}]}
+    if state == ("present" if upward else "absent"):
+        return by_value
+    if state == ("absent" if upward else "present"):
+        return [{f"{hi}_known": True}, by_bound]
+    return [not_by_value, not_by_bound]
 
 
 def condition_expr(cond: Condition) -> dict:
@@ -148,7 +169,10 @@ def compile_ruleset(rs: RuleSet) -> CompiledRuleset:
     for factor in rs.factors.values():
         factor_fields[factor.feature] = FEATURE_FIELDS[factor.feature]
         factor_fields[f"{factor.feature}_known"] = "bool"
-        factor_fields[f"{factor.feature}_exact"] = "bool"
+        if factor.operator != "is_true":
+            factor_fields[f"{factor.feature}_hi"] = FEATURE_FIELDS[factor.feature]
+            factor_fields[f"{factor.feature}_hi_known"] = "bool"
+            factor_fields[f"{factor.feature}_hi_strict"] = "bool"
 
     state_fields: dict[str, FieldType] = {"kind": "string", **{f: "string" for f in rs.fact_domains}}
     decision_rules = {}

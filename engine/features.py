@@ -33,6 +33,18 @@ class Fact(BaseModel, Generic[T]):
     # True when the value is only a lower bound (e.g. "at least 3 lesions": one
     # measurement could not be used). A lower bound can prove ">= threshold", never "<".
     lower_bound: bool = False
+    # An upper bound known besides (or instead of) the value: "size < 30 mm" is
+    # at_most=30, at_most_strict=True. It can prove "< threshold", never ">=". An exact
+    # value is its own upper bound; leave at_most None then.
+    at_most: Decimal | None = None
+    at_most_strict: bool = False
+
+    @property
+    def upper(self) -> tuple[Decimal | int | None, bool]:
+        """(upper bound, strict): the exact value when there is one, else ``at_most``."""
+        if self.value is not None and not self.lower_bound and not isinstance(self.value, bool):
+            return self.value, False  # type: ignore[return-value]
+        return self.at_most, self.at_most_strict
 
     @property
     def known(self) -> bool:
@@ -51,6 +63,11 @@ class Features(BaseModel):
     extrahepatic_disease: Fact[StrictBool] = Fact[StrictBool]()
     technical_resectability: Fact[TechnicalJudgement] = Fact[TechnicalJudgement]()
     adjuvant_chemotherapy: Fact[StrictBool] = Fact[StrictBool]()
+    # True: the reference liver resection is recorded; None: it is not (never False).
+    prior_liver_resection: Fact[StrictBool] = Fact[StrictBool]()
+    # False when a newer imaging report than the newest measured study has no
+    # structured measurements (the measurements may be stale); True otherwise.
+    imaging_measurements: Fact[StrictBool] = Fact[StrictBool](value=True)
     warnings: tuple[str, ...] = Field(default=())
 
     @field_validator("tumour_count")

@@ -36,13 +36,19 @@ FACTOR_STATES = ("present", "absent", "unknown")
 LIVER_STATES = ("present", "absent", "unknown")
 TECHNICAL_STATES = ("resectable", "unresectable", "not-assessed")
 ADJUVANT_STATES = ("given", "not-given", "unknown")
+RESECTION_STATES = ("recorded", "not-recorded")
+IMAGING_STATES = ("current", "stale")
 
 # The facts every condition may test besides the factors, and their states.
 BASE_FACTS: dict[str, tuple[str, ...]] = {
     "liver_recurrence": LIVER_STATES,
     "technical_resectability": TECHNICAL_STATES,
     "adjuvant_chemotherapy": ADJUVANT_STATES,
+    "prior_liver_resection": RESECTION_STATES,
+    "imaging_measurements": IMAGING_STATES,
 }
+# States of a base fact that mean something is missing from the record (named in results).
+MISSING_STATES = ("unknown", "not-assessed", "not-recorded", "stale")
 
 
 # --------------------------------------------------------------------------- conditions
@@ -95,6 +101,19 @@ def parse_condition(raw: AnyType, domains: Mapping[str, tuple[str, ...]], path: 
                                  f"states: {', '.join(domains[key])}")
         parts.append(Leaf(fact=key, states=tuple(dict.fromkeys(states))))
     return parts[0] if len(parts) == 1 else All(items=tuple(parts))
+
+
+def holds(cond: Condition, states: Mapping[str, object]) -> bool:
+    """Whether a condition holds for the given fact states (plain Python).
+
+    >>> holds(Leaf(fact="liver_recurrence", states=("present",)), {"liver_recurrence": "present"})
+    True
+    """
+    if isinstance(cond, Leaf):
+        return states.get(cond.fact) in cond.states
+    if isinstance(cond, All):
+        return all(holds(c, states) for c in cond.items)
+    return any(holds(c, states) for c in cond.items)
 
 
 def negate(cond: Condition, domains: Mapping[str, tuple[str, ...]]) -> Condition:
@@ -184,6 +203,14 @@ class Status(BaseModel):
     preliminary_note: str = Field(min_length=1)
 
 
+class Assessment(BaseModel):
+    """Which patients get an assessment written at all (the others: ``no-recurrence``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    write_when: AnyType
+    not_written_reason: str = Field(min_length=1)
+
+
 class Recommendation(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     rule: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -208,11 +235,13 @@ class RuleSet(BaseModel):
     fact_labels: dict[str, str]
     survival: Survival
     status: Status
+    assessment: Assessment
     recommendations: list[Recommendation] = Field(default_factory=list)
     missing_fact_texts: dict[str, str]
 
     _group_conditions: tuple = PrivateAttr(default=())
     _final_when: AnyType = PrivateAttr(default=None)
+    _write_when: AnyType = PrivateAttr(default=None)
     _recommendation_conditions: tuple = PrivateAttr(default=())
 
     @field_validator("group_labels")
@@ -255,6 +284,7 @@ class RuleSet(BaseModel):
         if dupes:
             raise ValueError(f"rule ids must be unique: {', '.join(dupes)}")
         final_when = parse_condition(self.status.final_when, base, "status.final_when")
+        write_when = parse_condition(self.assessment.write_when, base, "assessment.write_when")
         recs = [parse_condition(r.when, with_group, f"recommendations[{i}].when")
                 for i, r in enumerate(self.recommendations)]
         missing = [k for k in list(base) if k not in self.missing_fact_texts]
@@ -262,6 +292,7 @@ class RuleSet(BaseModel):
             raise ValueError(f"missing_fact_texts: no text for {', '.join(missing)}")
         self._group_conditions = tuple(parsed_groups)
         self._final_when = final_when
+        self._write_when = write_when
         self._recommendation_conditions = tuple(recs)
         return self
 
@@ -273,6 +304,10 @@ class RuleSet(BaseModel):
     @property
     def final_when(self) -> Condition:
         return self._final_when
+
+    @property
+    def write_when(self) -> Condition:
+        return self._write_when
 
     @property
     def recommendation_conditions(self) -> tuple[Condition, ...]:

@@ -18,12 +18,12 @@ from urllib.parse import urlencode
 
 from fhir_adapters.bundle import loads
 from fhir_adapters.client import FhirClient, FhirError, dumps
-from fhir_adapters.mapping import plain_ref
+from fhir_adapters.reference import PatientIdentity, patient_of, plain_ref
 from fhir_adapters.record import PatientRecord
 from fhir_adapters.terminology import Terminology
 
 EXPORT_TYPES = ("Patient", "Observation", "Condition", "Procedure", "MedicationAdministration",
-                "MedicationStatement", "Medication", "BodyStructure")
+                "MedicationStatement", "Medication", "BodyStructure", "DiagnosticReport")
 
 
 def supports_export(client: FhirClient) -> bool:
@@ -38,32 +38,23 @@ def supports_export(client: FhirClient) -> bool:
     return False
 
 
-def _owner(resource: dict) -> str | None:
-    if resource.get("resourceType") == "Patient":
-        return f"Patient/{resource.get('id')}"
-    for key in ("subject", "patient"):
-        ref = plain_ref((resource.get(key) or {}).get("reference"))
-        if ref and ref.startswith("Patient/"):
-            return ref
-    return None
-
-
 class Spool:
     """Resources on disk, by patient (a temporary SQLite file, removed on close)."""
 
-    def __init__(self, directory: str | None = None):
+    def __init__(self, directory: str | None = None, base: str | None = None):
         self._dir = tempfile.TemporaryDirectory(prefix="clm-spool-", dir=directory)
         self.path = Path(self._dir.name) / "spool.sqlite"
         self.db = sqlite3.connect(self.path)
         self.db.execute("PRAGMA journal_mode=OFF")
         self.db.execute("PRAGMA synchronous=OFF")
         self.db.execute("CREATE TABLE r (patient TEXT, body TEXT)")
+        self.base = base
         self.count = 0
         self._have: set[str] = set()
         self._wanted: set[str] = set()
 
     def add(self, resource: dict) -> None:
-        self.db.execute("INSERT INTO r VALUES (?, ?)", (_owner(resource), dumps(resource)))
+        self.db.execute("INSERT INTO r VALUES (?, ?)", (patient_of(resource, self.base), dumps(resource)))
         self.count += 1
         self._have.add(f"{resource.get('resourceType')}/{resource.get('id')}")
         refs = [(resource.get("medicationReference") or {}).get("reference")]
@@ -81,12 +72,16 @@ class Spool:
         return [p.split("/", 1)[1] for (p,) in rows]
 
     def records(self, patient_ids: list[str]) -> Iterator[tuple[str, PatientRecord]]:
-        """(id, record) for each patient; resources without a patient (Medication, ...)
-        are shared by all."""
+        """(id, record) for each patient. Resources that name no patient by a literal
+        reference (Medication, and any that cannot be attributed) go to every record,
+        which names the unattributable ones."""
         shared = [loads(b) for (b,) in self.db.execute("SELECT body FROM r WHERE patient IS NULL")]
         for pid in patient_ids:
             rows = self.db.execute("SELECT body FROM r WHERE patient = ?", (f"Patient/{pid}",))
-            yield pid, PatientRecord.from_resources([loads(b) for (b,) in rows] + shared)
+            own = [loads(b) for (b,) in rows]
+            patient = next((r for r in own if r.get("resourceType") == "Patient"), None)
+            identity = PatientIdentity.of_patient(patient, patient_id=pid, bases=[self.base] if self.base else [])
+            yield pid, PatientRecord.from_resources(own + shared, identity)
 
     def close(self) -> None:
         self.db.close()
@@ -112,10 +107,13 @@ def export_to_spool(client: FhirClient, terminology: Terminology, spool: Spool, 
     params = {"_type": ",".join(EXPORT_TYPES), "_outputFormat": "application/fhir+ndjson"}
     t = terminology
     codes = token_list(t.tumour_size_observation, t.longest_dimension, t.technical_resectability_observation)
-    if codes:
-        # _typeFilter is itself a comma-separated list of queries: commas inside one
-        # query are percent-encoded.
-        params["_typeFilter"] = f"Observation?{urlencode({'code': codes}, safe='|:/')}"
+    categories = token_list(t.radiology_report_category)
+    # _typeFilter is itself a comma-separated list of queries: commas inside one query
+    # are percent-encoded.
+    filters = ([f"Observation?{urlencode({'code': codes}, safe='|:/')}"] if codes else []) + (
+        [f"DiagnosticReport?{urlencode({'category': categories}, safe='|:/')}"] if categories else [])
+    if filters:
+        params["_typeFilter"] = ",".join(filters)
     kick = client.request("GET", "Patient/$export", params=params,
                           headers={"Prefer": "respond-async", "Accept": "application/fhir+json"})
     status_url = kick.headers.get("Content-Location")

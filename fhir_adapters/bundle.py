@@ -1,4 +1,4 @@
-"""Read a FHIR Bundle (file or parsed JSON) holding one patient's resources.
+"""Read a FHIR Bundle (file or parsed JSON) and take one patient's record from it.
 
 JSON numbers are read as Decimal so sizes such as 49.9 mm or 0.05 m stay exact.
 """
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fhir_adapters.record import PatientRecord
+from fhir_adapters.reference import PatientIdentity, patient_of
 
 ACCEPTED_BUNDLE_TYPES = ("collection", "searchset", "transaction", "batch", "document", "history")
 
@@ -24,7 +25,7 @@ def loads(text: str | bytes) -> Any:
     return json.loads(text, parse_float=Decimal)
 
 
-def read_bundle_file(path: Path | str) -> PatientRecord:
+def read_bundle_file(path: Path | str, patient_id: str | None = None) -> PatientRecord:
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -41,22 +42,42 @@ def read_bundle_file(path: Path | str) -> PatientRecord:
         raise BundleError(f"{p}: not usable JSON: {str(exc)[:120]}") from None
     except RecursionError:
         raise BundleError(f"{p}: JSON nested too deeply") from None
-    return record_from_bundle(data, str(p))
+    return record_from_bundle(data, str(p), patient_id)
 
 
-def _subject_patient(resource: dict) -> str | None:
-    for key in ("subject", "patient"):
-        node = resource.get(key)
-        if isinstance(node, dict) and isinstance(node.get("reference"), str):
-            reference = node["reference"].split("/_history/")[0]
-            parts = reference.rstrip("/").split("/")
-            if len(parts) >= 2 and parts[-2] == "Patient":
-                return f"Patient/{parts[-1]}"
-    return None
+def _the_patient(patients: list[tuple[dict, str | None, str | None]], subjects: set[str], patient_id: str | None,
+                 source: str) -> tuple[dict | None, str | None, str | None]:
+    """(Patient resource, its fullUrl, its id) of the patient the Bundle is about."""
+    def pid(r: dict) -> str | None:
+        return r.get("id") if isinstance(r.get("id"), str) else None
+
+    if patient_id is not None:
+        chosen = [p for p in patients if pid(p[0]) == patient_id]
+        if chosen:
+            return chosen[0][0], chosen[0][1], patient_id
+        if f"Patient/{patient_id}" in subjects:
+            return None, None, patient_id
+        raise BundleError(f"{source}: holds no Patient/{patient_id} and no resource about it")
+    if len(patients) > 1:
+        matches = [p for p in patients if p[2] == "match"]
+        if len(matches) == 1:
+            patients = matches
+    if len(patients) == 1:
+        return patients[0][0], patients[0][1], pid(patients[0][0])
+    everyone = sorted({f"Patient/{pid(r)}" if pid(r) else (url or "Patient/(no id)") for r, url, _ in patients}
+                      | subjects)
+    if len(everyone) > 1:
+        raise BundleError(f"{source}: holds several patients ({', '.join(everyone)}); "
+                          "name the one to classify with --patient ID")
+    if not everyone:
+        raise BundleError(f"{source}: holds no Patient and no resource with a Patient subject")
+    return None, None, everyone[0].split("/", 1)[1]
 
 
-def record_from_bundle(data: Any, source: str = "bundle") -> PatientRecord:
-    """A PatientRecord from a parsed Bundle; BundleError if it is not one patient's Bundle."""
+def record_from_bundle(data: Any, source: str = "bundle", patient_id: str | None = None) -> PatientRecord:
+    """The record of one patient in a parsed Bundle (``patient_id``, or the Bundle's only
+    Patient); other patients' resources are named and ignored. BundleError if the
+    input is not a Bundle or does not say which patient it is about."""
     if not isinstance(data, dict):
         raise BundleError(f"{source}: expected a FHIR Bundle object, found a JSON {type(data).__name__}")
     rtype = data.get("resourceType")
@@ -69,6 +90,7 @@ def record_from_bundle(data: Any, source: str = "bundle") -> PatientRecord:
     if not isinstance(entries, list):
         raise BundleError(f"{source}: Bundle.entry must be a list")
     resources: list[tuple[dict, str | None]] = []
+    patients: list[tuple[dict, str | None, str | None]] = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise BundleError(f"{source}: Bundle.entry[{i}] is not an object")
@@ -82,20 +104,15 @@ def record_from_bundle(data: Any, source: str = "bundle") -> PatientRecord:
             raise BundleError(f"{source}: Bundle.entry[{i}].resource has no resourceType")
         full_url = entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None
         resources.append((resource, full_url))
+        if resource["resourceType"] == "Patient":
+            mode = (entry.get("search") or {}).get("mode") if isinstance(entry.get("search"), dict) else None
+            patients.append((resource, full_url, mode))
 
-    patients = {f"Patient/{r['id']}" if isinstance(r.get("id"), str) else (url or "Patient/(no id)")
-                for r, url in resources if r["resourceType"] == "Patient"}
-    subjects = {s for s in (_subject_patient(r) for r, _ in resources) if s}
-    everyone = patients | subjects
-    if len(everyone) > 1:
-        raise BundleError(f"{source}: holds several patients ({', '.join(sorted(everyone))}); "
-                          "classify expects one patient per Bundle")
-    if not everyone:
-        raise BundleError(f"{source}: holds no Patient and no resource with a Patient subject")
-    record = PatientRecord()
+    subjects = {s for s in (patient_of(r) for r, _ in resources) if s}
+    patient, patient_url, pid = _the_patient(patients, subjects, patient_id, source)
+    others = frozenset(url for r, url, _ in patients if url and r is not patient)
+    identity = PatientIdentity.of_patient(patient, patient_id=pid, full_url=patient_url, other_patients=others)
+    record = PatientRecord(identity)
     for resource, full_url in resources:
         record.add(resource, full_url)
-    if record.patient is None:
-        # No (readable) Patient resource: keep the subject so the result names the patient.
-        record.subject = next(iter(everyone))
     return record

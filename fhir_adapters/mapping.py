@@ -1,22 +1,36 @@
 """FHIR R4 resources of one patient -> tumour features (docs: clinical-basis.md).
 
 Each feature is a :class:`engine.features.Fact` with the references behind it and a
-note when it is unknown. The rules of evidence, in short:
+note when it is unknown. The record arrives attributed and strictly read
+(:mod:`fhir_adapters.record`); the rules of evidence, in short:
 
+* Only this patient's readable resources are evidence. Unreadable or unattributable
+  ones can cast doubt (a fact they may touch can no longer be proven absent), foreign
+  ones are ignored; all are named in the warnings.
 * Withdrawn records are ignored: Observation entered-in-error / cancelled, Condition
   refuted / entered-in-error or resolved / inactive / remission, Procedure and
   medication records not done.
-* The reference resection is the latest completed hepatectomy. Measurements dated on
-  or before it are initial-diagnosis data. Lesions are counted on the latest imaging
-  date after it: one per distinct ``focus``, one per Observation without focus.
+* The reference resection is the latest completed hepatectomy. A liver-metastasis
+  Condition or a measurement dated before it (or on its day) is the initial disease.
+  With no resection recorded, measurements older than the recurrence Condition do not
+  count, and the result stays preliminary.
+* Measurements belong to imaging studies: the report that lists them, the ImagingStudy
+  they derive from, else the same instant on the UTC timeline (or the same day for
+  dates). A factor shown on any study of the recurrence stays shown (the most lesions
+  on one study, the largest size on any); it is absent only when the latest study
+  shows it absent and accounts for every lesion seen before (by focus identity, or at
+  least as many lesions).
 * A measurement counts as a liver lesion when its bodySite, or the location of its
   focus BodyStructure, is the liver; or when it names no site and no specimen in a
   patient with a liver recurrence. Pathology (a ``specimen``, or a pathology method)
   and other sites do not count.
-* A value that cannot be used (dataAbsentReason, no value, unknown unit, a wrong type,
-  zero or negative) leaves that lesion's size unknown, never zero. What cannot be
-  placed (an undated or unreadable measurement) makes count and size *lower bounds*:
-  they can still prove a factor present, never absent.
+* A value that cannot be used (dataAbsentReason, no value, unknown unit, zero or
+  negative) leaves that lesion's size unknown, never zero. Comparators are bounds:
+  ``>``/``>=`` a lower bound, ``<``/``<=`` an upper bound. What cannot be placed (an
+  undated measurement, a month that straddles the resection) makes count and size
+  *lower bounds*: they can still prove a factor present, never absent.
+* A newer imaging report with no measurements makes the measurements possibly stale,
+  and a technical judgement older than the latest imaging is stale (not assessed).
 """
 
 from __future__ import annotations
@@ -24,13 +38,16 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 from engine.features import Fact, Features
 from fhir_adapters.record import PatientRecord
+from fhir_adapters.reference import plain_ref
 from fhir_adapters.terminology import CodeList, Terminology
+from fhir_adapters.timeline import When
 
 WITHDRAWN_OBSERVATION = {"entered-in-error", "cancelled"}
+WITHDRAWN_REPORT = {"entered-in-error", "cancelled"}
 FINAL_OBSERVATION = {"final", "amended", "corrected"}
 WITHDRAWN_VERIFICATION = {"refuted", "entered-in-error"}
 UNCONFIRMED_VERIFICATION = {"provisional", "differential", "unconfirmed"}
@@ -40,6 +57,8 @@ GIVEN_ADMINISTRATION = {"completed", "in-progress"}
 TAKEN_STATEMENT = {"active", "completed", "stopped"}
 CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+DATA_ABSENT = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+UCUM = "http://unitsofmeasure.org"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -48,14 +67,6 @@ def ref(resource: Any) -> str:
     base = f"{resource.get_resource_type()}/{resource.id}"
     version = resource.meta.versionId if resource.meta is not None else None
     return f"{base}/_history/{version}" if version else base
-
-
-def plain_ref(reference: str | None) -> str | None:
-    """A reference without base URL or version: ``http://x/fhir/Patient/1/_history/2`` -> ``Patient/1``."""
-    if not reference:
-        return None
-    parts = reference.split("/_history/")[0].rstrip("/").split("/")
-    return "/".join(parts[-2:]) if len(parts) >= 2 else reference
 
 
 def codings(*concepts: Any) -> list[tuple[str | None, str | None]]:
@@ -73,83 +84,50 @@ def concept_code(concept: Any, system: str) -> str | None:
     return None
 
 
-def day_of(value: Any) -> tuple[dt.date | None, bool]:
-    """The calendar date of a FHIR date/dateTime, and whether it is precise to the day.
-
-    >>> day_of("2024-05")
-    (datetime.date(2024, 5, 1), False)
-    >>> day_of(dt.datetime(2024, 5, 3, 23, 30, tzinfo=dt.timezone.utc))
-    (datetime.date(2024, 5, 3), True)
-    """
-    if value is None:
-        return None, False
-    if isinstance(value, dt.datetime):
-        return value.date(), True
-    if isinstance(value, dt.date):
-        return value, True
-    text = str(value)
-    try:
-        if len(text) == 4:
-            return dt.date(int(text), 1, 1), False
-        if len(text) == 7:
-            return dt.date(int(text[:4]), int(text[5:7]), 1), False
-        return dt.date.fromisoformat(text[:10]), True
-    except ValueError:
-        return None, False
-
-
-def effective_day(resource: Any, *fields: str) -> tuple[dt.date | None, bool]:
-    for name in fields:
-        value = getattr(resource, name, None)
-        if value is None:
-            continue
-        if name.endswith("Period"):
-            value = value.start or value.end
-        return day_of(value)
-    return None, False
-
-
-def day_span(resource: Any, *fields: str) -> tuple[dt.date, dt.date] | None:
-    """First and last calendar day a date/dateTime/Period may mean (None: no date).
-
-    >>> day_span(type("O", (), {"effectiveDateTime": "2024-02"})(), "effectiveDateTime")
-    (datetime.date(2024, 2, 1), datetime.date(2024, 2, 29))
-    """
-    day, precise = effective_day(resource, *fields)
-    if day is None:
-        return None
-    if precise:
-        return day, day
-    for name in fields:
-        value = getattr(resource, name, None)
-        if value is None:
-            continue
-        text = str(value.start or value.end) if name.endswith("Period") else str(value)
-        if len(text) == 4:
-            return day, dt.date(day.year, 12, 31)
-        next_month = dt.date(day.year + day.month // 12, day.month % 12 + 1, 1)
-        return day, next_month - dt.timedelta(days=1)
-    return day, day
-
-
 # ----------------------------------------------------------------------------- findings
-@dataclass
-class _Lesion:
-    key: str
-    refs: list[str] = field(default_factory=list)
-    sizes_mm: list[Decimal] = field(default_factory=list)
-    lower_bound_mm: list[Decimal] = field(default_factory=list)
-    size_problems: list[str] = field(default_factory=list)
+SizeBound = Literal["exact", "at-least", "below", "at-most"]
+
+
+@dataclass(frozen=True)
+class _Event:
+    """A dated record that marks a boundary (the reference resection)."""
+    when: When
+    ref: str
 
 
 @dataclass
 class _Measurement:
     ref: str
-    lesion_key: str
-    span: tuple[dt.date, dt.date] | None   # the days the measurement may have been taken
+    lesion_key: str                 # focus BodyStructure, else the Observation itself
+    when: When | None               # its own date, else its report's
+    study: str | None               # the study it belongs to (None: cannot be placed)
     size_mm: Decimal | None
-    size_is_lower_bound: bool
+    bound: SizeBound
     size_problem: str | None
+
+
+@dataclass
+class _Study:
+    key: str
+    when: When
+    lesions: dict[str, list[_Measurement]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"the study of {self.when.text}" + ("" if self.key.startswith("time:") else f" ({self.key})")
+
+
+def _upper_of(ms: Iterable[_Measurement]) -> tuple[Decimal, bool] | None:
+    """The largest size a lesion (or a set of lesions) may have: (bound, strict), or None
+    when one of the measurements has no upper bound."""
+    best: tuple[Decimal, bool] | None = None
+    for m in ms:
+        if m.size_mm is None or m.bound == "at-least":
+            return None
+        strict = m.bound == "below"
+        if best is None or m.size_mm > best[0] or (m.size_mm == best[0] and not strict):
+            best = (m.size_mm, strict)
+    return best
 
 
 class FeatureMapper:
@@ -162,20 +140,25 @@ class FeatureMapper:
     def map(self, record: PatientRecord) -> Features:
         self.warnings: list[str] = []
         self.record = record
-        liver = self._liver_recurrence(record)
-        resection_day, resection_refs = self._reference_resection(record)
-        count, size, lesion_days = self._lesions(record, liver.value is True, resection_day)
-        extrahepatic = self._extrahepatic(record, liver)
-        technical = self._technical(record, resection_day)
-        recurrence_day = self._recurrence_day(record, resection_day, lesion_days)
-        adjuvant = self._adjuvant(record, resection_day, resection_refs, recurrence_day)
-        for u in record.unreadable:
-            self.warnings.append(f"{u.ref} is not valid FHIR R4 and was not used: {u.problem}")
+        self._name_what_is_not_evidence(record)
+        resection = self._reference_resection(record)
+        liver, onset = self._liver_recurrence(record, resection)
+        studies, uncertain = self._studies(record, liver.value is True, resection, onset)
+        count, size = self._lesions(record, studies, uncertain)
+        imaging, latest_imaging = self._imaging_currency(record, studies)
+        extrahepatic = self._extrahepatic(record)
+        technical = self._technical(record, resection, latest_imaging)
+        recurrence_when = min((w for w in (onset, studies[0].when if studies else None) if w is not None),
+                              key=When.sort_key, default=None)
+        adjuvant = self._adjuvant(record, resection, recurrence_when)
+        prior = (Fact[bool](value=True, refs=(resection.ref,), note=f"completed liver resection on {resection.when.text}")
+                 if resection else Fact[bool](note="no completed liver resection recorded"))
         return Features(
             patient=record.patient_ref, liver_recurrence=liver, tumour_count=count,
             largest_diameter_mm=size, extrahepatic_disease=extrahepatic,
             technical_resectability=technical, adjuvant_chemotherapy=adjuvant,
-            warnings=tuple(self.warnings),
+            prior_liver_resection=prior, imaging_measurements=imaging,
+            warnings=tuple(dict.fromkeys(self.warnings)),
         )
 
     def _ref(self, resource: Any) -> str:
@@ -183,6 +166,20 @@ class FeatureMapper:
         if resource.id is None:
             return self.record.full_urls.get(id(resource), f"{resource.get_resource_type()}/(no id)")
         return ref(resource)
+
+    def _name_what_is_not_evidence(self, record: PatientRecord) -> None:
+        who = record.patient_ref or "this patient"
+        for u in record.unreadable:
+            self.warnings.append(f"{u.ref} is not valid FHIR R4 and was not used: {u.problem}")
+        for u in record.unattributable:
+            self.warnings.append(f"{u.ref}: unattributable ({u.problem}); not used as evidence for {who}")
+        for u in record.foreign:
+            self.warnings.append(f"{u.ref} {u.problem}, not {who}; ignored")
+
+    def _distrusted_matching(self, record: PatientRecord, rtype: str, *lists: CodeList) -> list[str]:
+        """Unreadable or unattributable resources of a type that may say what ``lists`` mean."""
+        return [u.ref for u in record.distrusted
+                if u.resource_type == rtype and any(cl.matches_any(u.codings) for cl in lists)]
 
     # ------------------------------------------------------------------ conditions
     def _condition_status(self, c: Any) -> str:
@@ -220,31 +217,58 @@ class FeatureMapper:
                 sites.add({True: "liver", False: "extrahepatic", None: "unknown-site"}[is_liver])
         return sites
 
-    def _unreadable_matching(self, record: PatientRecord, rtype: str, *lists: CodeList) -> list[str]:
-        return [u.ref for u in record.unreadable
-                if u.resource_type == rtype and any(cl.matches_any(u.codings) for cl in lists)]
-
-    def _liver_recurrence(self, record: PatientRecord) -> Fact[bool]:
-        active, unconfirmed, ignored = [], [], []
+    def _liver_recurrence(self, record: PatientRecord, resection: _Event | None) -> tuple[Fact[bool], When | None]:
+        """The liver-recurrence fact, and the onset of the recurrence (its earliest dated
+        Condition). A Condition dated before the reference resection is the initial
+        disease; one that cannot be placed against it proves nothing."""
+        active, unconfirmed, ignored, unplaced, onsets = [], [], [], [], []
         for c in record.conditions:
             if "liver" not in self._metastasis_sites(c):
                 continue
             status = self._condition_status(c)
-            {"active": active, "unconfirmed": unconfirmed}.get(status, ignored).append(self._ref(c))
+            if status not in ("active", "unconfirmed"):
+                ignored.append(self._ref(c))
+                continue
+            when = When.of_element(c, "onsetDateTime", "onsetPeriod", "recordedDate")
+            if resection is not None:
+                place = when.relation(resection.when) if when is not None else "uncertain"
+                if place == "before":
+                    self.warnings.append(
+                        f"{self._ref(c)}: liver-metastasis Condition dated {when.text}, before the reference "  # type: ignore[union-attr]
+                        f"resection ({resection.when.text}): the initial disease, not the recurrence")
+                    ignored.append(self._ref(c))
+                    continue
+                if place == "uncertain":
+                    self.warnings.append(
+                        f"{self._ref(c)}: liver-metastasis Condition "
+                        + (f"dated {when.text}" if when else "without a date")
+                        + f" cannot be placed before or after the reference resection ({resection.when.text})")
+                    unplaced.append(self._ref(c))
+                    continue
+            (active if status == "active" else unconfirmed).append(self._ref(c))
+            if status == "active" and when is not None:
+                onsets.append(when)
+        onset = min(onsets, key=When.sort_key, default=None)
         if active:
-            return Fact[bool](value=True, refs=tuple(active))
-        unreadable = self._unreadable_matching(record, "Condition", self.t.liver_metastasis_condition,
+            return Fact[bool](value=True, refs=tuple(active)), onset
+        unreadable = self._distrusted_matching(record, "Condition", self.t.liver_metastasis_condition,
                                                self.t.metastasis_condition_generic)
-        if unconfirmed or unreadable:
-            why = (f"liver metastasis not confirmed ({', '.join(unconfirmed)})" if unconfirmed
-                   else f"liver-metastasis Condition not readable ({', '.join(unreadable)})")
-            return Fact[bool](value=None, refs=tuple(unconfirmed), note=why)
+        if unconfirmed or unreadable or unplaced:
+            parts = []
+            if unconfirmed:
+                parts.append(f"liver metastasis not confirmed ({', '.join(unconfirmed)})")
+            if unplaced:
+                parts.append(f"liver metastasis not placed after the resection ({', '.join(unplaced)})")
+            if unreadable:
+                parts.append(f"liver-metastasis Condition not readable or not attributable ({', '.join(unreadable)})")
+            return Fact[bool](value=None, refs=tuple(unconfirmed + unplaced), note="; ".join(parts)), None
         note = "no liver-metastasis Condition in the record"
         if ignored:
-            note = f"liver-metastasis Conditions withdrawn or no longer active: {', '.join(ignored)}"
-        return Fact[bool](value=False, refs=tuple(ignored), note=note)
+            note = ("liver-metastasis Conditions withdrawn, no longer active or before the resection: "
+                    f"{', '.join(ignored)}")
+        return Fact[bool](value=False, refs=tuple(ignored), note=note), None
 
-    def _extrahepatic(self, record: PatientRecord, liver: Fact[bool]) -> Fact[bool]:
+    def _extrahepatic(self, record: PatientRecord) -> Fact[bool]:
         confirmed, doubtful, ignored = [], [], []
         for c in record.conditions:
             sites = self._metastasis_sites(c)
@@ -259,11 +283,11 @@ class FeatureMapper:
                 ignored.append(self._ref(c))
         if confirmed:
             return Fact[bool](value=True, refs=tuple(confirmed))
-        unreadable = self._unreadable_matching(record, "Condition", self.t.extrahepatic_metastasis_condition,
+        unreadable = self._distrusted_matching(record, "Condition", self.t.extrahepatic_metastasis_condition,
                                                self.t.metastasis_condition_generic)
         if doubtful or unreadable:
-            note = ("extrahepatic metastasis suspected but not confirmed, or its site is not coded: "
-                    f"{', '.join(doubtful + unreadable)}")
+            note = ("extrahepatic metastasis suspected but not confirmed, its site is not coded, or its record "
+                    f"is not readable or not attributable: {', '.join(doubtful + unreadable)}")
             return Fact[bool](value=None, refs=tuple(doubtful), note=note)
         note = "no active, confirmed extrahepatic metastasis recorded"
         if ignored:
@@ -271,58 +295,58 @@ class FeatureMapper:
         return Fact[bool](value=False, refs=tuple(ignored), note=note)
 
     # ------------------------------------------------------------------ resection
-    def _reference_resection(self, record: PatientRecord) -> tuple[dt.date | None, tuple[str, ...]]:
-        """The latest completed hepatectomy: its day and reference."""
-        best: tuple[dt.date, str] | None = None
+    def _reference_resection(self, record: PatientRecord) -> _Event | None:
+        """The latest completed hepatectomy."""
+        best: _Event | None = None
         for p in record.procedures:
             if p.status not in DONE_PROCEDURE or not self.t.hepatectomy_procedure.matches_any(codings(p.code)):
                 continue
-            day, _ = effective_day(p, "performedDateTime", "performedPeriod")
-            if day is None:
+            when = When.of_element(p, "performedDateTime", "performedPeriod")
+            if when is None:
                 self.warnings.append(f"{self._ref(p)}: hepatectomy without a date; not used as the reference resection")
                 continue
-            if best is None or day > best[0]:
-                best = (day, self._ref(p))
-        if best is None:
-            return None, ()
-        return best[0], (best[1],)
+            if best is None or when.sort_key() > best.when.sort_key():
+                best = _Event(when, self._ref(p))
+        return best
 
     # ------------------------------------------------------------------ lesions
-    def _size_mm(self, quantity: Any, where: str) -> tuple[Decimal | None, bool, str | None]:
-        """(millimetres, is a lower bound, problem)."""
+    def _size_mm(self, quantity: Any, where: str) -> tuple[Decimal | None, SizeBound, str | None]:
+        """(millimetres, what the number is: exact or a bound, problem)."""
         if quantity is None or quantity.value is None:
-            return None, False, f"{where}: no value"
+            return None, "exact", f"{where}: no value"
+        if quantity.system not in (None, UCUM):
+            return None, "exact", f"{where}: unit system {quantity.system!r} is not UCUM"
         unit = quantity.code or quantity.unit
         factor = self.t.length_units_to_mm.get(unit or "")
         if factor is None:
-            return None, False, f"{where}: unit {unit!r} is not a known length unit"
+            return None, "exact", f"{where}: unit {unit!r} is not a known UCUM length unit"
         value = Decimal(quantity.value)
         if not value.is_finite() or value <= 0:
-            return None, False, f"{where}: size {value} {unit} is not a positive length"
-        if quantity.comparator in ("<", "<="):
-            return None, False, f"{where}: size given only as {quantity.comparator} {value} {unit}"
+            return None, "exact", f"{where}: size {value} {unit} is not a positive length"
         mm = value * factor
+        bound: SizeBound = {"<": "below", "<=": "at-most", ">": "at-least", ">=": "at-least"}.get(
+            quantity.comparator or "", "exact")
         limits = self.t.plausible_diameter_mm
-        if not limits.minimum <= mm <= limits.maximum:
-            return None, False, (f"{where}: size {value} {unit} is outside the plausible range "
-                                 f"{limits.minimum}-{limits.maximum} mm")
-        return mm, quantity.comparator in (">", ">="), None
+        if bound in ("exact", "at-least") and not limits.minimum <= mm <= limits.maximum:
+            return None, "exact", (f"{where}: size {value} {unit} is outside the plausible range "
+                                   f"{limits.minimum}-{limits.maximum} mm")
+        return mm, bound, None
 
-    def _measurement_size(self, o: Any) -> tuple[Decimal | None, bool, str | None] | None:
+    def _measurement_size(self, o: Any) -> tuple[Decimal | None, SizeBound, str | None] | None:
         """Size of a tumour-size Observation, or None when it is not one."""
         where = self._ref(o)
         for comp in o.component or []:
             if self.t.longest_dimension.matches_any(codings(comp.code)):
                 if comp.dataAbsentReason is not None:
-                    return None, False, f"{where}: longest dimension absent ({comp.dataAbsentReason.text or concept_code(comp.dataAbsentReason, 'http://terminology.hl7.org/CodeSystem/data-absent-reason')})"
+                    return None, "exact", f"{where}: longest dimension absent ({comp.dataAbsentReason.text or concept_code(comp.dataAbsentReason, DATA_ABSENT)})"
                 return self._size_mm(comp.valueQuantity, where)
         pairs = codings(o.code)
         if not (self.t.tumour_size_observation.matches_any(pairs) or self.t.longest_dimension.matches_any(pairs)):
             return None
         if o.dataAbsentReason is not None:
-            return None, False, f"{where}: size absent ({o.dataAbsentReason.text or concept_code(o.dataAbsentReason, 'http://terminology.hl7.org/CodeSystem/data-absent-reason')})"
+            return None, "exact", f"{where}: size absent ({o.dataAbsentReason.text or concept_code(o.dataAbsentReason, DATA_ABSENT)})"
         if o.valueQuantity is None:
-            return None, False, f"{where}: no longest dimension (no component 33728-7 and no valueQuantity)"
+            return None, "exact", f"{where}: no longest dimension (no component 33728-7 and no valueQuantity)"
         return self._size_mm(o.valueQuantity, where)
 
     def _is_liver_lesion(self, o: Any, record: PatientRecord, liver_recurrence: bool) -> bool:
@@ -352,82 +376,225 @@ class FeatureMapper:
                 return target
         return self._ref(o)
 
-    def _lesions(self, record: PatientRecord, liver_recurrence: bool,
-                 resection_day: dt.date | None) -> tuple[Fact[int], Fact[Decimal], list[dt.date]]:
-        measurements: list[_Measurement] = []
+    def _reports(self, record: PatientRecord) -> tuple[dict[str, str], dict[str, When | None]]:
+        """(Observation ref -> its study key, study key -> the report's date) from the
+        DiagnosticReports that list measurements as ``result``."""
+        study_of: dict[str, str] = {}
+        when_of: dict[str, When | None] = {}
+        for dr in record.diagnostic_reports:
+            if dr.status in WITHDRAWN_REPORT:
+                continue
+            key = next((plain_ref(i.reference) for i in dr.imagingStudy or [] if i.reference), None) or self._ref(dr)
+            when_of.setdefault(key, When.of_element(dr, "effectiveDateTime", "effectivePeriod"))
+            for r in dr.result or []:
+                target = plain_ref(r.reference)
+                if target:
+                    study_of[target] = key
+                    study_of.setdefault(f"DiagnosticReport:{self._ref(dr)}", key)
+        return study_of, when_of
+
+    def _study_link(self, o: Any, study_of: dict[str, str]) -> str | None:
+        """The study an Observation names itself: a report that lists it, or an
+        ImagingStudy / DiagnosticReport in derivedFrom or partOf."""
+        own = plain_ref(self._ref(o))
+        if own in study_of:
+            return study_of[own]
+        for link in [*(o.derivedFrom or []), *(o.partOf or [])]:
+            target = plain_ref(link.reference)
+            if target and target.startswith("ImagingStudy/"):
+                return target
+            if target and target.startswith("DiagnosticReport/"):
+                return study_of.get(f"DiagnosticReport:{target}", target)
+        return None
+
+    def _studies(self, record: PatientRecord, liver_recurrence: bool, resection: _Event | None,
+                 onset: When | None) -> tuple[list[_Study], list[_Measurement]]:
+        """The imaging studies of the recurrence, oldest first, and the measurements that
+        cannot be placed in one (no date, or a month or year that straddles the
+        resection): those can only add lesions."""
+        study_of, report_when = self._reports(record)
+        placed: list[_Measurement] = []
+        uncertain: list[_Measurement] = []
+        initial: list[str] = []
         for o in record.observations:
             if o.status in WITHDRAWN_OBSERVATION:
                 continue
             size = self._measurement_size(o)
             if size is None or not self._is_liver_lesion(o, record, liver_recurrence):
                 continue
-            span = day_span(o, "effectiveDateTime", "effectivePeriod", "effectiveInstant")
-            if span is not None and resection_day is not None and span[1] <= resection_day:
-                continue  # initial diagnosis, before (or on the day of) the reference resection
-            if span is not None and span[0] != span[1]:
-                self.warnings.append(f"{self._ref(o)}: date known only to the month or year")
-            measurements.append(_Measurement(self._ref(o), self._lesion_key(o), span, *size))
+            link = self._study_link(o, study_of)
+            when = When.of_element(o, "effectiveDateTime", "effectivePeriod", "effectiveInstant")
+            if when is None and link is not None:
+                when = report_when.get(link)
+            m = _Measurement(self._ref(o), self._lesion_key(o), when, None, *size)
+            if when is None:
+                uncertain.append(m)
+                continue
+            if resection is not None:
+                place = when.relation(resection.when)
+                if place == "before":
+                    initial.append(m.ref)
+                    continue
+            elif onset is not None:
+                if when.end <= onset.start:
+                    self.warnings.append(
+                        f"{m.ref}: measured {when.text}, before the liver-recurrence Condition ({onset.text}), with "
+                        "no resection recorded: not counted")
+                    continue
+                place = "after" if when.start >= onset.start or when.fine else "uncertain"
+            else:
+                place = "after"
+            if place == "uncertain" or (link is None and not when.fine):
+                uncertain.append(m)
+                continue
+            m.study = link
+            placed.append(m)
+        if initial:
+            self.warnings.append("measurements before the reference resection (initial disease) not counted: "
+                                 + ", ".join(initial))
+        # Studies named by the record first; then measurements that name none join a study
+        # (or each other) when they are at the same time, within the tolerance.
+        studies: dict[str, _Study] = {}
+        for m in placed:
+            if m.study is None:
+                continue
+            assert m.when is not None
+            study = studies.get(m.study)
+            if study is None:
+                study = studies[m.study] = _Study(m.study, report_when.get(m.study) or m.when)
+            elif report_when.get(m.study) is None:
+                study.when = study.when.union(m.when)
+            study.lesions.setdefault(m.lesion_key, []).append(m)
+        tolerance = dt.timedelta(minutes=self.t.unlinked_study_tolerance_minutes)
+        named = list(studies.values())
+        clusters: list[_Study] = []
+        for m in sorted((m for m in placed if m.study is None), key=lambda m: m.when.sort_key()):  # type: ignore[union-attr]
+            assert m.when is not None
+            home = next((s for s in named if s.when.near(m.when, tolerance)), None)
+            if home is None:
+                home = next((s for s in reversed(clusters) if s.when.near(m.when, tolerance)), None)
+                if home is None:
+                    home = _Study(f"time:{m.when.key}", m.when)
+                    clusters.append(home)
+                    studies[home.key] = home
+                else:
+                    home.when = home.when.union(m.when)
+            m.study = home.key
+            home.lesions.setdefault(m.lesion_key, []).append(m)
+        for m in uncertain:
+            self.warnings.append(f"{m.ref}: tumour measurement that cannot be placed in time "
+                                 + (f"({m.when.text})" if m.when else "(no date)")
+                                 + "; count and size are lower bounds")
+        return sorted(studies.values(), key=lambda s: s.when.sort_key()), uncertain
 
-        # Precisely dated measurements after the resection fix the latest imaging date.
-        def placed(m: _Measurement) -> bool:
-            return (m.span is not None and m.span[0] == m.span[1]
-                    and (resection_day is None or m.span[0] > resection_day))
+    def _unaccounted(self, studies: list[_Study]) -> list[str]:
+        """Why the latest study does not account for every lesion seen earlier."""
+        if len(studies) < 2:
+            return []
+        latest = studies[-1]
+        problems = []
+        for s in studies[:-1]:
+            for key in s.lesions:
+                if key.startswith("BodyStructure/") and key not in latest.lesions:
+                    problems.append(f"lesion {key} seen on {s.label} is not measured on the latest study "
+                                    f"({latest.when.text}): not accounted for")
+            if len(latest.lesions) < len(s.lesions):
+                problems.append(f"the latest study ({latest.when.text}) measures {len(latest.lesions)} lesion(s), "
+                                f"fewer than the {len(s.lesions)} of {s.label}: not accounted for")
+        return list(dict.fromkeys(problems))
 
-        latest = max((m.span[0] for m in measurements if placed(m)), default=None)
-        current = [m for m in measurements if placed(m) and m.span[0] == latest]
-        # What cannot be placed (no date, a month that may be the latest, a period that
-        # straddles the resection) can only add lesions: count and size become lower bounds.
-        uncertain = [m for m in measurements if not placed(m) and (m.span is None or latest is None
-                                                                    or m.span[1] >= latest)]
-        unreadable = self._unreadable_matching(record, "Observation", self.t.tumour_size_observation,
+    def _lesions(self, record: PatientRecord, studies: list[_Study],
+                 uncertain: list[_Measurement]) -> tuple[Fact[int], Fact[Decimal]]:
+        """Count and largest size over the studies of the recurrence: a factor shown on
+        any study stays shown; absence needs the latest study to account for all."""
+        distrusted = self._distrusted_matching(record, "Observation", self.t.tumour_size_observation,
                                                self.t.longest_dimension)
-        if uncertain or unreadable:
-            self.warnings.append("tumour measurements that cannot be placed in time or read: "
-                                 f"{', '.join([m.ref for m in uncertain] + unreadable)}; count and size are "
-                                 "lower bounds")
-        current += uncertain
-        lesion_days = sorted({m.span[0] for m in measurements if placed(m)})
-        if not current:
+        if distrusted:
+            self.warnings.append("tumour measurements that cannot be read or attributed: "
+                                 f"{', '.join(distrusted)}; count and size are lower bounds")
+        if not studies and not uncertain:
             note = "no tumour measurement of the liver after the reference resection"
-            if unreadable:
-                note = f"tumour measurements not readable: {', '.join(unreadable)}"
-            return Fact[int](note=note), Fact[Decimal](note=note), lesion_days
+            if distrusted:
+                note = f"tumour measurements not readable or not attributable: {', '.join(distrusted)}"
+            return Fact[int](note=note), Fact[Decimal](note=note)
+        unaccounted = self._unaccounted(studies)
+        self.warnings.extend(unaccounted)
+        doubt = bool(uncertain or distrusted or unaccounted)
+        all_ms = [m for s in studies for ms in s.lesions.values() for m in ms] + uncertain
+        refs = tuple(dict.fromkeys(m.ref for m in all_ms))
 
-        lesions: dict[str, _Lesion] = {}
-        for m in current:
-            lesion = lesions.setdefault(m.lesion_key, _Lesion(m.lesion_key))
-            lesion.refs.append(m.ref)
-            if m.size_mm is not None:
-                (lesion.lower_bound_mm if m.size_is_lower_bound else lesion.sizes_mm).append(m.size_mm)
-            elif m.size_problem:
-                lesion.size_problems.append(m.size_problem)
-        refs = tuple(r for lesion in lesions.values() for r in lesion.refs)
-        bound = bool(uncertain or unreadable)
-        when = f"on {latest.isoformat()}" if latest else "(not placed in time)"
-        count = Fact[int](value=len(lesions), refs=refs, lower_bound=bound,
-                          note=f"{len(lesions)} distinct lesion(s) measured {when}"
-                               + ("; at least this many" if bound else ""))
+        # Count: the most distinct lesions on one study (with what cannot be placed, at least
+        # as many as the latest study plus those).
+        biggest = max(studies, key=lambda s: len(s.lesions), default=None)
+        n = len(biggest.lesions) if biggest else 0
+        if uncertain:
+            n = max(n, len(set(studies[-1].lesions if studies else ()) | {m.lesion_key for m in uncertain}))
+        where = f"on {biggest.label}" if biggest else "(not placed in time)"
+        count = Fact[int](value=n, refs=refs, lower_bound=doubt,
+                          note=f"{n} distinct lesion(s) {where}" + ("; at least this many" if doubt else "")
+                               + (f" ({'; '.join(unaccounted)})" if unaccounted else ""))
 
-        exact = [max(lz.sizes_mm) for lz in lesions.values() if lz.sizes_mm]
-        floors = [max(lz.lower_bound_mm) for lz in lesions.values() if not lz.sizes_mm and lz.lower_bound_mm]
-        unsized = [lz for lz in lesions.values() if not lz.sizes_mm and not lz.lower_bound_mm]
-        problems = [p for lz in unsized for p in lz.size_problems]
+        # Size: the largest any measurement shows (can prove >= t), and the largest any
+        # lesion may be (can prove < t only when nothing is in doubt).
+        lows = [m.size_mm for m in all_ms if m.size_mm is not None and m.bound in ("exact", "at-least")]
+        problems = list(dict.fromkeys(m.size_problem for m in all_ms if m.size_problem))
         self.warnings.extend(problems)
-        if not exact and not floors:
-            size = Fact[Decimal](refs=refs, note="; ".join(problems) or "no lesion size recorded")
-        else:
-            largest = max(exact + floors)
-            size_bound = bound or bool(floors) or bool(unsized)
-            note = f"largest of {len(lesions)} lesion(s) {when}"
-            if size_bound:
-                note += ("; at least this large: " + "; ".join(
-                    problems or ["a size is given only as a lower bound or a measurement could not be used"]))
-            size = Fact[Decimal](value=largest, refs=refs, lower_bound=size_bound, note=note)
-        return count, size, lesion_days
+        upper = None if doubt or problems else _upper_of(all_ms)
+        low = max(lows, default=None)
+        if low is None and upper is None:
+            return count, Fact[Decimal](refs=refs, note="; ".join(problems + unaccounted) or "no lesion size recorded")
+        span = f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} of the recurrence"
+        if upper is not None and low is not None and upper == (low, False):
+            return count, Fact[Decimal](value=low, refs=refs, note=f"largest lesion on {span}")
+        note = f"largest lesion on {span}"
+        if low is not None:
+            note += f": at least {low} mm"
+        if upper is not None:
+            note += f"; {'below' if upper[1] else 'at most'} {upper[0]} mm"
+        why = problems + unaccounted + (["a measurement could not be placed, read or attributed"]
+                                        if uncertain or distrusted else [])
+        if why:
+            note += " (" + "; ".join(why) + ")"
+        return count, Fact[Decimal](value=low, refs=refs, lower_bound=low is not None,
+                                    at_most=upper[0] if upper else None,
+                                    at_most_strict=upper[1] if upper else False, note=note)
+
+    # ------------------------------------------------------------------ imaging currency
+    def _imaging_currency(self, record: PatientRecord, studies: list[_Study]) -> tuple[Fact[bool], When | None]:
+        """Whether the latest imaging report has the structured measurements used (False:
+        a newer report has text only), and the date of the latest imaging."""
+        latest = studies[-1].when if studies else None
+        if latest is None:
+            return Fact[bool](value=True), None
+        measured = {plain_ref(m.ref) for s in studies for ms in s.lesions.values() for m in ms}
+        newer, newest = [], latest
+        for dr in record.diagnostic_reports:
+            if dr.status in WITHDRAWN_REPORT or not self.t.radiology_report_category.matches_any(
+                    codings(*(dr.category or []))):
+                continue
+            when = When.of_element(dr, "effectiveDateTime", "effectivePeriod") or When.of(dr.issued)
+            if when is None or not when.after(latest):
+                continue
+            if any(plain_ref(r.reference) in measured for r in dr.result or []):
+                continue
+            newer.append(self._ref(dr))
+            self.warnings.append(f"{self._ref(dr)}: imaging report of {when.text} is newer than the latest tumour "
+                                 f"measurements ({latest.text}) and has no structured measurements; the "
+                                 "measurements may be stale and the result stays preliminary")
+            if when.sort_key() > newest.sort_key():
+                newest = when
+        if newer:
+            return Fact[bool](value=False, refs=tuple(newer),
+                              note=f"newer imaging report(s) without measurements: {', '.join(newer)}"), newest
+        return Fact[bool](value=True, note=f"latest measured study {latest.text}"), latest
 
     # ------------------------------------------------------------------ technical judgement
-    def _technical(self, record: PatientRecord, resection_day: dt.date | None) -> Fact:
-        judgements: list[tuple[dt.date | None, str | None, str]] = []
+    def _technical(self, record: PatientRecord, resection: _Event | None, latest_imaging: When | None) -> Fact:
+        """The care team's latest technical judgement of the recurrence. One dated before
+        the latest imaging is stale (a new scan never inherits an old "final"); one that
+        cannot be dated against the imaging is not used either."""
+        judgements: list[tuple[When, str | None, str]] = []
+        stale: list[str] = []
         for o in record.observations:
             if o.status in WITHDRAWN_OBSERVATION:
                 continue
@@ -437,9 +604,19 @@ class FeatureMapper:
                 self.warnings.append(f"{self._ref(o)}: technical resectability assessment is {o.status}, "
                                      "not final; not used")
                 continue
-            day, _ = effective_day(o, "effectiveDateTime", "effectivePeriod", "effectiveInstant")
-            if day is not None and resection_day is not None and day <= resection_day:
+            when = When.of_element(o, "effectiveDateTime", "effectivePeriod", "effectiveInstant")
+            if when is not None and resection is not None and when.relation(resection.when) == "before":
                 continue  # a judgement about the initial disease, not the recurrence
+            if when is None:
+                self.warnings.append(f"{self._ref(o)}: technical resectability assessment without a date; "
+                                     "it cannot be shown to be current, so it is not used")
+                stale.append(self._ref(o))
+                continue
+            if latest_imaging is not None and when.end <= latest_imaging.start:
+                self.warnings.append(f"{self._ref(o)}: technical resectability assessment of {when.text} is older "
+                                     f"than the latest imaging ({latest_imaging.text}): stale, treated as not assessed")
+                stale.append(self._ref(o))
+                continue
             value = None
             if o.valueBoolean is not None:
                 value = "resectable" if o.valueBoolean else "unresectable"
@@ -451,38 +628,30 @@ class FeatureMapper:
                     value = "resectable"
             if value is None and o.dataAbsentReason is None:
                 self.warnings.append(f"{self._ref(o)}: technical resectability value not recognised")
-            judgements.append((day, value, self._ref(o)))
+            judgements.append((when, value, self._ref(o)))
         usable = [j for j in judgements if j[1] is not None]
         if not usable:
-            return Fact(note="no technical resectability assessment recorded after the reference resection",
-                        refs=tuple(j[2] for j in judgements))
-        latest_day = max((j[0] for j in usable if j[0] is not None), default=None)
-        latest = [j for j in usable if j[0] == latest_day] if latest_day else usable
+            note = "no technical resectability assessment recorded after the reference resection"
+            if stale:
+                note = f"technical resectability assessments older than the latest imaging or undated: {', '.join(stale)}"
+            return Fact(note=note, refs=tuple(j[2] for j in judgements))
+        newest = max(usable, key=lambda j: j[0].sort_key())[0]
+        latest = [j for j in usable if not newest.after(j[0])]
         values = {j[1] for j in latest}
         refs = tuple(j[2] for j in latest)
         if len(values) > 1:
             self.warnings.append(f"conflicting technical resectability assessments: {', '.join(refs)}")
-            return Fact(refs=refs, note="conflicting technical resectability assessments on the same day")
+            return Fact(refs=refs, note="conflicting technical resectability assessments at the same time")
         return Fact(value=values.pop(), refs=refs)
 
     # ------------------------------------------------------------------ chemotherapy
-    def _recurrence_day(self, record: PatientRecord, resection_day: dt.date | None,
-                        lesion_days: list[dt.date]) -> dt.date | None:
-        days = []
-        for c in record.conditions:
-            if "liver" in self._metastasis_sites(c) and self._condition_status(c) == "active":
-                day, _ = effective_day(c, "onsetDateTime", "onsetPeriod", "recordedDate")
-                if day is not None and (resection_day is None or day > resection_day):
-                    days.append(day)
-        days += lesion_days[:1]
-        return min(days) if days else None
-
-    def _chemo_records(self, record: PatientRecord) -> tuple[list[tuple[dt.date | None, str]], list[str]]:
-        """(dated chemotherapy records, records that might be chemotherapy but cannot be read)."""
+    def _chemo_records(self, record: PatientRecord) -> tuple[list[tuple[When | None, str]], list[str]]:
+        """(dated chemotherapy records, records that might be chemotherapy but cannot be
+        read or attributed)."""
         found, doubtful = [], []
         for p in record.procedures:
             if p.status in ("completed", "in-progress") and self.t.chemotherapy_procedure.matches_any(codings(p.code)):
-                found.append((effective_day(p, "performedDateTime", "performedPeriod")[0], self._ref(p)))
+                found.append((When.of_element(p, "performedDateTime", "performedPeriod"), self._ref(p)))
         for statuses, items in ((GIVEN_ADMINISTRATION, record.medication_administrations),
                                 (TAKEN_STATEMENT, record.medication_statements)):
             for m in items:
@@ -496,38 +665,37 @@ class FeatureMapper:
                         continue
                     concept = med.code
                 if concept is not None and self.t.chemotherapy_medication.matches_any(codings(concept)):
-                    found.append((effective_day(m, "effectiveDateTime", "effectivePeriod")[0], self._ref(m)))
+                    found.append((When.of_element(m, "effectiveDateTime", "effectivePeriod"), self._ref(m)))
         for rtype in ("Procedure", "MedicationAdministration", "MedicationStatement"):
-            doubtful += self._unreadable_matching(record, rtype, self.t.chemotherapy_procedure,
+            doubtful += self._distrusted_matching(record, rtype, self.t.chemotherapy_procedure,
                                                   self.t.chemotherapy_medication)
         return found, doubtful
 
-    def _adjuvant(self, record: PatientRecord, resection_day: dt.date | None, resection_refs: tuple[str, ...],
-                  recurrence_day: dt.date | None) -> Fact[bool]:
-        if resection_day is None:
+    def _adjuvant(self, record: PatientRecord, resection: _Event | None, recurrence: When | None) -> Fact[bool]:
+        if resection is None:
             return Fact[bool](note="no completed hepatectomy recorded, so no adjuvant window")
         given, undated, unplaced = [], [], []
         records, doubtful = self._chemo_records(record)
-        for day, r in records:
-            if day is None:
+        for when, r in records:
+            if when is None:
                 undated.append(r)
-            elif day > resection_day and recurrence_day is None:
+            elif when.after(resection.when) and recurrence is None:
                 unplaced.append(r)  # after the resection, but the recurrence date is unknown
-            elif day > resection_day and day < recurrence_day:
+            elif when.after(resection.when) and recurrence.after(when):  # type: ignore[union-attr]
                 given.append(r)
         if given:
-            return Fact[bool](value=True, refs=resection_refs + tuple(given))
+            return Fact[bool](value=True, refs=(resection.ref, *given))
         if doubtful:
-            return Fact[bool](refs=resection_refs,
-                              note=f"records that may be chemotherapy cannot be read: {', '.join(doubtful)}")
+            return Fact[bool](refs=(resection.ref,),
+                              note=f"records that may be chemotherapy cannot be read or attributed: {', '.join(doubtful)}")
         if undated or unplaced:
             why = (f"chemotherapy records without a date: {', '.join(undated)}" if undated else
                    f"chemotherapy after the resection ({', '.join(unplaced)}) but the recurrence date is "
                    "unknown, so it cannot be called adjuvant")
             return Fact[bool](refs=tuple(undated + unplaced), note=why)
-        return Fact[bool](value=False, refs=resection_refs,
-                          note=f"no chemotherapy recorded after the resection of {resection_day}"
-                               + (f" and before the recurrence ({recurrence_day})" if recurrence_day else ""))
+        return Fact[bool](value=False, refs=(resection.ref,),
+                          note=f"no chemotherapy recorded after the resection of {resection.when.text}"
+                               + (f" and before the recurrence ({recurrence.text})" if recurrence else ""))
 
 
 def map_features(record: PatientRecord, terminology: Terminology) -> Features:

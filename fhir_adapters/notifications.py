@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from fhir_adapters.mapping import plain_ref
+from fhir_adapters.reference import plain_ref
 
 Kind = Literal["handshake", "heartbeat", "event-notification", "query-status", "query-event", "resource", "empty"]
 KINDS = ("handshake", "heartbeat", "event-notification", "query-status", "query-event")

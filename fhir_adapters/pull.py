@@ -9,8 +9,10 @@ The searches are built from the terminology (:class:`Searches`), so a site's own
 are fetched too. Resources that other resources point at (focus BodyStructures,
 Medications) are fetched by id afterwards: ``BodyStructure?patient=`` is not supported
 everywhere, and a server that silently ignores a search parameter returns everyone's
-resources. For the same reason, any resource whose subject is another patient is
-dropped.
+resources. Whose each resource is, is decided once, by :mod:`fhir_adapters.reference`:
+a record is built with the patient's identity (its id on this server, its
+identifiers), so a resource the server returned that names someone else is ignored and
+named, and one that names no one is unattributable (never evidence of absence).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from typing import Iterable, Iterator
 from urllib.parse import urlencode
 
 from fhir_adapters.client import FhirClient, FhirError
-from fhir_adapters.mapping import plain_ref
 from fhir_adapters.record import PatientRecord
+from fhir_adapters.reference import SHARED_TYPES, PatientIdentity, patient_of, plain_ref
 from fhir_adapters.terminology import CodeList, Terminology
 
 PAGE_SIZE = 500
@@ -34,6 +36,7 @@ PATIENT_SEARCHES = (
     ("Procedure", "patient"),
     ("MedicationAdministration", "patient"),
     ("MedicationStatement", "patient"),
+    ("DiagnosticReport", "patient"),
 )
 
 
@@ -65,6 +68,10 @@ class Searches:
                                    t.technical_resectability_observation)
                 if codes:
                     params["code"] = codes
+            if rtype == "DiagnosticReport":
+                categories = token_list(t.radiology_report_category)
+                if categories:
+                    params["category"] = categories
             out.append((rtype, params))
         return out
 
@@ -158,14 +165,6 @@ def _run_searches_one_by_one(client: FhirClient, searches: list[tuple[str, dict[
     return list(found.values())
 
 
-def _subject(resource: dict) -> str | None:
-    for key in ("subject", "patient"):
-        ref = plain_ref((resource.get(key) or {}).get("reference"))
-        if ref and ref.startswith("Patient/"):
-            return ref
-    return None
-
-
 def referenced_searches(resources: list[dict]) -> list[tuple[str, dict[str, str]]]:
     """Searches by id for the Medications and focus BodyStructures not yet fetched."""
     have = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
@@ -180,28 +179,25 @@ def referenced_searches(resources: list[dict]) -> list[tuple[str, dict[str, str]
     return [(rtype, {"_id": ",".join(sorted(ids))}) for rtype, ids in sorted(wanted.items())]
 
 
-def _belongs_to(resource: dict, patients: set[str]) -> bool:
-    """False for a resource whose subject/patient is someone else (a search parameter
-    the server ignored). Resources without a subject (Medication) are kept."""
-    if resource.get("resourceType") == "Patient":
-        return f"Patient/{resource.get('id')}" in patients
-    owner = _subject(resource)
-    return owner is None or owner in patients
-
-
-def _with_references(client: FhirClient, resources: list[dict], patients: set[str]) -> list[dict]:
-    resources = [r for r in resources if _belongs_to(r, patients)]
+def _with_references(client: FhirClient, resources: list[dict]) -> list[dict]:
     extra = referenced_searches(resources)
     if extra:
-        resources += [r for r in _run_searches(client, extra) if _belongs_to(r, patients)]
+        resources += _run_searches(client, extra)
     return resources
+
+
+def patient_record(client: FhirClient, patient_id: str, resources: list[dict]) -> PatientRecord:
+    """The record of ``Patient/patient_id`` on this server from the resources fetched for it."""
+    patient = next((r for r in resources if r.get("resourceType") == "Patient" and r.get("id") == patient_id), None)
+    identity = PatientIdentity.of_patient(patient, patient_id=patient_id, bases=[client.base_url])
+    return PatientRecord.from_resources(resources, identity)
 
 
 def fetch_patient(client: FhirClient, patient_id: str, terminology: Terminology) -> list[dict]:
     """All resources the mapping needs for one patient."""
     resources = _run_searches(client, Searches(terminology).for_patients([patient_id]),
                               extra_reads=[f"Patient/{patient_id}"])
-    return _with_references(client, resources, {f"Patient/{patient_id}"})
+    return _with_references(client, resources)
 
 
 def changed_patients_since(client: FhirClient, terminology: Terminology, since: str) -> tuple[set[str], str | None]:
@@ -212,7 +208,7 @@ def changed_patients_since(client: FhirClient, terminology: Terminology, since: 
     for rtype, params in Searches(terminology).watched():
         query = {**params, "_lastUpdated": f"ge{since}", "_count": str(PAGE_SIZE)}
         for resource in client.search(rtype, query):
-            subject = _subject(resource)
+            subject = patient_of(resource, client.base_url)
             if subject:
                 patients.add(subject)
             updated = (resource.get("meta") or {}).get("lastUpdated")
@@ -222,8 +218,8 @@ def changed_patients_since(client: FhirClient, terminology: Terminology, since: 
 
 
 def mentions_metastasis(record: PatientRecord, terminology: Terminology) -> bool:
-    """The record has a Condition coded as a (liver) metastasis: the same cohort as
-    :func:`patients_with_liver_metastasis`, for data fetched in bulk."""
+    """The record has a Condition of its own coded as a (liver) metastasis: the same
+    cohort as :func:`patients_with_liver_metastasis`, for data fetched in bulk."""
     lists = (terminology.liver_metastasis_condition, terminology.metastasis_condition_generic)
     return any(cl.matches(c.system, c.code) for cond in record.conditions
                for c in (cond.code.coding or [] if cond.code else []) for cl in lists) or any(
@@ -234,7 +230,7 @@ def patients_with_liver_metastasis(client: FhirClient, terminology: Terminology)
     """Ids of the patients with a (liver-)metastasis Condition, in a stable order."""
     ids: dict[str, None] = {}
     for condition in client.search("Condition", Searches(terminology).recurrence_conditions()):
-        subject = _subject(condition)
+        subject = patient_of(condition, client.base_url)
         if subject:
             ids[subject.split("/", 1)[1]] = None
     return list(ids)
@@ -251,17 +247,28 @@ def fetch_population(client: FhirClient, patient_ids: list[str], terminology: Te
         ids = patient_ids[start:start + chunk]
         try:
             resources = _run_searches(client, searches.for_patients(ids) + [("Patient", {"_id": ",".join(ids)})])
-            resources = _with_references(client, resources, {f"Patient/{pid}" for pid in ids})
+            resources = _with_references(client, resources)
         except FhirError as exc:
             for pid in ids:
                 yield pid, exc
             continue
-        by_patient: dict[str, list[dict]] = defaultdict(list)
-        shared = [r for r in resources if r.get("resourceType") == "Medication"
-                  or (r.get("resourceType") == "BodyStructure" and _subject(r) is None)]
-        for r in resources:
-            owner = f"Patient/{r.get('id')}" if r.get("resourceType") == "Patient" else _subject(r)
-            if owner:
-                by_patient[owner].append(r)
-        for pid in ids:
-            yield pid, PatientRecord.from_resources(by_patient.get(f"Patient/{pid}", []) + shared)
+        for pid, own in group_by_patient(resources, ids, client.base_url).items():
+            yield pid, patient_record(client, pid, own)
+
+
+def group_by_patient(resources: list[dict], patient_ids: list[str], base: str | None) -> dict[str, list[dict]]:
+    """The resources of a multi-patient search, per patient. Shared resources
+    (Medication) go to everyone; resources that name none of these patients by a literal
+    reference go to everyone too, where each record names them as unattributable (or
+    ignores them as someone else's): nothing is dropped unseen. Resources of patients
+    outside ``patient_ids`` (a search parameter the server ignored) are left out."""
+    wanted = {f"Patient/{pid}": pid for pid in patient_ids}
+    by_patient: dict[str, list[dict]] = {pid: [] for pid in patient_ids}
+    everyone: list[dict] = []
+    for r in resources:
+        owner = patient_of(r, base)
+        if owner in wanted:
+            by_patient[wanted[owner]].append(r)
+        elif r.get("resourceType") in SHARED_TYPES or (owner is None and r.get("resourceType") != "Patient"):
+            everyone.append(r)
+    return {pid: own + everyone for pid, own in by_patient.items()}

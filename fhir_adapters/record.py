@@ -1,36 +1,57 @@
-"""One patient's resources, validated once with the R4B models.
+"""One patient's resources, attributed and validated once with the R4B models.
 
-A resource that does not validate is not dropped in silence: it is kept as an
-:class:`Unreadable` with the problem and its raw codes, so the mapping can turn the
-facts it might have changed into "unknown" (an unreadable 60 mm lesion must not let a
-patient look resectable).
+Every resource that enters a record is sorted here, at the boundary, into exactly one
+of:
+
+* **evidence**: this patient's (see :mod:`fhir_adapters.reference`) and valid R4, as a
+  typed model in the lists below;
+* **unattributable**: it cannot be shown to be this patient's (identifier or display
+  only, unresolvable reference, a Group, no subject): kept with its raw codes, so the
+  mapping can let it cast doubt (never prove a factor absent) without crediting it;
+* **unreadable**: this patient's but not valid R4, or strictly unreadable: a JSON string
+  where FHIR requires a number or a boolean (fhir.resources would quietly turn
+  ``"value": "18"`` into 18). Kept with its raw codes, like the unattributable ones;
+* **foreign**: evidently someone else's (another Patient, another identifier): ignored,
+  and named.
+
+Nothing is dropped without a trace: the mapping names all but the evidence in its
+warnings.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Iterable
 
 from fhir.resources.R4B import get_fhir_model_class
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from engine.yamlfile import describe_validation_error
+from fhir_adapters.reference import PatientIdentity, patient_of
 
 # Resource types the mapping reads; anything else is carried along but not validated.
 MAPPED_TYPES = (
     "Patient", "Observation", "Condition", "Procedure", "MedicationAdministration",
-    "MedicationStatement", "Medication", "BodyStructure",
+    "MedicationStatement", "Medication", "BodyStructure", "DiagnosticReport",
 )
+# Where a distrusted resource's codes are, so the mapping knows what it may have said.
+CODED_ELEMENTS = ("code", "bodySite", "medicationCodeableConcept", "location", "category")
 
 
 @dataclass(frozen=True)
-class Unreadable:
-    """A resource of a mapped type that is not valid R4, with what could still be read."""
+class Distrusted:
+    """A resource that is not evidence (unreadable or unattributable), with what could
+    still be read of it: its type, codes and why it is not used."""
 
     ref: str
     resource_type: str
     problem: str
     codings: tuple[tuple[str | None, str | None], ...]
+
+
+Unreadable = Distrusted  # the name the first wave used
 
 
 def raw_codings(raw: dict, *paths: str) -> tuple[tuple[str | None, str | None], ...]:
@@ -52,40 +73,113 @@ def raw_codings(raw: dict, *paths: str) -> tuple[tuple[str | None, str | None], 
     return tuple(found)
 
 
-def reference_of(raw: dict) -> str:
+def all_raw_codings(raw: dict) -> tuple[tuple[str | None, str | None], ...]:
+    codings = raw_codings(raw, *CODED_ELEMENTS)
+    for comp in raw.get("component", []) if isinstance(raw.get("component"), list) else []:
+        codings += raw_codings(comp, "code") if isinstance(comp, dict) else ()
+    return codings
+
+
+def reference_of(raw: dict, full_url: str | None = None) -> str:
     rtype = raw.get("resourceType") if isinstance(raw.get("resourceType"), str) else "Resource"
     rid = raw.get("id")
-    return f"{rtype}/{rid}" if isinstance(rid, str) and rid else f"{rtype}/(no id)"
+    if isinstance(rid, str) and rid:
+        return f"{rtype}/{rid}"
+    return full_url or f"{rtype}/(no id)"
+
+
+# ----------------------------------------------------------------------------- strict reading
+_ALIASES: dict[type, dict[str, str]] = {}
+
+
+def _field_names(cls: type) -> dict[str, str]:
+    """JSON name -> model attribute name, for one model class (cached)."""
+    names = _ALIASES.get(cls)
+    if names is None:
+        names = {(f.alias or n): n for n, f in cls.model_fields.items()}  # type: ignore[attr-defined]
+        _ALIASES[cls] = names
+    return names
+
+
+def strings_for_numbers(raw: Any, model: Any, path: str = "") -> list[str]:
+    """Paths where the JSON has a string and the validated model a number or boolean.
+
+    fhir.resources (like pydantic in lax mode) reads ``"18"`` as 18 and ``"true"`` as
+    True; FHIR JSON requires a JSON number / boolean there, so such a resource is
+    unreadable, never silently a number.
+
+    >>> from fhir.resources.R4B.quantity import Quantity
+    >>> strings_for_numbers({"value": "18", "unit": "mm"}, Quantity.model_validate({"value": "18", "unit": "mm"}))
+    ['value']
+    """
+    found: list[str] = []
+    if isinstance(raw, dict) and isinstance(model, BaseModel):
+        names = _field_names(type(model))
+        for key, value in raw.items():
+            attr = names.get(key)
+            if attr is None or key.startswith("_"):
+                continue
+            sub = getattr(model, attr, None)
+            where = f"{path}.{key}" if path else key
+            if isinstance(value, str):
+                if isinstance(sub, (bool, int, float, Decimal)):
+                    found.append(where)
+            elif isinstance(value, (dict, list)):
+                found += strings_for_numbers(value, sub, where)
+    elif isinstance(raw, list) and isinstance(model, list):
+        for i, (r, m) in enumerate(zip(raw, model)):
+            found += strings_for_numbers(r, m, f"{path}[{i}]")
+    return found
+
+
+# ----------------------------------------------------------------------------- the record
+def identity_of(resources: Iterable[dict]) -> PatientIdentity:
+    """The patient of a list of one patient's resources: its Patient resource, else the
+    one Patient that the resources' subjects name (ValueError when several)."""
+    resources = [r for r in resources if isinstance(r, dict)]
+    patients = [r for r in resources if r.get("resourceType") == "Patient"]
+    if len(patients) == 1:
+        return PatientIdentity.of_patient(patients[0])
+    owners = Counter(o for o in (patient_of(r) for r in resources) if o)
+    if len(patients) > 1 or len(owners) > 1:
+        names = sorted({f"Patient/{p.get('id')}" for p in patients} | set(owners))
+        raise ValueError(f"the resources belong to several patients: {', '.join(names)}")
+    return PatientIdentity(id=next(iter(owners)).split("/", 1)[1]) if owners else PatientIdentity()
 
 
 @dataclass
 class PatientRecord:
-    """The typed resources of one patient, by type, plus the unreadable ones."""
+    """The typed evidence of one patient, by type, and what is not evidence and why."""
 
+    identity: PatientIdentity = field(default_factory=PatientIdentity)
     patient: Any | None = None
-    subject: str | None = None  # "Patient/id" when known without a Patient resource
     observations: list = field(default_factory=list)
     conditions: list = field(default_factory=list)
     procedures: list = field(default_factory=list)
     medication_administrations: list = field(default_factory=list)
     medication_statements: list = field(default_factory=list)
+    diagnostic_reports: list = field(default_factory=list)
     medications: dict[str, Any] = field(default_factory=dict)
     body_structures: dict[str, Any] = field(default_factory=dict)
-    unreadable: list[Unreadable] = field(default_factory=list)
+    unreadable: list[Distrusted] = field(default_factory=list)
+    unattributable: list[Distrusted] = field(default_factory=list)
+    foreign: list[Distrusted] = field(default_factory=list)
     # fullUrl of resources that have no id (transaction Bundles with urn:uuid), by id(model)
     full_urls: dict[int, str] = field(default_factory=dict)
 
     @property
     def patient_ref(self) -> str | None:
-        if self.patient is not None:
-            if self.patient.id:
-                return f"Patient/{self.patient.id}"
-            return self.full_urls.get(id(self.patient), self.subject)
-        return self.subject
+        return self.identity.ref
+
+    @property
+    def distrusted(self) -> list[Distrusted]:
+        """What may have said something about this patient but is not evidence."""
+        return self.unreadable + self.unattributable
 
     @classmethod
-    def from_resources(cls, resources: Iterable[dict]) -> "PatientRecord":
-        record = cls()
+    def from_resources(cls, resources: Iterable[dict], identity: PatientIdentity | None = None) -> "PatientRecord":
+        resources = list(resources)
+        record = cls(identity if identity is not None else identity_of(resources))
         for raw in resources:
             record.add(raw)
         return record
@@ -94,18 +188,26 @@ class PatientRecord:
         rtype = raw.get("resourceType") if isinstance(raw, dict) else None
         if rtype not in MAPPED_TYPES:
             return
+        where = reference_of(raw, full_url)
+        attribution = self.identity.attribute(raw)
+        if attribution.kind == "foreign":
+            self.foreign.append(Distrusted(where, rtype, f"belongs to {attribution.why}", all_raw_codings(raw)))
+            return
+        if attribution.kind == "unattributable":
+            self.unattributable.append(Distrusted(where, rtype, attribution.why or "", all_raw_codings(raw)))
+            return
         try:
             model = get_fhir_model_class(rtype).model_validate(raw)
         except (ValidationError, RecursionError) as exc:
             problem = ("nested too deeply to validate" if isinstance(exc, RecursionError)
                        else "; ".join(describe_validation_error(exc)[:3]))
-            codings = raw_codings(raw, "code", "bodySite", "medicationCodeableConcept", "location")
-            for comp in raw.get("component", []) if isinstance(raw.get("component"), list) else []:
-                codings += raw_codings(comp, "code") if isinstance(comp, dict) else ()
-            where = reference_of(raw)
-            if where.endswith("/(no id)") and full_url:
-                where = full_url
-            self.unreadable.append(Unreadable(where, rtype, problem, codings))
+            self.unreadable.append(Distrusted(where, rtype, problem, all_raw_codings(raw)))
+            return
+        loose = strings_for_numbers(raw, model)
+        if loose:
+            self.unreadable.append(Distrusted(
+                where, rtype, "; ".join(f"{p}: a string where FHIR requires a number or boolean"
+                                        for p in loose[:3]), all_raw_codings(raw)))
             return
         if model.id is None and full_url:
             self.full_urls[id(model)] = full_url
@@ -115,17 +217,14 @@ class PatientRecord:
         if rtype == "Patient":
             if self.patient is None:
                 self.patient = model
-        elif rtype == "Observation":
-            self.observations.append(model)
-        elif rtype == "Condition":
-            self.conditions.append(model)
-        elif rtype == "Procedure":
-            self.procedures.append(model)
-        elif rtype == "MedicationAdministration":
-            self.medication_administrations.append(model)
-        elif rtype == "MedicationStatement":
-            self.medication_statements.append(model)
         elif rtype == "Medication":
             self.medications[f"Medication/{model.id}"] = model
         elif rtype == "BodyStructure":
             self.body_structures[f"BodyStructure/{model.id}"] = model
+        else:
+            getattr(self, _LISTS[rtype]).append(model)
+
+
+_LISTS = {"Observation": "observations", "Condition": "conditions", "Procedure": "procedures",
+          "MedicationAdministration": "medication_administrations",
+          "MedicationStatement": "medication_statements", "DiagnosticReport": "diagnostic_reports"}

@@ -113,6 +113,8 @@ class Terminology(BaseModel):
     # UCUM length units accepted for a diameter, with their exact factor to millimetres
     length_units_to_mm: dict[str, Decimal] = Field(min_length=1)
     plausible_diameter_mm: "PlausibleRange"
+    # Unlinked measurements this close in time are one imaging study
+    unlinked_study_tolerance_minutes: int = Field(ge=0, le=24 * 60)
 
     @field_validator("length_units_to_mm")
     @classmethod

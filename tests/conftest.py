@@ -23,7 +23,7 @@ def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFhirS
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFhirServer]:
-    """A SEKMET server loaded with the 37 fixture patients, one per test module (the
+    """A SEKMET server loaded with the fixture patients, one per test module (the
     modules change its data)."""
     from fhir_adapters.client import FhirClient
     from fhir_adapters.load import fixture_bundles, load_bundles

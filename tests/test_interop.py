@@ -7,6 +7,7 @@ import json
 import threading
 
 import pytest
+import yaml
 
 from clm_stratify.cli import main
 from clm_stratify.interop import InteropRun
@@ -88,7 +89,8 @@ def test_cli_against_sekmet_passes_and_names_the_riskassessment_gap(fhir_server,
     report = json.loads(path.read_text())
     assert code == 0, out
     assert report["result"] == "pass" and report["counts"]["fail"] == 0
-    assert report["fixtures"] == 37 and len(report["patients"]) == 37
+    n = len(yaml.safe_load((FIXTURES_DIR / "expected.yaml").read_text()))
+    assert report["fixtures"] == n and len(report["patients"]) == n
     assert all(p["group"] == p["expected_group"] for p in report["patients"])
     checks = {c["id"]: c for c in report["checks"]}
     for cid in ("cap.version", "cap.searches", "cap.batch", "cap.transaction", "cap.write-strategy",

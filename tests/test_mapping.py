@@ -157,13 +157,16 @@ def test_unreadable_measurement_cannot_hide_a_present_factor():
 
 
 @pytest.mark.parametrize("comparator, value, expected", [
-    (">", 45, None), (">=", 45, None), (">", 55, True), (">=", 50, True), ("<", 30, None), ("<=", 30, None),
+    (">", 45, None), (">=", 45, None), (">", 55, True), (">=", 50, True), (">", 50, True),
+    # An upper bound proves the factor absent when it is below the threshold, or at it
+    # when the bound itself is excluded ("< 50 mm"); "<= 50 mm" may be exactly 50.
+    ("<", 30, False), ("<=", 30, False), ("<", 50, False), ("<=", 50, None), ("<", 55, None), ("<=", 49.9, False),
 ])
 def test_comparator(comparator, value, expected):
     f = features(*base(), tumour_size(P, value=value, comparator=comparator))
     c = Engine.default().classify(f)
     assert crit(c)["largest_ge_50mm"] is expected
-    assert c.group == (BORDERLINE if expected else INDETERMINATE)
+    assert c.group == {True: BORDERLINE, False: RESECTABLE, None: INDETERMINATE}[expected]
 
 
 def test_lower_bound_size_next_to_an_exact_larger_size():
@@ -197,13 +200,33 @@ def test_small_positive_size_classifies():
 
 
 # ============================================================================ lesion counting
-def test_lesions_counted_on_the_latest_date_only():
+def test_a_factor_shown_on_an_earlier_study_of_the_recurrence_stays_present():
     older = [tumour_size(P, 60, day="2024-01-15") for _ in range(5)]
     c = classify(*base(), *older, tumour_size(P, 20, day="2024-05-01"))
     f = features(*base(), *older, tumour_size(P, 20, day="2024-05-01"))
-    assert f.tumour_count.value == 1
-    assert f.largest_diameter_mm.value == 20
-    assert c.group == RESECTABLE
+    assert f.tumour_count.value == 5
+    assert f.largest_diameter_mm.value == 60
+    assert crit(c) == {"tumour_count_ge_4": True, "largest_ge_50mm": True, "extrahepatic_disease": False}
+    assert c.group == BORDERLINE
+
+
+def test_a_later_study_that_does_not_account_for_every_lesion_leaves_the_factors_unknown():
+    older = [tumour_size(P, 20, day="2024-01-15") for _ in range(3)]
+    c = classify(*base(), *older, tumour_size(P, 20, day="2024-05-01"))
+    assert crit(c)["tumour_count_ge_4"] is None and crit(c)["largest_ge_50mm"] is None
+    assert c.group == INDETERMINATE
+    assert warns_about(c.warnings, "not accounted for")
+
+
+def test_a_lesion_identity_not_measured_again_is_not_accounted_for():
+    bs = [body_structure(P, id=f"bs-{i}") for i in "abc"]
+    older = [tumour_size(P, 20, day="2024-01-15", focus=f"bs-{i}") for i in "abc"]
+    newer = [tumour_size(P, 20, day="2024-05-01", focus=f"bs-{i}") for i in "abd"]
+    c = classify(*base(), *bs, body_structure(P, id="bs-d"), *older, *newer)
+    assert crit(c)["tumour_count_ge_4"] is None and c.group == INDETERMINATE
+    assert warns_about(c.warnings, "BodyStructure/bs-c", "not accounted for")
+    newer = [tumour_size(P, 20, day="2024-05-01", focus=f"bs-{i}") for i in "abc"]
+    assert classify(*base(), *bs, *older, *newer).group == RESECTABLE
 
 
 def test_older_imaging_is_superseded_even_when_it_had_fewer_lesions():
@@ -245,12 +268,13 @@ def test_observations_without_focus_each_count(n, present):
 
 
 @pytest.mark.parametrize("days", [
-    ("2024-05-01T08:00:00+09:00", "2024-05-01T23:30:00-05:00"),
-    ("2024-05-01", "2024-05-01T10:00:00Z"),
-    ("2024-05-01T00:00:01+14:00", "2024-05-01T23:59:59-12:00"),
+    ("2024-05-01T08:00:00+09:00", "2024-04-30T23:00:00Z"),          # one instant, two timezones
+    ("2024-05-20T23:30:00-05:00", "2024-05-21T04:30:00Z"),          # across the date line of one zone
+    ("2024-05-01", "2024-05-01T10:00:00Z"),                         # a date joins the instants of its day
+    ("2024-05-01T10:00:00Z", "2024-05-01T10:00:30Z"),               # one examination, stamped seconds apart
 ])
-def test_measurements_on_the_same_calendar_date_at_different_times_are_one_date(days):
-    older = tumour_size(P, 15, day="2024-04-30T12:00:00Z")
+def test_one_examination_is_one_study_whatever_the_timezones(days):
+    older = tumour_size(P, 15, day="2024-04-20T12:00:00Z")
     f = features(*base(), older, *[tumour_size(P, 20, day=d) for d in days])
     assert f.tumour_count.value == 2
     assert f.tumour_count.lower_bound is False
@@ -334,22 +358,28 @@ def test_a_hepatectomy_not_completed_is_not_the_reference(status):
     assert f.tumour_count.value == 1 and f.largest_diameter_mm.value == 20
 
 
-def test_without_a_hepatectomy_all_dates_count():
-    f = features(patient(P), liver_met(P), tumour_size(P, 20, day="2010-01-01"))
+def test_without_a_hepatectomy_only_measurements_from_the_recurrence_condition_on_count():
+    f = features(patient(P), liver_met(P), tumour_size(P, 20, day="2010-01-01", id="o-2010"),
+                 tumour_size(P, 20, day="2024-05-20"))
     assert f.tumour_count.value == 1 and f.largest_diameter_mm.value == 20
+    assert warns_about(f.warnings, "Observation/o-2010", "not counted")
     assert f.adjuvant_chemotherapy.value is None
+    c = classify(patient(P), liver_met(P), tumour_size(P, 20, day="2024-05-20"),
+                 technical(P, "resectable", day="2024-05-25"))
+    assert c.facts["prior_liver_resection"].state == "not-recorded"
+    assert c.status == "preliminary" and any(m.fact == "prior_liver_resection" for m in c.missing)
 
 
 def test_a_non_liver_procedure_is_not_a_resection():
     res = [patient(P), hepatectomy(P, "2024-06-01", code="64368001"), liver_met(P)]
-    f = features(*res, tumour_size(P, 20, day="2024-05-01"))
-    assert f.tumour_count.value == 1
+    f = features(*res, tumour_size(P, 20, day="2024-05-20"))
+    assert f.tumour_count.value == 1 and f.prior_liver_resection.value is None
 
 
 def test_undated_hepatectomy_is_not_used_and_warned():
     res = [patient(P), hepatectomy(P, None, id="h-undated"), liver_met(P)]
-    f = features(*res, tumour_size(P, 20, day="2024-05-01"))
-    assert f.tumour_count.value == 1
+    f = features(*res, tumour_size(P, 20, day="2024-05-20"))
+    assert f.tumour_count.value == 1 and f.prior_liver_resection.value is None
     assert warns_about(f.warnings, "Procedure/h-undated")
 
 
@@ -766,11 +796,12 @@ def test_criteria_carry_the_refs_of_their_resources():
     res = [patient(P), hepatectomy(P, id="h1"), liver_met(P, id="lm1")]
     c = classify(*res, tumour_size(P, 20, id="o1"), tumour_size(P, 60, id="o2"),
                  tumour_size(P, 10, day="2024-01-01", id="o-old"), extrahepatic(P, id="ehd1"))
-    assert set(c.criteria["tumour_count_ge_4"].refs) == {"Observation/o1", "Observation/o2"}
-    assert set(c.criteria["largest_ge_50mm"].refs) == {"Observation/o1", "Observation/o2"}
+    # every study of the recurrence (after the 2023 resection) supplied the facts
+    assert set(c.criteria["tumour_count_ge_4"].refs) == {"Observation/o1", "Observation/o2", "Observation/o-old"}
+    assert set(c.criteria["largest_ge_50mm"].refs) == {"Observation/o1", "Observation/o2", "Observation/o-old"}
     assert c.criteria["extrahepatic_disease"].refs == ("Condition/ehd1",)
     assert c.facts["liver_recurrence"].refs == ("Condition/lm1",)
-    assert "Observation/o-old" not in c.evidence_refs()
+    assert "Observation/o-old" in c.evidence_refs()
     assert "Procedure/h1" in c.facts["adjuvant_chemotherapy"].refs
 
 
@@ -800,10 +831,19 @@ def test_several_patients_is_an_error_naming_both():
     assert "Patient/p1" in str(exc.value) and "Patient/p2" in str(exc.value)
 
 
-def test_a_resource_of_another_patient_is_an_error_naming_both():
+def test_a_resource_of_another_patient_is_ignored_and_named():
+    record = record_from_bundle(bundle(patient("p1"), liver_met("p1"), tumour_size("p2", 60, id="o-p2")))
+    f = map_features(record, terminology())
+    assert f.largest_diameter_mm.value is None
+    assert warns_about(f.warnings, "Observation/o-p2", "belongs to Patient/p2")
+
+
+def test_resources_of_several_patients_without_a_patient_resource_need_a_choice():
     with pytest.raises(BundleError) as exc:
-        record_from_bundle(bundle(patient("p1"), liver_met("p1"), tumour_size("p2", 20)))
-    assert "Patient/p1" in str(exc.value) and "Patient/p2" in str(exc.value)
+        record_from_bundle(bundle(liver_met("p1"), tumour_size("p2", 20)))
+    assert "Patient/p1" in str(exc.value) and "Patient/p2" in str(exc.value) and "--patient" in str(exc.value)
+    record = record_from_bundle(bundle(liver_met("p1"), tumour_size("p2", 20)), patient_id="p1")
+    assert record.patient_ref == "Patient/p1" and [u.ref for u in record.foreign]
 
 
 def test_no_patient_at_all_is_an_error():

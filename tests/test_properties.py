@@ -16,6 +16,8 @@ disease must never improve the group:
 
 from __future__ import annotations
 
+import datetime as dt
+
 import copy
 import json
 from decimal import Decimal
@@ -27,6 +29,7 @@ from hypothesis import strategies as st
 from engine.classify import Engine
 from engine.features import Features
 from fhir_adapters.bundle import BundleError, loads, record_from_bundle
+from fhir_adapters.timeline import When
 from fhir_adapters.mapping import map_features
 from tests.helpers import (ICD10CM, METASTATIC_GENERIC, RESECTION_DAY, SCT, body_structure, chemo_admin,
                            condition, extrahepatic, hepatectomy, liver_met, patient, record, technical,
@@ -180,10 +183,12 @@ def test_adding_a_lesion_on_the_latest_date_never_improves_the_group(spec, new):
     f, before = classify_spec(spec)
     days = {f"Observation/les-{i}": les["day"] for i, les in enumerate(spec["lesions"])}
     current_days = [days[r] for r in f.tumour_count.refs if days.get(r)]
-    # "The latest date" exists only when the record has current imaging. Without any, a
+    # "The latest study" exists only when the record has current imaging. Without any, a
     # first measurement is new information, not more disease (indeterminate ->
-    # resectable is then correct), so monotonicity is not asserted there.
-    latest = max(current_days, key=lambda d: d[:10]) if current_days else "2024-09-01"
+    # resectable is then correct), so monotonicity is not asserted there; it is dated
+    # before any technical judgement of the recurrence, so it does not make one stale.
+    latest = (max(current_days, key=lambda d: When.of(d if "T" in d else dt.date.fromisoformat(d)).sort_key())
+              if current_days else "2024-05-15")
     added = {**new, "day": latest, "site": "liver", "focus": None, "status": "final"}
     after_spec = {**spec, "lesions": spec["lesions"] + [added]}
     _, after = classify_spec(after_spec)
@@ -191,7 +196,7 @@ def test_adding_a_lesion_on_the_latest_date_never_improves_the_group(spec, new):
     if f.tumour_count.value is not None:
         assert_not_better(before.group, after.group)
     if f.tumour_count.value is not None and not f.tumour_count.lower_bound:
-        # the new lesion is counted on the same date as the others
+        # the new lesion joins the latest study, which (count exact) had the most lesions
         assert features_of(after_spec).tumour_count.value == f.tumour_count.value + 1
 
 
