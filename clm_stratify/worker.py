@@ -20,7 +20,7 @@ import threading
 from clm_stratify.inbox import Inbox
 from clm_stratify.pipeline import Stratifier
 from fhir_adapters.client import FhirError
-from fhir_adapters.reference import plain_ref
+from fhir_adapters.reference import patient_of
 from fhir_adapters.notifications import Notification
 from fhir_adapters.pull import changed_patients_since
 
@@ -78,11 +78,7 @@ class Worker:
         resource = self.client.read(rtype, rid)
         if resource is None:
             return None
-        for key in ("subject", "patient"):
-            ref = plain_ref((resource.get(key) or {}).get("reference"))
-            if ref and ref.startswith("Patient/"):
-                return ref
-        return None
+        return patient_of(resource, self.client.base_url)
 
     def _requery(self) -> tuple[set[str], str | None]:
         since = self.inbox.watermark() or (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)).isoformat()
@@ -123,6 +119,9 @@ class Worker:
                 patients.add(patient.split("/", 1)[1])
             elif e.focus is None:
                 requery = True  # an empty payload: find what changed
+            else:
+                log.warning("notification %s: %s names no patient by a literal reference (unattributable, "
+                            "or deleted); no patient re-classified for it", notification_id, e.focus)
         if requery:
             found, watermark = self._requery()
             patients |= {p.split("/", 1)[1] for p in found}

@@ -42,7 +42,6 @@ from typing import Any, Iterable, Literal
 
 from engine.features import Fact, Features
 from fhir_adapters.record import PatientRecord
-from fhir_adapters.reference import plain_ref
 from fhir_adapters.terminology import CodeList, Terminology
 from fhir_adapters.timeline import When
 
@@ -354,7 +353,7 @@ class FeatureMapper:
             return False
         site = self._site_is_liver([o.bodySite] if o.bodySite is not None else [])
         for f in o.focus or []:
-            target = plain_ref(f.reference)
+            target = self.record.canonical(f.reference)
             if target in record.body_structures:
                 bs = record.body_structures[target]
                 site = self._site_is_liver([bs.location] if bs.location is not None else []) if site is None else site
@@ -371,10 +370,13 @@ class FeatureMapper:
         """A lesion's identity: its focus BodyStructure (stable across reports), else the
         Observation itself. A focus on a Condition is not a lesion's identity."""
         for f in o.focus or []:
-            target = plain_ref(f.reference)
-            if target and target.startswith("BodyStructure/"):
+            target = self.record.canonical(f.reference)
+            if target and self._is_lesion_identity(target):
                 return target
         return self._ref(o)
+
+    def _is_lesion_identity(self, key: str) -> bool:
+        return key.startswith("BodyStructure/") or key in self.record.body_structures
 
     def _reports(self, record: PatientRecord) -> tuple[dict[str, str], dict[str, When | None]]:
         """(Observation ref -> its study key, study key -> the report's date) from the
@@ -384,10 +386,10 @@ class FeatureMapper:
         for dr in record.diagnostic_reports:
             if dr.status in WITHDRAWN_REPORT:
                 continue
-            key = next((plain_ref(i.reference) for i in dr.imagingStudy or [] if i.reference), None) or self._ref(dr)
+            key = next((self.record.canonical(i.reference) for i in dr.imagingStudy or [] if i.reference), None) or self._ref(dr)
             when_of.setdefault(key, When.of_element(dr, "effectiveDateTime", "effectivePeriod"))
             for r in dr.result or []:
-                target = plain_ref(r.reference)
+                target = self.record.canonical(r.reference)
                 if target:
                     study_of[target] = key
                     study_of.setdefault(f"DiagnosticReport:{self._ref(dr)}", key)
@@ -396,11 +398,11 @@ class FeatureMapper:
     def _study_link(self, o: Any, study_of: dict[str, str]) -> str | None:
         """The study an Observation names itself: a report that lists it, or an
         ImagingStudy / DiagnosticReport in derivedFrom or partOf."""
-        own = plain_ref(self._ref(o))
+        own = self.record.canonical(self._ref(o))
         if own in study_of:
             return study_of[own]
         for link in [*(o.derivedFrom or []), *(o.partOf or [])]:
-            target = plain_ref(link.reference)
+            target = self.record.canonical(link.reference)
             if target and target.startswith("ImagingStudy/"):
                 return target
             if target and target.startswith("DiagnosticReport/"):
@@ -413,6 +415,7 @@ class FeatureMapper:
         cannot be placed in one (no date, or a month or year that straddles the
         resection): those can only add lesions."""
         study_of, report_when = self._reports(record)
+        self._unplaceable: list[str] = []
         placed: list[_Measurement] = []
         uncertain: list[_Measurement] = []
         initial: list[str] = []
@@ -437,9 +440,12 @@ class FeatureMapper:
                     continue
             elif onset is not None:
                 if when.end <= onset.start:
+                    # It may still be the recurrence (no resection says otherwise): not
+                    # counted, but it keeps count and size from being proven absent.
                     self.warnings.append(
                         f"{m.ref}: measured {when.text}, before the liver-recurrence Condition ({onset.text}), with "
-                        "no resection recorded: not counted")
+                        "no resection recorded: not counted, and count and size are lower bounds")
+                    self._unplaceable.append(m.ref)
                     continue
                 place = "after" if when.start >= onset.start or when.fine else "uncertain"
             else:
@@ -495,7 +501,7 @@ class FeatureMapper:
         problems = []
         for s in studies[:-1]:
             for key in s.lesions:
-                if key.startswith("BodyStructure/") and key not in latest.lesions:
+                if self._is_lesion_identity(key) and key not in latest.lesions:
                     problems.append(f"lesion {key} seen on {s.label} is not measured on the latest study "
                                     f"({latest.when.text}): not accounted for")
             if len(latest.lesions) < len(s.lesions):
@@ -512,6 +518,7 @@ class FeatureMapper:
         if distrusted:
             self.warnings.append("tumour measurements that cannot be read or attributed: "
                                  f"{', '.join(distrusted)}; count and size are lower bounds")
+        distrusted += self._unplaceable
         if not studies and not uncertain:
             note = "no tumour measurement of the liver after the reference resection"
             if distrusted:
@@ -566,7 +573,7 @@ class FeatureMapper:
         latest = studies[-1].when if studies else None
         if latest is None:
             return Fact[bool](value=True), None
-        measured = {plain_ref(m.ref) for s in studies for ms in s.lesions.values() for m in ms}
+        measured = {self.record.canonical(m.ref) for s in studies for ms in s.lesions.values() for m in ms}
         newer, newest = [], latest
         for dr in record.diagnostic_reports:
             if dr.status in WITHDRAWN_REPORT or not self.t.radiology_report_category.matches_any(
@@ -575,7 +582,7 @@ class FeatureMapper:
             when = When.of_element(dr, "effectiveDateTime", "effectivePeriod") or When.of(dr.issued)
             if when is None or not when.after(latest):
                 continue
-            if any(plain_ref(r.reference) in measured for r in dr.result or []):
+            if any(self.record.canonical(r.reference) in measured for r in dr.result or []):
                 continue
             newer.append(self._ref(dr))
             self.warnings.append(f"{self._ref(dr)}: imaging report of {when.text} is newer than the latest tumour "
@@ -659,7 +666,7 @@ class FeatureMapper:
                     continue
                 concept = m.medicationCodeableConcept
                 if concept is None and m.medicationReference is not None:
-                    med = record.medications.get(plain_ref(m.medicationReference.reference) or "")
+                    med = record.medications.get(self.record.canonical(m.medicationReference.reference) or "")
                     if med is None:
                         doubtful.append(f"{self._ref(m)} (medication {m.medicationReference.reference} not found)")
                         continue

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from fhir_adapters.reference import plain_ref
+from fhir_adapters.reference import patient_of, plain_ref
 
 Kind = Literal["handshake", "heartbeat", "event-notification", "query-status", "query-event", "resource", "empty"]
 KINDS = ("handshake", "heartbeat", "event-notification", "query-status", "query-event")
@@ -65,17 +65,6 @@ def _int(value: Any, what: str) -> int | None:
     return number
 
 
-def _patient_of(resource: dict) -> str | None:
-    if resource.get("resourceType") == "Patient" and isinstance(resource.get("id"), str):
-        return f"Patient/{resource['id']}"
-    for key in ("subject", "patient"):
-        node = resource.get(key)
-        ref = plain_ref(node.get("reference")) if isinstance(node, dict) and isinstance(node.get("reference"), str) else None
-        if ref and ref.startswith("Patient/"):
-            return ref
-    return None
-
-
 def _resource_event(resource: dict, path: str | None) -> Event:
     rtype, rid = resource.get("resourceType"), resource.get("id")
     if not isinstance(rtype, str) or not isinstance(rid, str):
@@ -86,7 +75,7 @@ def _resource_event(resource: dict, path: str | None) -> Event:
             raise NotificationError(f"the URL names {path.strip('/')} but the body is {rtype}/{rid}")
     meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
     version = meta.get("versionId") if isinstance(meta.get("versionId"), str) else None
-    return Event(focus=f"{rtype}/{rid}", version=version, patient=_patient_of(resource), resource_type=rtype)
+    return Event(focus=f"{rtype}/{rid}", version=version, patient=patient_of(resource), resource_type=rtype)
 
 
 def _ref(value: Any) -> str | None:
@@ -182,7 +171,7 @@ def _parse_bundle(bundle: dict) -> Notification:
         resource = carried.get(e.focus or "")
         if resource is not None:
             meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
-            e = e.model_copy(update={"patient": e.patient or _patient_of(resource),
+            e = e.model_copy(update={"patient": e.patient or patient_of(resource),
                                      "version": meta.get("versionId") if isinstance(meta.get("versionId"), str) else None})
         enriched.append(e)
     return Notification(style=style, kind=header["type"], subscription=header["subscription"],

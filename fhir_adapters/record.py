@@ -29,7 +29,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import BaseModel, ValidationError
 
 from engine.yamlfile import describe_validation_error
-from fhir_adapters.reference import PatientIdentity, patient_of
+from fhir_adapters.reference import PatientIdentity, patient_of, plain_ref
 
 # Resource types the mapping reads; anything else is carried along but not validated.
 MAPPED_TYPES = (
@@ -166,6 +166,16 @@ class PatientRecord:
     foreign: list[Distrusted] = field(default_factory=list)
     # fullUrl of resources that have no id (transaction Bundles with urn:uuid), by id(model)
     full_urls: dict[int, str] = field(default_factory=dict)
+    # Bundle fullUrls (urn:uuid:...) of resources that have an id -> ``Type/id``
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def canonical(self, reference: str | None) -> str | None:
+        """A reference inside this record as ``Type/id`` (or the fullUrl of a resource
+        without id), whichever way it was written: relative, absolute, versioned or by
+        the Bundle's ``urn:uuid`` fullUrl."""
+        if not reference:
+            return None
+        return self.aliases.get(reference) or plain_ref(reference)
 
     @property
     def patient_ref(self) -> str | None:
@@ -211,16 +221,18 @@ class PatientRecord:
             return
         if model.id is None and full_url:
             self.full_urls[id(model)] = full_url
-        self._file(rtype, model)
+        elif full_url and model.id:
+            self.aliases[full_url] = f"{rtype}/{model.id}"
+        self._file(rtype, model, f"{rtype}/{model.id}" if model.id else (full_url or f"{rtype}/(no id)"))
 
-    def _file(self, rtype: str, model: Any) -> None:
+    def _file(self, rtype: str, model: Any, key: str) -> None:
         if rtype == "Patient":
             if self.patient is None:
                 self.patient = model
         elif rtype == "Medication":
-            self.medications[f"Medication/{model.id}"] = model
+            self.medications[key] = model
         elif rtype == "BodyStructure":
-            self.body_structures[f"BodyStructure/{model.id}"] = model
+            self.body_structures[key] = model
         else:
             getattr(self, _LISTS[rtype]).append(model)
 

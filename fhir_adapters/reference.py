@@ -134,7 +134,8 @@ class PatientIdentity:
         if isinstance(patient, dict):
             if isinstance(patient.get("id"), str) and patient["id"]:
                 pid = pid or patient["id"]
-            for ident in patient.get("identifier") or []:
+            idents = patient.get("identifier")
+            for ident in idents if isinstance(idents, list) else []:
                 if isinstance(ident, dict) and isinstance(ident.get("value"), str):
                     system = ident.get("system") if isinstance(ident.get("system"), str) else None
                     identifiers.add((system, ident["value"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,56 @@ def test_fixture_gets_expected_result(name, capsys):
     # Three-valued logic: an unknown factor never yields "resectable".
     if None in got["criteria"].values():
         assert got["group"] != "resectable"
+    if "assessed" in want:
+        assert got.get("assessed") is want["assessed"], (want["description"], got.get("assessed"))
+    for fact, state in (want.get("evidence_states") or {}).items():
+        assert fact in got["evidence"], f"no evidence entry for {fact}"
+        assert got["evidence"][fact]["state"] == state, (fact, got["evidence"][fact])
+
+
+def _normalised(text: str) -> tuple[str, str]:
+    """The text with line wrapping undone: whitespace collapsed, and (second form) a wrap
+    after a hyphen removed, so a phrase or reference split over two lines is still found."""
+    flat = " ".join(text.split())
+    return flat, re.sub(r"-\s", "-", flat)
+
+
+WARNED = sorted(n for n, w in EXPECTED.items() if w.get("warnings_contain"))
+
+
+@pytest.mark.parametrize("name", WARNED)
+def test_fixture_warnings_name_the_distrusted_resource_and_reason(name, capsys):
+    """Every dropped or distrusted resource is named in the warnings, with its reason, in
+    the JSON result and in the text report."""
+    want = EXPECTED[name]
+    got = classify_json(FIXTURES / name, capsys)
+    assert isinstance(got["warnings"], list) and all(isinstance(w, str) for w in got["warnings"])
+    for phrase in want["warnings_contain"]:
+        assert any(phrase in w or phrase in _normalised(w)[0] for w in got["warnings"]), (
+            f"{name}: no warning contains {phrase!r}; warnings: {got['warnings']}")
+    assert main(["classify", "--bundle", str(FIXTURES / name)]) == 0
+    text = capsys.readouterr().out
+    forms = _normalised(text)
+    for phrase in want["warnings_contain"]:
+        assert any(phrase in form for form in forms), f"{name}: text report lacks {phrase!r}:\n{text}"
+
+
+def test_warning_phrases_are_not_emitted_for_clean_fixtures(capsys):
+    """The key phrases mean something: a clean record (fixture 01) has none of them."""
+    got = classify_json(FIXTURES / "01-resectable-single-small.json", capsys)
+    phrases = {p for w in EXPECTED.values() for p in w.get("warnings_contain", []) if "/" not in p}
+    assert phrases, "no warnings_contain phrases in expected.yaml"
+    hits = [(p, w) for p in phrases for w in got["warnings"] if p in w]
+    assert not hits, hits
+
+
+@pytest.mark.parametrize("name", sorted(n for n, w in EXPECTED.items() if w.get("assessed") is False))
+def test_no_recurrence_fixture_is_not_assessed(name, capsys):
+    """`assessed: false` (run: no-recurrence; compared with a server in test_evidence_differential)."""
+    got = classify_json(FIXTURES / name, capsys)
+    assert got["assessed"] is False
+    assert got["group"] == "indeterminate"
+    assert got["evidence"]["liver_recurrence"]["state"] == "absent"
 
 
 @pytest.mark.parametrize("name", sorted(n for n, w in EXPECTED.items() if w["group"] != "indeterminate"))
@@ -55,7 +106,10 @@ def test_each_present_factor_names_its_resources(name, capsys):
 def test_json_output_shape(capsys):
     got = classify_json(FIXTURES / "05-borderline-size-50mm-exact.json", capsys)
     assert set(got) >= {"group", "status", "criteria", "missing", "recommendations", "ruleset", "evidence",
-                        "rules_fired", "cohort_survival", "warnings", "patient"}
+                        "rules_fired", "cohort_survival", "warnings", "patient", "assessed"}
+    assert got["assessed"] is True
+    assert got["evidence"]["prior_liver_resection"]["state"] == "recorded"
+    assert got["evidence"]["imaging_measurements"]["state"] == "current"
     assert set(got["criteria"]) == {"tumour_count_ge_4", "largest_ge_50mm", "extrahepatic_disease"}
     assert got["ruleset"]["id"] == "clm-recurrence-resectability"
     assert got["ruleset"]["version"].count(".") == 2

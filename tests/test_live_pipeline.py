@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from engine.ruleset import load_ruleset
 from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
@@ -25,7 +26,7 @@ from fhir_adapters.terminology import load_terminology
 from fixtures import FIXTURES_DIR
 
 pytestmark = pytest.mark.integration
-RULESET = ("clm-recurrence-resectability", "1.0.0")
+RULESET = (load_ruleset().id, load_ruleset().version)  # the default rule set, as written back
 
 
 def file_results() -> dict[str, object]:

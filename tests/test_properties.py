@@ -162,12 +162,14 @@ def assert_not_better(before: str, after: str) -> None:
 
 
 def assert_safe(c) -> None:
-    """Properties 2 and 3: never resectable on missing data; resectable exactly when all is known clean."""
+    """Properties 2 and 3: never resectable on missing data (a factor, or the prior resection);
+    resectable exactly when all is known clean."""
     values = c.criteria_values()
     if any(v is None for v in values.values()):
         assert c.group != RESECTABLE, values
     all_clear = (all(v is False for v in values.values())
                  and c.facts["liver_recurrence"].state == "present"
+                 and c.facts["prior_liver_resection"].state == "recorded"
                  and c.facts["technical_resectability"].state != "unresectable")
     assert (c.group == RESECTABLE) == all_clear, (c.group, values, c.facts["liver_recurrence"].state,
                                                   c.facts["technical_resectability"].state)

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from engine.ruleset import load_ruleset
 from clm_stratify.cli import main
 from engine.classify import Engine
 from fhir_adapters.assessment import TAG_SYSTEM, assessment_id
@@ -38,6 +39,7 @@ from fhir_adapters.bundle import read_bundle_file
 from fhir_adapters.client import FhirClient, dumps, loads
 from fhir_adapters.load import load_bundles
 from fhir_adapters.local_server import LocalFhirServer
+from fhir_adapters.reference import patient_of as patient_reference
 from fhir_adapters.mapping import map_features
 from fhir_adapters.terminology import load_terminology
 from fixtures import FIXTURES_DIR
@@ -45,7 +47,7 @@ from tests.fault_proxy import FaultProxy, is_transaction
 from tests.receiver_process import SECRET, Receiver
 
 pytestmark = pytest.mark.integration
-RULESET = ("clm-recurrence-resectability", "1.0.0")
+RULESET = (load_ruleset().id, load_ruleset().version)  # the default rule set, as written back
 TAG = f"{TAG_SYSTEM}|clm-stratify"
 HEADERS = {"X-CLM-Subscription-Secret": SECRET, "Content-Type": "application/fhir+json"}
 FAST = ["--connect-timeout", "1", "--read-timeout", "1.5"]
@@ -105,7 +107,7 @@ def tumour_observations() -> dict[str, dict]:
             r = e["resource"]
             if r["resourceType"] == "Observation" and "21889-1" in json.dumps(r.get("code")) or \
                     r["resourceType"] == "Observation" and "33728-7" in json.dumps(r.get("code")):
-                pid = r["subject"]["reference"].split("/", 1)[1]
+                pid = (patient_reference(r) or "/").split("/", 1)[1]
                 if pid in candidates() and pid not in out:
                     out[pid] = r
     return out

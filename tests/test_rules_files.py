@@ -83,7 +83,8 @@ def test_a_site_can_change_a_threshold_in_yaml_only(tmp_path):
     path = edited(tmp_path, DEFAULT_RULESET, lambda d: d["factors"]["tumour_count_ge_4"].update(threshold=5))
     engine = Engine(load_ruleset(path))
     f = Features(liver_recurrence=Fact[bool](value=True), tumour_count=Fact[int](value=4),
-                 largest_diameter_mm=Fact(value=10), extrahepatic_disease=Fact[bool](value=False))
+                 largest_diameter_mm=Fact(value=10), extrahepatic_disease=Fact[bool](value=False),
+                 prior_liver_resection=Fact[bool](value=True))
     assert engine.classify(f).group == "resectable"
     assert Engine.default().classify(f).group == "borderline-resectable"
 

@@ -11,13 +11,14 @@ import time
 import pytest
 import requests
 
+from engine.ruleset import load_ruleset
 from clm_stratify.cli import main
 from fhir_adapters.assessment import assessment_id
 from fhir_adapters.client import FhirClient, dumps
 from tests.receiver_process import SECRET, Receiver
 
 pytestmark = pytest.mark.integration
-RULESET = ("clm-recurrence-resectability", "1.0.0")
+RULESET = (load_ruleset().id, load_ruleset().version)  # the default rule set, as written back
 HEADERS = {"X-CLM-Subscription-Secret": SECRET, "Content-Type": "application/fhir+json"}
 
 
