@@ -161,16 +161,25 @@ class PatientIdentity:
         if not isinstance(subject, dict):
             return Attribution("unattributable", f"{name} is not a Reference")
         text = subject.get("reference")
-        if isinstance(text, str) and text:
-            return self._by_reference(name, Reference.parse(text))
         ident = subject.get("identifier")
+        known = None  # does the identifier name this patient? (None: no identifier, or nothing to compare)
+        shown = ""
         if isinstance(ident, dict) and isinstance(ident.get("value"), str):
             system = ident.get("system") if isinstance(ident.get("system"), str) else None
             shown = f"{system}|{ident['value']}" if system else ident["value"]
             if (system, ident["value"]) in self.identifiers or (
                     system is None and any(v == ident["value"] for _, v in self.identifiers)):
-                return Attribution("unattributable", f"{name} given only by identifier {shown}")
-            if self.identifiers:
+                known = True
+            elif self.identifiers and (system is None or system in {s for s, _ in self.identifiers}):
+                known = False  # an identifier of the same kind, with another value: someone else's
+        if isinstance(text, str) and text:
+            by_reference = self._by_reference(name, Reference.parse(text))
+            if by_reference.kind == "own" and known is False:
+                return Attribution("unattributable", f"{name} reference names this patient but its identifier "
+                                                     f"{shown} is not theirs")
+            return by_reference
+        if shown:
+            if known is False:
                 return Attribution("foreign", f"the patient with identifier {shown}")
             return Attribution("unattributable", f"{name} given only by identifier {shown}")
         if isinstance(subject.get("display"), str):

@@ -30,7 +30,7 @@ GE4 = {"all": [{"m": {"$and": [{"kind": "t"}, {"$gte": {"n": 4}}]}}]}
 def features(count: int, size: str = "20", ehd: bool = False) -> Features:
     return Features(patient="Patient/x", liver_recurrence=Fact[bool](value=True),
                     tumour_count=Fact[int](value=count), largest_diameter_mm=Fact(value=Decimal(size)),
-                    extrahepatic_disease=Fact[bool](value=ehd))
+                    extrahepatic_disease=Fact[bool](value=ehd), prior_liver_resection=Fact[bool](value=True))
 
 
 def _rss_kib() -> int:
@@ -91,7 +91,8 @@ THREAD_SCRIPT = textwrap.dedent("""
                 n = (seed + i) % 8
                 f = Features(liver_recurrence=Fact[bool](value=True), tumour_count=Fact[int](value=n),
                              largest_diameter_mm=Fact(value=Decimal(10)),
-                             extrahepatic_disease=Fact[bool](value=False))
+                             extrahepatic_disease=Fact[bool](value=False),
+                             prior_liver_resection=Fact[bool](value=True))
                 g = engine.classify(f).group
                 want = "borderline-resectable" if n >= 4 else "resectable"
                 if g != want:
