@@ -10,8 +10,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from fhir_adapters.record import PatientRecord
-from fhir_adapters.reference import PatientIdentity, patient_of
+from fhir_adapters.record import PatientRecord, add_distinct
+from fhir_adapters.reference import PatientIdentity, patient_of, plain_ref
 
 ACCEPTED_BUNDLE_TYPES = ("collection", "searchset", "transaction", "batch", "document", "history")
 
@@ -51,6 +51,11 @@ def _the_patient(patients: list[tuple[dict, str | None, str | None]], subjects: 
     def pid(r: dict) -> str | None:
         return r.get("id") if isinstance(r.get("id"), str) else None
 
+    for p in patients:
+        twins = [q for q in patients if pid(q[0]) and pid(q[0]) == pid(p[0]) and q[0] != p[0]]
+        if twins:
+            raise BundleError(f"{source}: holds Patient/{pid(p[0])} {len(twins) + 1} times with different content; "
+                              "which one is the patient cannot be told")
     if patient_id is not None:
         chosen = [p for p in patients if pid(p[0]) == patient_id]
         if chosen:
@@ -91,10 +96,17 @@ def record_from_bundle(data: Any, source: str = "bundle", patient_id: str | None
         raise BundleError(f"{source}: Bundle.entry must be a list")
     resources: list[tuple[dict, str | None]] = []
     patients: list[tuple[dict, str | None, str | None]] = []
+    seen: set[str] = set()  # history: the newest entry of each resource comes first
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise BundleError(f"{source}: Bundle.entry[{i}] is not an object")
         request = entry.get("request")
+        if btype == "history":
+            key = _history_key(entry)
+            if key in seen:
+                continue  # an older version
+            if key:
+                seen.add(key)
         if isinstance(request, dict) and request.get("method") == "DELETE":
             continue
         resource = entry.get("resource")
@@ -113,6 +125,15 @@ def record_from_bundle(data: Any, source: str = "bundle", patient_id: str | None
     others = frozenset(url for r, url, _ in patients if url and r is not patient)
     identity = PatientIdentity.of_patient(patient, patient_id=pid, full_url=patient_url, other_patients=others)
     record = PatientRecord(identity)
-    for resource, full_url in resources:
-        record.add(resource, full_url)
+    add_distinct(record, resources)
     return record
+
+
+def _history_key(entry: dict) -> str | None:
+    """``Type/id`` of a history entry, from its resource or its request URL."""
+    resource = entry.get("resource")
+    if isinstance(resource, dict) and isinstance(resource.get("id"), str):
+        return f"{resource.get('resourceType')}/{resource['id']}"
+    request = entry.get("request")
+    url = request.get("url") if isinstance(request, dict) else None
+    return plain_ref(url.split("?")[0]) if isinstance(url, str) else None

@@ -108,7 +108,8 @@ class _Measurement:
 @dataclass
 class _Study:
     key: str
-    when: When
+    when: When                      # the span of the study (its measurements and report)
+    last: When                      # its latest measurement
     lesions: dict[str, list[_Measurement]] = field(default_factory=dict)
 
     @property
@@ -144,7 +145,7 @@ class FeatureMapper:
         liver, onset = self._liver_recurrence(record, resection)
         studies, uncertain = self._studies(record, liver.value is True, resection, onset)
         count, size = self._lesions(record, studies, uncertain)
-        imaging, latest_imaging = self._imaging_currency(record, studies)
+        imaging, latest_imaging = self._imaging_currency(record, studies, uncertain)
         extrahepatic = self._extrahepatic(record)
         technical = self._technical(record, resection, latest_imaging)
         recurrence_when = min((w for w in (onset, studies[0].when if studies else None) if w is not None),
@@ -168,6 +169,7 @@ class FeatureMapper:
 
     def _name_what_is_not_evidence(self, record: PatientRecord) -> None:
         who = record.patient_ref or "this patient"
+        self.warnings.extend(record.notes)
         for u in record.unreadable:
             self.warnings.append(f"{u.ref} is not valid FHIR R4 and was not used: {u.problem}")
         for u in record.unattributable:
@@ -323,30 +325,40 @@ class FeatureMapper:
         if not value.is_finite() or value <= 0:
             return None, "exact", f"{where}: size {value} {unit} is not a positive length"
         mm = value * factor
-        bound: SizeBound = {"<": "below", "<=": "at-most", ">": "at-least", ">=": "at-least"}.get(
-            quantity.comparator or "", "exact")
+        bounds: dict[str | None, SizeBound] = {None: "exact", "<": "below", "<=": "at-most", ">": "at-least",
+                                               ">=": "at-least"}
+        if quantity.comparator not in bounds:
+            return None, "exact", f"{where}: comparator {quantity.comparator!r} is not an R4 comparator"
+        bound = bounds[quantity.comparator]
         limits = self.t.plausible_diameter_mm
         if bound in ("exact", "at-least") and not limits.minimum <= mm <= limits.maximum:
             return None, "exact", (f"{where}: size {value} {unit} is outside the plausible range "
                                    f"{limits.minimum}-{limits.maximum} mm")
         return mm, bound, None
 
-    def _measurement_size(self, o: Any) -> tuple[Decimal | None, SizeBound, str | None] | None:
-        """Size of a tumour-size Observation, or None when it is not one."""
-        where = self._ref(o)
-        for comp in o.component or []:
-            if self.t.longest_dimension.matches_any(codings(comp.code)):
-                if comp.dataAbsentReason is not None:
-                    return None, "exact", f"{where}: longest dimension absent ({comp.dataAbsentReason.text or concept_code(comp.dataAbsentReason, DATA_ABSENT)})"
-                return self._size_mm(comp.valueQuantity, where)
+    def _measurement_sizes(self, o: Any) -> list[tuple[Decimal | None, SizeBound, str | None]] | None:
+        """Every longest-dimension reading of a tumour-size Observation (each component
+        33728-7, and its valueQuantity), or None when it is not one. The Observation is a
+        tumour size by its code, as the server search finds it."""
         pairs = codings(o.code)
         if not (self.t.tumour_size_observation.matches_any(pairs) or self.t.longest_dimension.matches_any(pairs)):
             return None
-        if o.dataAbsentReason is not None:
-            return None, "exact", f"{where}: size absent ({o.dataAbsentReason.text or concept_code(o.dataAbsentReason, DATA_ABSENT)})"
-        if o.valueQuantity is None:
-            return None, "exact", f"{where}: no longest dimension (no component 33728-7 and no valueQuantity)"
-        return self._size_mm(o.valueQuantity, where)
+        where = self._ref(o)
+        readings = []
+        for comp in o.component or []:
+            if self.t.longest_dimension.matches_any(codings(comp.code)):
+                if comp.dataAbsentReason is not None:
+                    readings.append((None, "exact", f"{where}: longest dimension absent ({comp.dataAbsentReason.text or concept_code(comp.dataAbsentReason, DATA_ABSENT)})"))
+                else:
+                    readings.append(self._size_mm(comp.valueQuantity, where))
+        if o.valueQuantity is not None or not readings:
+            if o.dataAbsentReason is not None and not readings:
+                readings.append((None, "exact", f"{where}: size absent ({o.dataAbsentReason.text or concept_code(o.dataAbsentReason, DATA_ABSENT)})"))
+            elif o.valueQuantity is None:
+                readings.append((None, "exact", f"{where}: no longest dimension (no component 33728-7 and no valueQuantity)"))
+            else:
+                readings.append(self._size_mm(o.valueQuantity, where))
+        return readings
 
     def _is_liver_lesion(self, o: Any, record: PatientRecord, liver_recurrence: bool) -> bool:
         if o.specimen is not None or self.t.pathology_method.matches_any(codings(o.method)):
@@ -384,8 +396,8 @@ class FeatureMapper:
         study_of: dict[str, str] = {}
         when_of: dict[str, When | None] = {}
         for dr in record.diagnostic_reports:
-            if dr.status in WITHDRAWN_REPORT:
-                continue
+            if dr.status in WITHDRAWN_REPORT or not self._is_imaging_report(dr):
+                continue  # the same reports a server search by category returns
             key = next((self.record.canonical(i.reference) for i in dr.imagingStudy or [] if i.reference), None) or self._ref(dr)
             when_of.setdefault(key, When.of_element(dr, "effectiveDateTime", "effectivePeriod"))
             for r in dr.result or []:
@@ -422,16 +434,17 @@ class FeatureMapper:
         for o in record.observations:
             if o.status in WITHDRAWN_OBSERVATION:
                 continue
-            size = self._measurement_size(o)
-            if size is None or not self._is_liver_lesion(o, record, liver_recurrence):
+            sizes = self._measurement_sizes(o)
+            if sizes is None or not self._is_liver_lesion(o, record, liver_recurrence):
                 continue
             link = self._study_link(o, study_of)
             when = When.of_element(o, "effectiveDateTime", "effectivePeriod", "effectiveInstant")
             if when is None and link is not None:
                 when = report_when.get(link)
-            m = _Measurement(self._ref(o), self._lesion_key(o), when, None, *size)
+            readings = [_Measurement(self._ref(o), self._lesion_key(o), when, None, *size) for size in sizes]
+            m = readings[0]
             if when is None:
-                uncertain.append(m)
+                uncertain.extend(readings)
                 continue
             if resection is not None:
                 place = when.relation(resection.when)
@@ -451,47 +464,66 @@ class FeatureMapper:
             else:
                 place = "after"
             if place == "uncertain" or (link is None and not when.fine):
-                uncertain.append(m)
+                uncertain.extend(readings)
                 continue
-            m.study = link
-            placed.append(m)
+            for r in readings:
+                r.study = link
+            placed.extend(readings)
         if initial:
             self.warnings.append("measurements before the reference resection (initial disease) not counted: "
                                  + ", ".join(initial))
-        # Studies named by the record first; then measurements that name none join a study
-        # (or each other) when they are at the same time, within the tolerance.
-        studies: dict[str, _Study] = {}
-        for m in placed:
-            if m.study is None:
-                continue
-            assert m.when is not None
-            study = studies.get(m.study)
-            if study is None:
-                study = studies[m.study] = _Study(m.study, report_when.get(m.study) or m.when)
-            elif report_when.get(m.study) is None:
-                study.when = study.when.union(m.when)
-            study.lesions.setdefault(m.lesion_key, []).append(m)
-        tolerance = dt.timedelta(minutes=self.t.unlinked_study_tolerance_minutes)
-        named = list(studies.values())
-        clusters: list[_Study] = []
-        for m in sorted((m for m in placed if m.study is None), key=lambda m: m.when.sort_key()):  # type: ignore[union-attr]
-            assert m.when is not None
-            home = next((s for s in named if s.when.near(m.when, tolerance)), None)
-            if home is None:
-                home = next((s for s in reversed(clusters) if s.when.near(m.when, tolerance)), None)
-                if home is None:
-                    home = _Study(f"time:{m.when.key}", m.when)
-                    clusters.append(home)
-                    studies[home.key] = home
-                else:
-                    home.when = home.when.union(m.when)
-            m.study = home.key
-            home.lesions.setdefault(m.lesion_key, []).append(m)
+        studies = self._group_into_studies(placed, report_when)
         for m in uncertain:
             self.warnings.append(f"{m.ref}: tumour measurement that cannot be placed in time "
                                  + (f"({m.when.text})" if m.when else "(no date)")
                                  + "; count and size are lower bounds")
-        return sorted(studies.values(), key=lambda s: s.when.sort_key()), uncertain
+        return sorted(studies.values(), key=lambda s: s.last.sort_key()), uncertain
+
+    def _group_into_studies(self, placed: list[_Measurement], report_when: dict[str, When | None]) -> dict[str, _Study]:
+        """Measurements -> studies. Two measurements are of one study when the record links
+        them to the same report or ImagingStudy, or when their times are within the
+        tolerance of each other (chained): splitting one examination would hide lesions,
+        joining two only makes the answer more cautious."""
+        parent = list(range(len(placed)))
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        first_of_link: dict[str, int] = {}
+        for i, m in enumerate(placed):
+            if m.study is not None:
+                parent[root(i)] = root(first_of_link.setdefault(m.study, i))
+        tolerance = dt.timedelta(minutes=self.t.unlinked_study_tolerance_minutes)
+        order = sorted(range(len(placed)), key=lambda i: placed[i].when.sort_key())  # type: ignore[union-attr]
+        reach: int | None = None  # the measurement reaching furthest so far
+        for i in order:
+            when = placed[i].when
+            assert when is not None
+            if reach is not None and placed[reach].when.near(when, tolerance):  # type: ignore[union-attr]
+                parent[root(i)] = root(reach)
+            if reach is None or when.end > placed[reach].when.end:  # type: ignore[union-attr]
+                reach = i
+        studies: dict[int, _Study] = {}
+        for i in order:
+            m = placed[i]
+            assert m.when is not None
+            r = root(i)
+            study = studies.get(r)
+            if study is None:
+                study = studies[r] = _Study(m.study or f"time:{m.when.key}", m.when, m.when)
+            else:
+                study.when = study.when.union(m.when)
+                if m.study is not None and study.key.startswith("time:"):
+                    study.key = m.study
+                if m.when.start > study.last.start:
+                    study.last = m.when
+            if m.study and report_when.get(m.study) is not None:
+                study.when = study.when.union(report_when[m.study])  # type: ignore[arg-type]
+            study.lesions.setdefault(m.lesion_key, []).append(m)
+        return {s.key: s for s in studies.values()}
 
     def _unaccounted(self, studies: list[_Study]) -> list[str]:
         """Why the latest study does not account for every lesion seen earlier."""
@@ -567,17 +599,21 @@ class FeatureMapper:
                                     at_most_strict=upper[1] if upper else False, note=note)
 
     # ------------------------------------------------------------------ imaging currency
-    def _imaging_currency(self, record: PatientRecord, studies: list[_Study]) -> tuple[Fact[bool], When | None]:
+    def _imaging_currency(self, record: PatientRecord, studies: list[_Study],
+                          uncertain: list[_Measurement]) -> tuple[Fact[bool], When | None]:
         """Whether the latest imaging report has the structured measurements used (False:
-        a newer report has text only), and the date of the latest imaging."""
-        latest = studies[-1].when if studies else None
-        if latest is None:
-            return Fact[bool](value=True), None
+        a newer report has text only), and the latest moment of imaging of the recurrence
+        (any measurement, its report, or a newer report): a technical judgement must not
+        be older than that."""
+        points = [m.when for s in studies for ms in s.lesions.values() for m in ms if m.when is not None]
+        points += [s.when for s in studies] + [m.when for m in uncertain if m.when is not None]
+        if not studies:
+            return Fact[bool](value=True), max(points, key=lambda w: w.start, default=None)
+        latest = max((s.when for s in studies), key=lambda w: w.end)
         measured = {self.record.canonical(m.ref) for s in studies for ms in s.lesions.values() for m in ms}
-        newer, newest = [], latest
+        newer = []
         for dr in record.diagnostic_reports:
-            if dr.status in WITHDRAWN_REPORT or not self.t.radiology_report_category.matches_any(
-                    codings(*(dr.category or []))):
+            if dr.status in WITHDRAWN_REPORT or not self._is_imaging_report(dr):
                 continue
             when = When.of_element(dr, "effectiveDateTime", "effectivePeriod") or When.of(dr.issued)
             if when is None or not when.after(latest):
@@ -585,15 +621,18 @@ class FeatureMapper:
             if any(self.record.canonical(r.reference) in measured for r in dr.result or []):
                 continue
             newer.append(self._ref(dr))
+            points.append(when)
             self.warnings.append(f"{self._ref(dr)}: imaging report of {when.text} is newer than the latest tumour "
                                  f"measurements ({latest.text}) and has no structured measurements; the "
                                  "measurements may be stale and the result stays preliminary")
-            if when.sort_key() > newest.sort_key():
-                newest = when
+        newest = max(points, key=lambda w: w.start)
         if newer:
             return Fact[bool](value=False, refs=tuple(newer),
                               note=f"newer imaging report(s) without measurements: {', '.join(newer)}"), newest
-        return Fact[bool](value=True, note=f"latest measured study {latest.text}"), latest
+        return Fact[bool](value=True, note=f"latest measured study {latest.text}"), newest
+
+    def _is_imaging_report(self, dr: Any) -> bool:
+        return self.t.radiology_report_category.matches_any(codings(*(dr.category or [])))
 
     # ------------------------------------------------------------------ technical judgement
     def _technical(self, record: PatientRecord, resection: _Event | None, latest_imaging: When | None) -> Fact:
@@ -612,14 +651,17 @@ class FeatureMapper:
                                      "not final; not used")
                 continue
             when = When.of_element(o, "effectiveDateTime", "effectivePeriod", "effectiveInstant")
-            if when is not None and resection is not None and when.relation(resection.when) == "before":
-                continue  # a judgement about the initial disease, not the recurrence
+            if when is not None and resection is not None and when.relation(resection.when) != "after":
+                self.warnings.append(f"{self._ref(o)}: technical resectability assessment of {when.text} is not after "
+                                     f"the reference resection ({resection.when.text}): about the initial disease, "
+                                     "not used")
+                continue
             if when is None:
                 self.warnings.append(f"{self._ref(o)}: technical resectability assessment without a date; "
                                      "it cannot be shown to be current, so it is not used")
                 stale.append(self._ref(o))
                 continue
-            if latest_imaging is not None and when.end <= latest_imaging.start:
+            if latest_imaging is not None and when.start < latest_imaging.start:
                 self.warnings.append(f"{self._ref(o)}: technical resectability assessment of {when.text} is older "
                                      f"than the latest imaging ({latest_imaging.text}): stale, treated as not assessed")
                 stale.append(self._ref(o))

@@ -17,6 +17,7 @@ named, and one that names no one is unattributable (never evidence of absence).
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,10 +26,14 @@ from urllib.parse import urlencode
 
 from fhir_adapters.client import FhirClient, FhirError
 from fhir_adapters.record import PatientRecord
-from fhir_adapters.reference import SHARED_TYPES, PatientIdentity, patient_of, plain_ref
+from fhir_adapters.reference import SHARED_TYPES, PatientIdentity, patient_of, plain_ref, subject_element
 from fhir_adapters.terminology import CodeList, Terminology
 
+log = logging.getLogger("clm_stratify.pull")
+
 PAGE_SIZE = 500
+# A pseudo resource a record receives when the server refused the identifier searches.
+IDENTIFIER_SEARCH_REFUSED = "clm-stratify:identifier-search-refused"
 # Resource types searched per patient, and the search parameter naming the patient.
 PATIENT_SEARCHES = (
     ("Observation", "patient"),
@@ -58,11 +63,20 @@ class Searches:
     terminology: Terminology
 
     def for_patients(self, patient_ids: list[str]) -> list[tuple[str, dict[str, str]]]:
-        who = ",".join(patient_ids)
+        return self._per_patient(",".join(patient_ids), "")
+
+    def by_identifier(self, identifiers: Iterable[tuple[str | None, str]]) -> list[tuple[str, dict[str, str]]]:
+        """The same searches for resources that name the patient only by identifier
+        (``subject:identifier``): a patient search never returns them, and they must be
+        seen to be distrusted."""
+        tokens = ",".join(sorted({f"{s}|{v}" if s else v for s, v in identifiers}))
+        return self._per_patient(tokens, ":identifier") if tokens else []
+
+    def _per_patient(self, who: str, modifier: str) -> list[tuple[str, dict[str, str]]]:
         t = self.terminology
         out = []
         for rtype, param in PATIENT_SEARCHES:
-            params = {param: who, "_count": str(PAGE_SIZE)}
+            params = {f"{param}{modifier}": who, "_count": str(PAGE_SIZE)}
             if rtype == "Observation":
                 codes = token_list(t.tumour_size_observation, t.longest_dimension,
                                    t.technical_resectability_observation)
@@ -190,14 +204,52 @@ def patient_record(client: FhirClient, patient_id: str, resources: list[dict]) -
     """The record of ``Patient/patient_id`` on this server from the resources fetched for it."""
     patient = next((r for r in resources if r.get("resourceType") == "Patient" and r.get("id") == patient_id), None)
     identity = PatientIdentity.of_patient(patient, patient_id=patient_id, bases=[client.base_url])
-    return PatientRecord.from_resources(resources, identity)
+    record = PatientRecord.from_resources([r for r in resources if r.get("resourceType") != IDENTIFIER_SEARCH_REFUSED],
+                                          identity)
+    record.notes += [f"the server refused a search by subject identifier ({r['problem']}): resources that name "
+                     "this patient only by identifier cannot be seen" for r in resources
+                     if r.get("resourceType") == IDENTIFIER_SEARCH_REFUSED]
+    return record
 
 
 def fetch_patient(client: FhirClient, patient_id: str, terminology: Terminology) -> list[dict]:
     """All resources the mapping needs for one patient."""
     resources = _run_searches(client, Searches(terminology).for_patients([patient_id]),
                               extra_reads=[f"Patient/{patient_id}"])
+    resources += _named_by_identifier(client, terminology, resources)
     return _with_references(client, resources)
+
+
+def _identifiers(patient: dict) -> set[tuple[str | None, str]]:
+    return set(PatientIdentity.of_patient(patient).identifiers)
+
+
+def _subject_identifier(resource: dict) -> tuple[str | None, str] | None:
+    _, subject = subject_element(resource)
+    ident = subject.get("identifier") if isinstance(subject, dict) else None
+    if isinstance(ident, dict) and isinstance(ident.get("value"), str):
+        return (ident.get("system") if isinstance(ident.get("system"), str) else None, ident["value"])
+    return None
+
+
+def _named_by_identifier(client: FhirClient, terminology: Terminology, resources: list[dict]) -> list[dict]:
+    """Resources whose subject names one of the fetched patients by identifier only.
+    Only those whose identifier really is one of theirs are kept (a server that ignores
+    the ``:identifier`` modifier returns everyone's); a server that refuses the search is
+    named in a note on each record (``IDENTIFIER_SEARCH_REFUSED``)."""
+    wanted = set().union(*(_identifiers(r) for r in resources if r.get("resourceType") == "Patient"))
+    searches = Searches(terminology).by_identifier(wanted)
+    if not searches:
+        return []
+    have = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
+    try:
+        found = _run_searches(client, searches)
+    except FhirError as exc:
+        log.warning("the server cannot search by subject identifier (%s): resources that name a patient "
+                    "only by identifier cannot be seen", exc)
+        return [{"resourceType": IDENTIFIER_SEARCH_REFUSED, "problem": str(exc)[:200]}]
+    return [r for r in found if f"{r.get('resourceType')}/{r.get('id')}" not in have
+            and _subject_identifier(r) in wanted | {(None, v) for _, v in wanted}]
 
 
 def changed_patients_since(client: FhirClient, terminology: Terminology, since: str) -> tuple[set[str], str | None]:
@@ -247,6 +299,7 @@ def fetch_population(client: FhirClient, patient_ids: list[str], terminology: Te
         ids = patient_ids[start:start + chunk]
         try:
             resources = _run_searches(client, searches.for_patients(ids) + [("Patient", {"_id": ",".join(ids)})])
+            resources += _named_by_identifier(client, terminology, resources)
             resources = _with_references(client, resources)
         except FhirError as exc:
             for pid in ids:
@@ -264,10 +317,15 @@ def group_by_patient(resources: list[dict], patient_ids: list[str], base: str | 
     outside ``patient_ids`` (a search parameter the server ignored) are left out."""
     wanted = {f"Patient/{pid}": pid for pid in patient_ids}
     by_patient: dict[str, list[dict]] = {pid: [] for pid in patient_ids}
+    by_identifier = {ident: r["id"] for r in resources if r.get("resourceType") == "Patient"
+                     and r.get("id") in by_patient for ident in _identifiers(r)}
     everyone: list[dict] = []
     for r in resources:
         owner = patient_of(r, base)
-        if owner in wanted:
+        ident = _subject_identifier(r)
+        if owner is None and ident is not None and ident in by_identifier:
+            by_patient[by_identifier[ident]].append(r)
+        elif owner in wanted:
             by_patient[wanted[owner]].append(r)
         elif r.get("resourceType") in SHARED_TYPES or (owner is None and r.get("resourceType") != "Patient"):
             everyone.append(r)

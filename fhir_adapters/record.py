@@ -20,6 +20,7 @@ warnings.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -86,6 +87,27 @@ def reference_of(raw: dict, full_url: str | None = None) -> str:
     if isinstance(rid, str) and rid:
         return f"{rtype}/{rid}"
     return full_url or f"{rtype}/(no id)"
+
+
+def add_distinct(record: "PatientRecord", entries: list[tuple[dict, str | None]]) -> None:
+    """Add resources to a record; several *different* resources under one ``Type/id`` (a
+    Bundle that repeats an id) cannot be told apart: each is distrusted and named, never
+    merged into one (four lesions must not become one). Exact repeats are added once."""
+    by_key: dict[str, list[tuple[dict, str | None]]] = {}
+    for raw, full_url in entries:
+        rid = raw.get("id") if isinstance(raw, dict) else None
+        key = f"{raw.get('resourceType')}/{rid}" if isinstance(rid, str) and rid else f"#{len(by_key)}"
+        by_key.setdefault(key, []).append((raw, full_url))
+    for key, group in by_key.items():
+        if len({json.dumps(raw, sort_keys=True, default=str) for raw, _ in group}) == 1:
+            record.add(*group[0])
+            continue
+        for raw, full_url in group:
+            rtype = raw.get("resourceType")
+            if rtype in MAPPED_TYPES and rtype != "Patient":
+                record.unreadable.append(Distrusted(
+                    full_url or key, rtype, f"{len(group)} different resources share the id {key}; none is used",
+                    all_raw_codings(raw)))
 
 
 # ----------------------------------------------------------------------------- strict reading
@@ -166,8 +188,11 @@ class PatientRecord:
     foreign: list[Distrusted] = field(default_factory=list)
     # fullUrl of resources that have no id (transaction Bundles with urn:uuid), by id(model)
     full_urls: dict[int, str] = field(default_factory=dict)
+    # What the source could not provide (e.g. a search the server refused), for the warnings
+    notes: list[str] = field(default_factory=list)
     # Bundle fullUrls (urn:uuid:...) of resources that have an id -> ``Type/id``
     aliases: dict[str, str] = field(default_factory=dict)
+    _added: int = 0
 
     def canonical(self, reference: str | None) -> str | None:
         """A reference inside this record as ``Type/id`` (or the fullUrl of a resource
@@ -198,6 +223,7 @@ class PatientRecord:
         rtype = raw.get("resourceType") if isinstance(raw, dict) else None
         if rtype not in MAPPED_TYPES:
             return
+        self._added += 1
         where = reference_of(raw, full_url)
         attribution = self.identity.attribute(raw)
         if attribution.kind == "foreign":
@@ -219,9 +245,11 @@ class PatientRecord:
                 where, rtype, "; ".join(f"{p}: a string where FHIR requires a number or boolean"
                                         for p in loose[:3]), all_raw_codings(raw)))
             return
-        if model.id is None and full_url:
+        if model.id is None:
+            # Each resource without an id is its own: never one key for several of them.
+            full_url = full_url or f"{rtype}/(no id, entry {self._added})"
             self.full_urls[id(model)] = full_url
-        elif full_url and model.id:
+        elif full_url:
             self.aliases[full_url] = f"{rtype}/{model.id}"
         self._file(rtype, model, f"{rtype}/{model.id}" if model.id else (full_url or f"{rtype}/(no id)"))
 

@@ -177,6 +177,9 @@ class PatientIdentity:
             if by_reference.kind == "own" and known is False:
                 return Attribution("unattributable", f"{name} reference names this patient but its identifier "
                                                      f"{shown} is not theirs")
+            if by_reference.kind == "foreign" and known is True:
+                return Attribution("unattributable", f"{name} reference names {by_reference.why} but its identifier "
+                                                     f"{shown} is this patient's")
             return by_reference
         if shown:
             if known is False:

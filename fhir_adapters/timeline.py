@@ -38,6 +38,13 @@ class When:
     def of(cls, value: Any) -> "When | None":
         """The span of a FHIR date/dateTime/instant value as fhir.resources gives it
         (aware datetime, date, or a partial date string); None when it is no date."""
+        try:
+            return cls._of(value)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+14:00: before the UTC calendar starts
+            return None
+
+    @classmethod
+    def _of(cls, value: Any) -> "When | None":
         if value is None:
             return None
         if isinstance(value, dt.datetime):
@@ -59,8 +66,8 @@ class When:
                 end = dt.datetime(y + m // 12, m % 12 + 1, 1, tzinfo=UTC)
                 return cls(start, end, "month")
             if len(text) == 10:
-                return cls.of(dt.date.fromisoformat(text))
-            return cls.of(dt.datetime.fromisoformat(text.replace("Z", "+00:00")))
+                return cls._of(dt.date.fromisoformat(text))
+            return cls._of(dt.datetime.fromisoformat(text.replace("Z", "+00:00")))
         except ValueError:
             return None
 
@@ -114,7 +121,10 @@ class When:
 
     def near(self, other: "When", tolerance: dt.timedelta) -> bool:
         """Overlapping, or no further apart than ``tolerance``."""
-        return self.start <= other.end + tolerance and other.start <= self.end + tolerance
+        try:
+            return self.start - tolerance <= other.end and other.start - tolerance <= self.end
+        except OverflowError:  # at the first days of the calendar
+            return self.start <= other.end and other.start <= self.end
 
     def union(self, other: "When") -> "When":
         """The span covering both (named by the earlier one's precision)."""
