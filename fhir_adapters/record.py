@@ -215,8 +215,7 @@ class PatientRecord:
     def from_resources(cls, resources: Iterable[dict], identity: PatientIdentity | None = None) -> "PatientRecord":
         resources = list(resources)
         record = cls(identity if identity is not None else identity_of(resources))
-        for raw in resources:
-            record.add(raw)
+        add_distinct(record, [(raw, None) for raw in resources])
         return record
 
     def add(self, raw: dict, full_url: str | None = None) -> None:

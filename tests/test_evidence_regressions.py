@@ -1,0 +1,126 @@
+"""Records shaped unlike the fixtures (found by an adversarial review): each once gave a
+wrong "resectable" or a wrong "final"."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from engine.classify import Engine
+from fhir_adapters.bundle import BundleError, record_from_bundle
+from fhir_adapters.mapping import map_features
+from tests.helpers import (LOINC, body_structure, bundle, classify, classify_bundle, concept, hepatectomy,
+                           liver_met, patient, technical, terminology, tumour_size)
+
+P = "p1"
+V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
+
+
+def base() -> list[dict]:
+    return [patient(P), hepatectomy(P), liver_met(P)]
+
+
+def report(rid: str, day: str, results: list[str], category: bool = True) -> dict:
+    r = {"resourceType": "DiagnosticReport", "id": rid, "status": "final", "code": concept(LOINC, "24627-2"),
+         "subject": {"reference": f"Patient/{P}"}, "effectiveDateTime": day,
+         "result": [{"reference": f"Observation/{o}"} for o in results]}
+    if category:
+        r["category"] = [concept(V2_0074, "RAD")]
+    return r
+
+
+def test_observations_without_ids_are_each_a_lesion():
+    obs = [tumour_size(P, 20 + i) for i in range(4)]
+    for o in obs:
+        del o["id"]
+    data = bundle(*base(), *obs)
+    for e in data["entry"]:
+        if "id" not in e["resource"]:
+            del e["fullUrl"]
+    c = classify_bundle(data)
+    assert c.criteria_values()["tumour_count_ge_4"] is True and c.group == "borderline-resectable"
+
+
+def test_different_resources_under_one_id_are_distrusted_not_merged():
+    obs = [tumour_size(P, 20 + i, id="o1") for i in range(4)]
+    data = bundle(*base(), *obs)
+    for i, e in enumerate(data["entry"]):
+        e["fullUrl"] = f"urn:uuid:00000000-0000-0000-0000-{i:012d}"
+    c = classify_bundle(data)
+    assert c.group == "indeterminate"
+    assert any("share the id Observation/o1" in w for w in c.warnings)
+
+
+def test_one_examination_is_one_study_however_its_reports_split_it():
+    obs = [tumour_size(P, 20, day="2024-05-01T10:00:00Z", id=f"o{i}") for i in range(4)]
+    c = classify(*base(), *obs, report("r1", "2024-05-01T10:00:00Z", ["o0", "o1"]),
+                 report("r2", "2024-05-01T10:00:00Z", ["o2", "o3"]))
+    assert c.criteria_values()["tumour_count_ge_4"] is True
+
+
+def test_every_longest_dimension_reading_counts():
+    o = tumour_size(P, 18)
+    o["component"].append(copy.deepcopy(o["component"][0]))
+    o["component"][1]["valueQuantity"]["value"] = 60
+    assert classify(*base(), o).criteria_values()["largest_ge_50mm"] is True
+
+
+@pytest.mark.parametrize("day", ["2024-05", "2024", "2024-04-30"])
+def test_a_judgement_not_certainly_after_the_latest_imaging_is_stale(day):
+    c = classify(*base(), tumour_size(P, 20, day="2024-05-20"), technical(P, "resectable", day))
+    assert c.status == "preliminary" and c.facts["technical_resectability"].state == "not-assessed"
+    assert any("stale" in w for w in c.warnings)
+
+
+def test_a_measurement_newer_than_its_report_date_still_makes_the_judgement_stale():
+    a, b = tumour_size(P, 20, day="2024-01-10", id="oa"), tumour_size(P, 20, day="2024-09-01", id="ob")
+    c = classify(*base(), a, b, report("r", "2024-01-10", ["oa", "ob"]), technical(P, "resectable", "2024-06-01"))
+    assert c.status == "preliminary"
+
+
+def test_history_bundles_use_the_newest_version_and_honour_deletes():
+    tech = technical(P, "resectable", "2024-05-20", id="tech")
+    withdrawn = {**copy.deepcopy(tech), "status": "entered-in-error"}
+    data = bundle(*base(), tumour_size(P, 20), type="history")
+    data["entry"].insert(0, {"resource": withdrawn, "request": {"method": "PUT", "url": "Observation/tech"}})
+    data["entry"].append({"resource": tech, "request": {"method": "PUT", "url": "Observation/tech"}})
+    assert classify_bundle(data).status == "preliminary"
+    deleted = bundle(*base(), tumour_size(P, 20), type="history")
+    deleted["entry"].insert(0, {"request": {"method": "DELETE", "url": "Observation/tech"}})
+    deleted["entry"].append({"resource": tech, "request": {"method": "PUT", "url": "Observation/tech"}})
+    assert classify_bundle(deleted).status == "preliminary"
+
+
+def test_the_same_patient_twice_with_different_content_is_an_error():
+    other = {**patient(P), "identifier": [{"system": "https://example.org/mrn", "value": "MRN-2"}]}
+    with pytest.raises(BundleError, match="Patient/p1 2 times"):
+        record_from_bundle(bundle(*base(), other))
+
+
+@pytest.mark.parametrize("day", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-12:00"])
+def test_dates_at_the_edges_of_the_calendar_are_unplaceable_not_a_crash(day):
+    c = classify(*base(), tumour_size(P, 20, day=day))
+    assert c.group == "indeterminate"
+
+
+def test_a_comparator_that_r4_does_not_have_is_unreadable():
+    o = tumour_size(P, value=30, comparator="ad")
+    f = map_features(record_from_bundle(bundle(*base(), o)), terminology())
+    assert f.largest_diameter_mm.value is None
+    assert Engine.default().classify(f).group == "indeterminate"
+
+
+def test_a_reference_to_another_patient_with_this_patients_identifier_casts_doubt():
+    me = {**patient(P), "identifier": [{"system": "https://example.org/mrn", "value": "MRN-1"}]}
+    lung = liver_met(P, code="94391008", id="lung")
+    lung["subject"] = {"reference": "Patient/p2", "identifier": {"system": "https://example.org/mrn", "value": "MRN-1"}}
+    c = classify(me, hepatectomy(P), liver_met(P), tumour_size(P, 20), lung)
+    assert c.criteria_values()["extrahepatic_disease"] is None and c.group == "indeterminate"
+
+
+def test_body_structure_identity_is_used_across_studies():
+    bs = [body_structure(P, id=f"bs-{i}") for i in range(3)]
+    old = [tumour_size(P, 20, day="2024-05-01", focus=f"bs-{i}") for i in range(3)]
+    new = [tumour_size(P, 20, day="2024-08-01", focus=f"bs-{i}") for i in range(3)]
+    assert classify(*base(), *bs, *old, *new).group == "resectable"
