@@ -224,7 +224,7 @@ def _identifiers(patient: dict) -> set[tuple[str | None, str]]:
     return set(PatientIdentity.of_patient(patient).identifiers)
 
 
-def _subject_identifier(resource: dict) -> tuple[str | None, str] | None:
+def subject_identifier(resource: dict) -> tuple[str | None, str] | None:
     _, subject = subject_element(resource)
     ident = subject.get("identifier") if isinstance(subject, dict) else None
     if isinstance(ident, dict) and isinstance(ident.get("value"), str):
@@ -249,7 +249,7 @@ def _named_by_identifier(client: FhirClient, terminology: Terminology, resources
                     "only by identifier cannot be seen", exc)
         return [{"resourceType": IDENTIFIER_SEARCH_REFUSED, "problem": str(exc)[:200]}]
     return [r for r in found if f"{r.get('resourceType')}/{r.get('id')}" not in have
-            and _subject_identifier(r) in wanted | {(None, v) for _, v in wanted}]
+            and subject_identifier(r) in wanted | {(None, v) for _, v in wanted}]
 
 
 def changed_patients_since(client: FhirClient, terminology: Terminology, since: str) -> tuple[set[str], str | None]:
@@ -322,7 +322,7 @@ def group_by_patient(resources: list[dict], patient_ids: list[str], base: str | 
     everyone: list[dict] = []
     for r in resources:
         owner = patient_of(r, base)
-        ident = _subject_identifier(r)
+        ident = subject_identifier(r)
         if owner is None and ident is not None and ident in by_identifier:
             by_patient[by_identifier[ident]].append(r)
         elif owner in wanted:

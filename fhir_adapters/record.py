@@ -89,6 +89,13 @@ def reference_of(raw: dict, full_url: str | None = None) -> str:
     return full_url or f"{rtype}/(no id)"
 
 
+def _fingerprint(raw: dict) -> str:
+    try:
+        return json.dumps(raw, sort_keys=True, default=str)
+    except (RecursionError, ValueError):
+        return f"unreadable:{id(raw)}"
+
+
 def add_distinct(record: "PatientRecord", entries: list[tuple[dict, str | None]]) -> None:
     """Add resources to a record; several *different* resources under one ``Type/id`` (a
     Bundle that repeats an id) cannot be told apart: each is distrusted and named, never
@@ -99,7 +106,7 @@ def add_distinct(record: "PatientRecord", entries: list[tuple[dict, str | None]]
         key = f"{raw.get('resourceType')}/{rid}" if isinstance(rid, str) and rid else f"#{len(by_key)}"
         by_key.setdefault(key, []).append((raw, full_url))
     for key, group in by_key.items():
-        if len({json.dumps(raw, sort_keys=True, default=str) for raw, _ in group}) == 1:
+        if len(group) == 1 or len({_fingerprint(raw) for raw, _ in group}) == 1:
             record.add(*group[0])
             continue
         for raw, full_url in group:

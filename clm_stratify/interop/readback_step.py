@@ -10,7 +10,8 @@ from clm_stratify.interop.checks import FAIL, PASS, WARN, short_list
 from clm_stratify.interop.run_state import FixturePatient, RunState
 from fhir_adapters import interop_probes as probes
 from fhir_adapters.interop_probes import ref_of
-from fhir_adapters.pull import Searches, fetch_patient, referenced_searches, supports_batch
+from fhir_adapters.pull import Searches, fetch_patient, referenced_searches, subject_identifier, supports_batch
+from fhir_adapters.reference import PatientIdentity
 
 
 class ReadBackStep(RunState):
@@ -20,8 +21,14 @@ class ReadBackStep(RunState):
         """What fetch_patient must return for ``p`` from a correct server."""
         patient = f"Patient/{p.patient_id}"
         want = {patient}
+        raw_patient = next((r for r in p.resources if ref_of(r) == patient), None)
+        mine = PatientIdentity.of_patient(raw_patient).identifiers
+        # resources that name the patient only by identifier are found by subject:identifier
+        named = [{**r, "subject": {"reference": patient}} for r in p.resources
+                 if "subject" in r and subject_identifier(r) in mine]
         for rtype, params in Searches(self.terminology).for_patients([p.patient_id]):
             want |= probes.local_search(p.resources, rtype, params, patient)
+            want |= probes.local_search(named, rtype, params, patient)
         have = {ref_of(r) for r in p.resources}
         for rtype, params in referenced_searches([r for r in p.resources if ref_of(r) in want]):
             want |= {f"{rtype}/{i}" for i in params["_id"].split(",")} & have
