@@ -298,8 +298,9 @@ def fetch_population(client: FhirClient, patient_ids: list[str], terminology: Te
     for start in range(0, len(patient_ids), chunk):
         ids = patient_ids[start:start + chunk]
         try:
+            # (No subject:identifier searches here: a population run reads what Bulk export
+            # reads, so both paths give the same record; see fetch_patient.)
             resources = _run_searches(client, searches.for_patients(ids) + [("Patient", {"_id": ",".join(ids)})])
-            resources += _named_by_identifier(client, terminology, resources)
             resources = _with_references(client, resources)
         except FhirError as exc:
             for pid in ids:
