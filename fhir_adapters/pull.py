@@ -18,6 +18,7 @@ named, and one that names no one is unattributable (never evidence of absence).
 from __future__ import annotations
 
 import logging
+import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -232,6 +233,14 @@ def subject_identifier(resource: dict) -> tuple[str | None, str] | None:
     return None
 
 
+def _refused(exc: FhirError) -> bool:
+    """The server answered the search with a 4xx (it does not support it), as opposed to a
+    fault (5xx, connection) that a retry may cure."""
+    if exc.status is not None:
+        return 400 <= exc.status < 500
+    return bool(re.search(r"failed: 4\d\d", str(exc)))
+
+
 def _named_by_identifier(client: FhirClient, terminology: Terminology, resources: list[dict]) -> list[dict]:
     """Resources whose subject names one of the fetched patients by identifier only.
     Only those whose identifier really is one of theirs are kept (a server that ignores
@@ -245,6 +254,8 @@ def _named_by_identifier(client: FhirClient, terminology: Terminology, resources
     try:
         found = _run_searches(client, searches)
     except FhirError as exc:
+        if not _refused(exc):
+            raise  # a transient fault: the patient is retried, never classified without these
         log.warning("the server cannot search by subject identifier (%s): resources that name a patient "
                     "only by identifier cannot be seen", exc)
         return [{"resourceType": IDENTIFIER_SEARCH_REFUSED, "problem": str(exc)[:200]}]
