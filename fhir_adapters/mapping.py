@@ -625,6 +625,12 @@ class FeatureMapper:
             self.warnings.append(f"{self._ref(dr)}: imaging report of {when.text} is newer than the latest tumour "
                                  f"measurements ({latest.text}) and has no structured measurements; the "
                                  "measurements may be stale and the result stays preliminary")
+        # An imaging report that cannot be read or attributed may be the newest one.
+        for ref in self._distrusted_matching(record, "DiagnosticReport", self.t.radiology_report_category):
+            newer.append(ref)
+            self.warnings.append(f"{ref}: an imaging report that cannot be read or attributed may be newer than the "
+                                 "latest tumour measurements; the measurements may be stale and the result stays "
+                                 "preliminary")
         newest = max(points, key=lambda w: w.start)
         if newer:
             return Fact[bool](value=False, refs=tuple(newer),
