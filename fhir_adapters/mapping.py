@@ -400,11 +400,12 @@ class FeatureMapper:
                 continue  # the same reports a server search by category returns
             key = next((self.record.canonical(i.reference) for i in dr.imagingStudy or [] if i.reference), None) or self._ref(dr)
             when_of.setdefault(key, When.of_element(dr, "effectiveDateTime", "effectivePeriod"))
+            # an Observation may name its report (derivedFrom / partOf) instead of being listed
+            study_of[f"DiagnosticReport:{self.record.canonical(self._ref(dr))}"] = key
             for r in dr.result or []:
                 target = self.record.canonical(r.reference)
                 if target:
                     study_of[target] = key
-                    study_of.setdefault(f"DiagnosticReport:{self._ref(dr)}", key)
         return study_of, when_of
 
     def _study_link(self, o: Any, study_of: dict[str, str]) -> str | None:
