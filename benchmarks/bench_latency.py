@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 from clm_stratify.cli import main as cli
-from fhir_adapters.assessment import TAG_SYSTEM, assessment_id
-from fhir_adapters.client import FhirClient
-from fhir_adapters.local_server import LocalFhirServer
+from fhir_adapters.writeback.resources import TAG_SYSTEM, assessment_id
+from fhir_adapters.fhir.client import FhirClient
+from fhir_adapters.fhir.local_server import LocalFhirServer
 from tests.receiver_process import SECRET, Receiver
 
 from benchmarks.bench_population import LOINC, SNOMED, UCUM, load

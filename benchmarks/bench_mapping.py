@@ -11,9 +11,10 @@ import argparse
 import json
 import time
 
-from fhir_adapters.bundle import loads, record_from_bundle
-from fhir_adapters.load import fixture_bundles
-from fhir_adapters.mapping import FeatureMapper
+from fhir_adapters.fhir.codec import loads
+from fhir_adapters.sources.bundle import record_from_bundle
+from fhir_adapters.fhir.load import fixture_bundles
+from fhir_adapters.features.mapping import FeatureMapper
 from fhir_adapters.terminology import load_terminology
 from fixtures import FIXTURES_DIR
 

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from clm_stratify.pipeline import Stratifier
 from engine.classify import Engine
 from engine.ruleset import load_ruleset
-from fhir_adapters.client import FhirClient
-from fhir_adapters.local_server import LocalFhirServer, free_port
-from fhir_adapters.mapping import map_features
-from fhir_adapters.pull import Searches, _subject
-from fhir_adapters.record import PatientRecord
+from fhir_adapters.fhir.client import FhirClient
+from fhir_adapters.fhir.local_server import LocalFhirServer, free_port
+from fhir_adapters.features.mapping import map_features
+from fhir_adapters.sources.pull import Searches, _subject
+from fhir_adapters.sources.record import PatientRecord
 from fhir_adapters.terminology import load_terminology
-from fhir_adapters.writeback import AssessmentWriter
+from fhir_adapters.writeback.writer import AssessmentWriter
 
 from benchmarks.bench_engine import rss_mib
 from benchmarks.latency_proxy import LatencyProxy

@@ -1,3 +1,5 @@
 """clm-stratify: resectability of recurrent colorectal liver metastases from FHIR data."""
 
-__version__ = "0.1.0"
+from fhir_adapters.project import VERSION as __version__
+
+__all__ = ["__version__"]

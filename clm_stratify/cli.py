@@ -27,7 +27,7 @@ examples:
   clm-stratify rules validate --terminology rules/terminology.yaml
 """
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SERVER = 0, 1, 2, 3
+from fhir_adapters.project import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SERVER, TAG, TAG_SYSTEM  # noqa: E402
 
 
 class UsageError(Exception):
@@ -44,8 +44,8 @@ def _load_engine_and_terminology(args: argparse.Namespace):
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from clm_stratify.report import text_report
-    from fhir_adapters.bundle import read_bundle_file
-    from fhir_adapters.mapping import map_features
+    from fhir_adapters.sources.bundle import read_bundle_file
+    from fhir_adapters.features.mapping import map_features
 
     engine, terminology = _load_engine_and_terminology(args)
     record = read_bundle_file(args.bundle, args.patient)
@@ -61,7 +61,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def _auth(args: argparse.Namespace):
     import os
 
-    from fhir_adapters.auth import BearerToken, SmartBackendServices, load_private_key
+    from fhir_adapters.fhir.auth import BearerToken, SmartBackendServices, load_private_key
 
     if args.auth == "none":
         return None
@@ -82,7 +82,7 @@ def _auth(args: argparse.Namespace):
 
 
 def make_client(args: argparse.Namespace):
-    from fhir_adapters.client import FhirClient
+    from fhir_adapters.fhir.client import FhirClient
 
     if not args.fhir_url.startswith(("http://", "https://")):
         raise UsageError(f"--fhir-url must start with http:// or https://, got {args.fhir_url!r}")
@@ -141,9 +141,9 @@ def run_live(args: argparse.Namespace, client) -> int:
     else:
         summary = stratifier.population(progress=_progress, bulk=False if args.no_bulk else None)
     if args.format == "json":
-        from fhir_adapters.client import dumps
+        from fhir_adapters.fhir.client import dumps
         print(dumps({"fhir_url": client.base_url, "data_source": stratifier.last_source or "patient-search",
-                     "write_strategy": stratifier.writer.strategy.value,
+                     "write_strategy": stratifier.writer.strategy.name,
                      "strategy_notes": list(stratifier.writer.choice.notes),
                      "patients": [_outcome_json(o) for o in summary.outcomes],
                      "groups": dict(summary.groups), "actions": dict(summary.actions)}))
@@ -153,20 +153,20 @@ def run_live(args: argparse.Namespace, client) -> int:
             if o.classification:
                 print(text_report(o.classification))
             if o.action.startswith("would-"):
-                from fhir_adapters.client import dumps
+                from fhir_adapters.fhir.client import dumps
                 print(f"\n--dry-run: would write ({o.action}):")
                 for resource in o.written:
                     print(dumps(resource))
         print(summary_table(summary))
         if stratifier.last_source:
             print(f"Data read by: {stratifier.last_source} ({client.round_trips} HTTP round trips)")
-        print(f"Write strategy: {stratifier.writer.strategy.value}"
+        print(f"Write strategy: {stratifier.writer.strategy.name}"
               + "".join(f"\n  note: {n}" for n in stratifier.writer.choice.notes))
     return EXIT_FAILED if summary.failures else EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fhir_adapters.client import FhirError, FhirServerUnavailable
+    from fhir_adapters.fhir.client import FhirError, FhirServerUnavailable
 
     with make_client(args) as client:
         try:
@@ -184,9 +184,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from fhir_adapters.client import FhirClient
-    from fhir_adapters.load import fixture_bundles, load_bundles
-    from fhir_adapters.local_server import LocalFhirServer, SekmetStartError
+    from fhir_adapters.fhir.client import FhirClient
+    from fhir_adapters.fhir.load import fixture_bundles, load_bundles
+    from fhir_adapters.fhir.local_server import LocalFhirServer, SekmetStartError
     from fixtures import FIXTURES_DIR
 
     data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="clm-demo-"))
@@ -206,9 +206,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             client.round_trips = 0  # count the run, not the loading
             code = run_live(args, client)
         print(f"\nLook at the written RiskAssessments: {server.base_url}/RiskAssessment?_tag="
-              f"https://clm-stratify.org/fhir/CodeSystem/tag|clm-stratify")
+              f"{TAG_SYSTEM}|{TAG}")
         print(f"and their Provenance: {server.base_url}/Provenance?_tag="
-              f"https://clm-stratify.org/fhir/CodeSystem/tag|clm-stratify")
+              f"{TAG_SYSTEM}|{TAG}")
         if args.keep_running:
             print(f"The FHIR server keeps running at {server.base_url} (pid {server.pid}, data in {data_dir}); "
                   f"stop it with: kill {server.pid}")
@@ -235,10 +235,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from clm_stratify.inbox import Inbox
+    from clm_stratify.service.inbox import Inbox
     from clm_stratify.pipeline import Stratifier
-    from clm_stratify.receiver import ReceiverConfig, create_app
-    from clm_stratify.worker import Worker
+    from clm_stratify.service.receiver import ReceiverConfig, create_app
+    from clm_stratify.service.worker import Worker
 
     secret = _secret(args)
     hmac_secret = os.environ.get(args.hmac_secret_env) if args.hmac_secret_env else None
@@ -255,7 +255,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         raise UsageError(str(exc)) from None
     stratifier = Stratifier(client, engine, terminology)
-    from clm_stratify.reload import Reloader
+    from clm_stratify.service.reload import Reloader
     Reloader(stratifier, args.rules, args.terminology).install()   # SIGHUP: reload rules + terminology
     worker = Worker(inbox, stratifier, evaluators=args.workers, coalesce=args.coalesce)
     app = create_app(inbox, ReceiverConfig(secret=secret, hmac_secret=hmac_secret, hmac_header=args.hmac_header,
@@ -272,9 +272,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
-    from clm_stratify.receiver import SECRET_HEADER
-    from fhir_adapters import subscriptions as subs
-    from fhir_adapters.client import FhirError
+    from clm_stratify.service.receiver import SECRET_HEADER
+    from clm_stratify.service import subscriptions as subs
+    from fhir_adapters.fhir.client import FhirError
 
     with make_client(args) as client:
         try:
@@ -312,7 +312,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 def cmd_inbox(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from clm_stratify.inbox import Inbox
+    from clm_stratify.service.inbox import Inbox
 
     if not Path(args.inbox).exists():
         raise UsageError(f"{args.inbox}: no inbox there")
@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from engine.classify import RulesetInconsistentError
     from engine.yamlfile import DeclarativeFileError
-    from fhir_adapters.bundle import BundleError
+    from fhir_adapters.sources.bundle import BundleError
 
     parser = build_parser()
     args = parser.parse_args(argv)

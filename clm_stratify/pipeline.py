@@ -3,10 +3,10 @@
 This is the whole path of one patient (and of one Subscription notification, which
 resolves to a patient and calls :meth:`Stratifier.patient`):
 
-1. ``fhir_adapters.pull``      fetch the patient's resources (one batch round trip)
-2. ``fhir_adapters.mapping``   resources -> typed features
+1. ``fhir_adapters.sources.pull``      fetch the patient's resources (one batch round trip)
+2. ``fhir_adapters.features.mapping``   resources -> typed features
 3. ``engine.classify``         features -> classification (durable-rules)
-4. ``fhir_adapters.writeback`` RiskAssessment + Provenance, idempotent
+4. ``fhir_adapters.writeback.writer`` RiskAssessment + Provenance, idempotent
 
 A patient with no liver recurrence in the record gets no RiskAssessment
 (``no-recurrence``); one whose recurrence is unconfirmed gets an indeterminate one.
@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from engine.classify import Classification, Engine
-from fhir_adapters.client import FhirClient, FhirError
-from fhir_adapters.mapping import map_features
-from fhir_adapters.bulk import Spool, export_to_spool, supports_export
-from fhir_adapters.pull import (fetch_patient, fetch_population, mentions_metastasis, patient_record,
+from fhir_adapters.fhir.client import FhirClient, FhirError
+from fhir_adapters.features.mapping import map_features
+from fhir_adapters.sources.bulk import Spool, export_to_spool
+from fhir_adapters.sources.pull import (fetch_patient, fetch_population, mentions_metastasis, patient_record,
                                 patients_with_liver_metastasis)
-from fhir_adapters.record import PatientRecord
+from fhir_adapters.sources.record import PatientRecord
 from fhir_adapters.terminology import Terminology
-from fhir_adapters.writeback import AssessmentWriter, WriteResult
+from fhir_adapters.writeback.writer import AssessmentWriter, WriteResult
 
 
 @dataclass
@@ -120,7 +120,7 @@ class Stratifier:
         classified and written ``chunk`` at a time (one read batch and one transaction
         per chunk); a failure is reported per patient and the others go on.
         """
-        if patient_ids is None and (bulk if bulk is not None else supports_export(self.client)):
+        if patient_ids is None and (bulk if bulk is not None else self.client.capabilities().export):
             with Spool(base=self.client.base_url) as spool:
                 export_to_spool(self.client, self.terminology, spool)
                 self.last_source = "bulk-export"

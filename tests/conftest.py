@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fhir_adapters.local_server import LocalFhirServer, find_sekmet_command
+from fhir_adapters.fhir.local_server import LocalFhirServer, find_sekmet_command
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +25,8 @@ def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFhirS
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFhirServer]:
     """A SEKMET server loaded with the fixture patients, one per test module (the
     modules change its data)."""
-    from fhir_adapters.client import FhirClient
-    from fhir_adapters.load import fixture_bundles, load_bundles
+    from fhir_adapters.fhir.client import FhirClient
+    from fhir_adapters.fhir.load import fixture_bundles, load_bundles
     from fixtures import FIXTURES_DIR
 
     with LocalFhirServer(data_dir=tmp_path_factory.mktemp("loaded")) as srv:
@@ -37,7 +37,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFhirServer
 
 @pytest.fixture
 def client(server: LocalFhirServer):
-    from fhir_adapters.client import FhirClient
+    from fhir_adapters.fhir.client import FhirClient
 
     with FhirClient(server.base_url) as c:
         yield c

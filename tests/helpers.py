@@ -17,9 +17,10 @@ from typing import Any
 
 from engine.classify import Classification, Engine
 from engine.features import Features
-from fhir_adapters.bundle import loads, record_from_bundle
-from fhir_adapters.mapping import map_features
-from fhir_adapters.record import PatientRecord
+from fhir_adapters.fhir.codec import loads
+from fhir_adapters.sources.bundle import record_from_bundle
+from fhir_adapters.features.mapping import map_features
+from fhir_adapters.sources.record import PatientRecord
 from fhir_adapters.terminology import Terminology, load_terminology
 
 SCT = "http://snomed.info/sct"

@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import requests
 
-from fhir_adapters.client import dumps, loads
+from fhir_adapters.fhir.client import dumps, loads
 
 QUIRKS = frozenset({"no-total", "long-next-links", "application-json", "409-for-412", "ignore-strict",
                     "silent-ignore-patient", "no-batch", "ignore-if-match", "reject-riskassessment"})

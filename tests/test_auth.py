@@ -1,4 +1,4 @@
-"""Tests for fhir_adapters.auth: BearerToken, SmartBackendServices, load_private_key.
+"""Tests for fhir_adapters.fhir.auth: BearerToken, SmartBackendServices, load_private_key.
 
 The SMART tests run against a real SEKMET server that requires SMART Backend Services
 tokens; a scripted loopback token endpoint covers caching, threads and error texts."""
@@ -21,11 +21,11 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from fhir_adapters.auth import (
+from fhir_adapters.fhir.auth import (
     AuthError, BearerToken, PrivateKeyError, SmartBackendServices, load_private_key,
 )
-from fhir_adapters.client import FhirClient, FhirError
-from fhir_adapters.local_server import LocalFhirServer
+from fhir_adapters.fhir.client import FhirClient, FhirError
+from fhir_adapters.fhir.local_server import LocalFhirServer
 
 CLIENT_ID = "clm-stratify"
 
@@ -261,7 +261,7 @@ def test_smart_401_refreshes_once(smart_server: LocalFhirServer, pem: bytes) -> 
 @pytest.mark.integration
 def test_smart_without_auth_is_401(smart_server: LocalFhirServer) -> None:
     fhir = FhirClient(smart_server.base_url, retries=0)
-    assert fhir.capabilities()["fhirVersion"] == "4.0.1"  # /metadata stays open
+    assert fhir.capabilities().fhir_version == "4.0.1"  # /metadata stays open
     with pytest.raises(FhirError) as ei:
         fhir.read("Patient", "p1")
     assert ei.value.status == 401 and type(ei.value) is FhirError

@@ -1,4 +1,4 @@
-"""Tests for fhir_adapters.client: a scripted loopback HTTP server for the failure modes,
+"""Tests for fhir_adapters.fhir.client: a scripted loopback HTTP server for the failure modes,
 and the real SEKMET server (``fhir_server`` fixture) for the FHIR behaviour."""
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from fhir_adapters.client import (
-    FhirClient, FhirConflict, FhirError, FhirServerUnavailable, _retry_after, dumps, loads,
+from fhir_adapters.fhir.client import (
+    FhirClient, FhirConflict, FhirError, FhirServerUnavailable, dumps, loads,
     operation_outcome_text,
 )
-from fhir_adapters.local_server import LocalFhirServer, free_port
+from fhir_adapters.fhir.transport import retry_after
+from fhir_adapters.fhir.local_server import LocalFhirServer, free_port
 
 FAST = {"backoff": 0.01, "max_backoff": 0.05, "timeout": (2, 5)}
 
@@ -140,11 +141,11 @@ def test_operation_outcome_text_joins_diagnostics_and_details() -> None:
 def test_retry_after_seconds_and_http_date() -> None:
     r = requests.Response()
     r.headers["Retry-After"] = "7"
-    assert _retry_after(r) == 7
+    assert retry_after(r.headers) == 7
     r.headers["Retry-After"] = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
-    assert 28 <= (_retry_after(r) or 0) <= 30
+    assert 28 <= (retry_after(r.headers) or 0) <= 30
     r.headers["Retry-After"] = "soon"
-    assert _retry_after(r) is None
+    assert retry_after(r.headers) is None
 
 
 def test_paths_and_foreign_urls_are_checked() -> None:
@@ -401,7 +402,7 @@ def fhir(fhir_server: LocalFhirServer) -> Iterator[FhirClient]:
 @pytest.mark.integration
 def test_capabilities_are_cached(fhir: FhirClient) -> None:
     cs = fhir.capabilities()
-    assert cs["resourceType"] == "CapabilityStatement" and cs["fhirVersion"] == "4.0.1"
+    assert cs.statement["resourceType"] == "CapabilityStatement" and cs.fhir_version == "4.0.1"
     assert fhir.capabilities() is cs and fhir.round_trips == 1
     fhir.capabilities(refresh=True)
     assert fhir.round_trips == 2

@@ -8,8 +8,8 @@ import copy
 import pytest
 
 from engine.classify import Engine
-from fhir_adapters.bundle import BundleError, record_from_bundle
-from fhir_adapters.mapping import map_features
+from fhir_adapters.sources.bundle import BundleError, record_from_bundle
+from fhir_adapters.features.mapping import map_features
 from tests.helpers import (LOINC, body_structure, bundle, classify, classify_bundle, concept, hepatectomy,
                            liver_met, patient, technical, terminology, tumour_size)
 
@@ -124,3 +124,15 @@ def test_body_structure_identity_is_used_across_studies():
     old = [tumour_size(P, 20, day="2024-05-01", focus=f"bs-{i}") for i in range(3)]
     new = [tumour_size(P, 20, day="2024-08-01", focus=f"bs-{i}") for i in range(3)]
     assert classify(*base(), *bs, *old, *new).group == "resectable"
+
+
+def test_imaging_before_the_condition_onset_still_makes_an_older_judgement_stale():
+    """Found by the monotonicity property: with no resection recorded, a measurement
+    before the liver-recurrence Condition's onset is not counted, but it is still liver
+    imaging; a technical judgement older than it must not decide the group (it did:
+    "unresectable" from a 2023 judgement despite 2024 imaging)."""
+    res = [patient(P), liver_met(P, onset="2024-05-10"), tumour_size(P, 30, day="2024-01-15", id="early"),
+           technical(P, "unresectable", "2023-01-01", id="old")]
+    f = map_features(record_from_bundle(bundle(*res)), terminology())
+    assert f.technical_resectability.value is None
+    assert "older than the latest imaging" in f.technical_resectability.note

@@ -38,8 +38,8 @@ from hypothesis import strategies as st
 
 from clm_stratify.cli import main
 from engine.classify import Engine
-from fhir_adapters.bundle import BundleError, loads, record_from_bundle
-from fhir_adapters.mapping import map_features
+from fhir_adapters.sources.bundle import BundleError, loads, record_from_bundle
+from fhir_adapters.features.mapping import map_features
 from fhir_adapters.terminology import load_terminology
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

@@ -13,9 +13,9 @@ import yaml
 
 from clm_stratify.cli import main
 from engine.ruleset import load_ruleset
-from fhir_adapters.assessment import assessment_id
-from fhir_adapters.client import dumps
-from fhir_adapters.reference import patient_of
+from fhir_adapters.writeback.resources import assessment_id
+from fhir_adapters.fhir.client import dumps
+from fhir_adapters.fhir.reference import patient_of
 from fixtures import FIXTURES_DIR
 from tests.receiver_process import SECRET, Receiver
 

@@ -32,8 +32,8 @@ from clm_stratify.cli import main
 from engine.classify import Engine
 from engine.ruleset import GROUP_IDS, load_ruleset
 from engine.yamlfile import DeclarativeFileError
-from fhir_adapters.bundle import BundleError, record_from_bundle
-from fhir_adapters.mapping import map_features
+from fhir_adapters.sources.bundle import BundleError, record_from_bundle
+from fhir_adapters.features.mapping import map_features
 from fhir_adapters.terminology import load_terminology
 from rules import DEFAULT_RULESET, DEFAULT_TERMINOLOGY
 from tests.test_properties import FIXTURE_BUNDLES, _mutate
@@ -157,7 +157,7 @@ def test_deep_nesting_and_odd_json(text):
     assert_clear_answer(*classify_cli(text))
 
 
-RECURSION_BUG = ("BUG: fhir_adapters/record.py validates each resource with fhir.resources (pydantic), "
+RECURSION_BUG = ("BUG: fhir_adapters/sources/record.py validates each resource with fhir.resources (pydantic), "
                  "which recurses once per nesting level and raises RecursionError (not caught: "
                  "only ValidationError is) for a resource with ~200 levels of nested extensions, "
                  "well within what json parses: `classify` dies with a traceback, and so would "

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from clm_stratify.cli import main
-from clm_stratify.inbox import Inbox
-from fhir_adapters.notifications import NotificationError, parse_notification
+from clm_stratify.service.inbox import Inbox
+from clm_stratify.service.notifications import NotificationError, parse_notification
 
 
 def inbox(tmp_path, **kw) -> Inbox:
@@ -90,7 +90,7 @@ def test_seen_events_and_last_event(tmp_path):
 def test_only_one_process_serves_an_inbox(tmp_path):
     box = inbox(tmp_path)
     box.claim()
-    code = ("import sys; from clm_stratify.inbox import Inbox\n"
+    code = ("import sys; from clm_stratify.service.inbox import Inbox\n"
             f"try:\n    Inbox({box.path!r}).claim()\nexcept RuntimeError as e:\n    print(e); sys.exit(3)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3 and "already served" in proc.stdout

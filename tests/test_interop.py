@@ -12,10 +12,10 @@ import yaml
 from clm_stratify.cli import main
 from clm_stratify.interop import InteropRun
 from engine.classify import Engine
-from fhir_adapters import interop_probes as probes
-from fhir_adapters.bundle import loads
-from fhir_adapters.client import FhirClient
-from fhir_adapters.local_server import free_port
+from clm_stratify.interop import probes
+from fhir_adapters.fhir.codec import loads
+from fhir_adapters.fhir.client import FhirClient
+from fhir_adapters.fhir.local_server import free_port
 from fhir_adapters.terminology import load_terminology
 from fixtures import FIXTURES_DIR
 from tests.quirky_fhir_server import QuirkyFhirServer

@@ -16,12 +16,12 @@ from fhir.resources.R4B.riskassessment import RiskAssessment
 from clm_stratify.cli import main
 from clm_stratify.pipeline import Stratifier
 from engine.classify import Engine
-from fhir_adapters.assessment import GROUP_SYSTEM, TAG_SYSTEM, assessment_id
-from fhir_adapters.bundle import read_bundle_file
-from fhir_adapters.client import FhirClient
-from fhir_adapters.load import fixture_bundles, load_bundles
-from fhir_adapters.local_server import LocalFhirServer
-from fhir_adapters.mapping import map_features
+from fhir_adapters.writeback.resources import GROUP_SYSTEM, TAG_SYSTEM, assessment_id
+from fhir_adapters.sources.bundle import read_bundle_file
+from fhir_adapters.fhir.client import FhirClient
+from fhir_adapters.fhir.load import fixture_bundles, load_bundles
+from fhir_adapters.fhir.local_server import LocalFhirServer
+from fhir_adapters.features.mapping import map_features
 from fhir_adapters.terminology import load_terminology
 from fixtures import FIXTURES_DIR
 
@@ -198,7 +198,7 @@ def smart(tmp_path_factory):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    from fhir_adapters.auth import SmartBackendServices
+    from fhir_adapters.fhir.auth import SmartBackendServices
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -19,7 +19,7 @@ from collections import Counter
 import pytest
 import requests
 
-from fhir_adapters.client import dumps
+from fhir_adapters.fhir.client import dumps
 from tests.receiver_process import SECRET, Receiver
 from tests.test_reliability import inbox_rows, make_server, patient_of, tumour_observations  # noqa: F401
 

@@ -1,4 +1,4 @@
-"""Integration tests for fhir_adapters.local_server (a real SEKMET process on loopback)."""
+"""Integration tests for fhir_adapters.fhir.local_server (a real SEKMET process on loopback)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from fhir_adapters.local_server import LocalFhirServer, SekmetStartError
+from fhir_adapters.fhir.local_server import LocalFhirServer, SekmetStartError
 
 pytestmark = pytest.mark.integration
 

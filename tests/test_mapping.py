@@ -1,4 +1,4 @@
-"""Unit tests of the FHIR -> Features mapping (fhir_adapters/mapping.py).
+"""Unit tests of the FHIR -> Features mapping (fhir_adapters/features/mapping.py).
 
 Each test builds a small patient record with tests/helpers.py, reads it the way the CLI
 does (JSON numbers as Decimal), maps it, and classifies it with the default rule set
@@ -14,9 +14,9 @@ import pytest
 
 from clm_stratify.cli import main
 from engine.classify import Engine
-from fhir_adapters.bundle import BundleError, loads, record_from_bundle
-from fhir_adapters.mapping import map_features
-from fhir_adapters.record import PatientRecord
+from fhir_adapters.sources.bundle import BundleError, loads, record_from_bundle
+from fhir_adapters.features.mapping import map_features
+from fhir_adapters.sources.record import PatientRecord
 from tests.helpers import (BONE_MET, ICD10CM, METASTATIC_GENERIC, PATHOLOGY_METHOD, RESECTION_DAY, RXNORM,
                            SCT, body_structure, bundle, chemo_admin, classify, classify_bundle, condition,
                            extrahepatic, features, hepatectomy, liver_met, medication, patient,

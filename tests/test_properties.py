@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 
 from engine.classify import Engine
 from engine.features import Features
-from fhir_adapters.bundle import BundleError, loads, record_from_bundle
-from fhir_adapters.timeline import When
-from fhir_adapters.mapping import map_features
+from fhir_adapters.sources.bundle import BundleError, loads, record_from_bundle
+from fhir_adapters.fhir.timeline import When
+from fhir_adapters.features.mapping import map_features
 from tests.helpers import (ICD10CM, METASTATIC_GENERIC, RESECTION_DAY, SCT, body_structure, chemo_admin,
                            condition, extrahepatic, hepatectomy, liver_met, patient, record, technical,
                            terminology, tumour_size)

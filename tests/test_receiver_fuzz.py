@@ -18,7 +18,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fhir_adapters.notifications import NotificationError, parse_notification
+from clm_stratify.service.notifications import NotificationError, parse_notification
 from tests.receiver_process import SECRET, Receiver
 
 pytestmark = pytest.mark.integration

@@ -1,10 +1,10 @@
-"""Whose resource is it: the one attribution rule (fhir_adapters/reference.py)."""
+"""Whose resource is it: the one attribution rule (fhir_adapters/fhir/reference.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from fhir_adapters.reference import PatientIdentity, Reference, patient_of
+from fhir_adapters.fhir.reference import PatientIdentity, Reference, patient_of
 
 MRN = "https://example.org/mrn"
 PATIENT = {"resourceType": "Patient", "id": "p1", "identifier": [{"system": MRN, "value": "A1"}]}

@@ -34,13 +34,13 @@ import requests
 from engine.ruleset import load_ruleset
 from clm_stratify.cli import main
 from engine.classify import Engine
-from fhir_adapters.assessment import TAG_SYSTEM, assessment_id
-from fhir_adapters.bundle import read_bundle_file
-from fhir_adapters.client import FhirClient, dumps, loads
-from fhir_adapters.load import load_bundles
-from fhir_adapters.local_server import LocalFhirServer
-from fhir_adapters.reference import patient_of as patient_reference
-from fhir_adapters.mapping import map_features
+from fhir_adapters.writeback.resources import TAG_SYSTEM, assessment_id
+from fhir_adapters.sources.bundle import read_bundle_file
+from fhir_adapters.fhir.client import FhirClient, dumps, loads
+from fhir_adapters.fhir.load import load_bundles
+from fhir_adapters.fhir.local_server import LocalFhirServer
+from fhir_adapters.fhir.reference import patient_of as patient_reference
+from fhir_adapters.features.mapping import map_features
 from fhir_adapters.terminology import load_terminology
 from fixtures import FIXTURES_DIR
 from tests.fault_proxy import FaultProxy, is_transaction
@@ -537,8 +537,9 @@ def test_sighup_reloads_a_valid_rule_set_and_keeps_the_old_one_when_invalid(make
 def test_write_many_against_a_dead_server_fails_the_chunk_at_once():
     """A real closed port (connection refused): the whole chunk should cost one request's
     retries, not one per patient."""
-    from fhir_adapters.local_server import free_port
-    from fhir_adapters.writeback import AssessmentWriter, Strategy, StrategyChoice
+    from fhir_adapters.fhir.local_server import free_port
+    from fhir_adapters.writeback.strategy import StrategyChoice, UpdateAsCreate
+    from fhir_adapters.writeback.writer import AssessmentWriter
 
     engine, terminology = Engine.default(), load_terminology()
     results = []
@@ -547,7 +548,7 @@ def test_write_many_against_a_dead_server_fails_the_chunk_at_once():
         if r.facts["liver_recurrence"].state != "absent":
             results.append(r)
     with FhirClient(f"http://127.0.0.1:{free_port()}/fhir", retries=2, backoff=0.01) as dead:
-        writer = AssessmentWriter(dead, StrategyChoice(Strategy.UPDATE_AS_CREATE))
+        writer = AssessmentWriter(dead, StrategyChoice(UpdateAsCreate))
         written = writer.write_many(results)
         assert {w.action for w in written} == {"failed"}
         assert dead.round_trips <= 2 * (dead.retries + 1), dead.round_trips

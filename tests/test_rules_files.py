@@ -109,8 +109,8 @@ def test_bad_terminology_names_field(tmp_path, capsys):
 
 
 def test_a_site_can_add_a_code(tmp_path):
-    from fhir_adapters.mapping import map_features
-    from fhir_adapters.record import PatientRecord
+    from fhir_adapters.features.mapping import map_features
+    from fhir_adapters.sources.record import PatientRecord
     local = {"system": "https://hospital.example/codes", "code": "MET-PERITONEUM"}
     path = edited(tmp_path, DEFAULT_TERMINOLOGY,
                   lambda d: d["extrahepatic_metastasis_condition"]["codes"].append(local))

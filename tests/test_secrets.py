@@ -21,9 +21,9 @@ import pytest
 import requests
 
 from clm_stratify.cli import main
-from fhir_adapters.auth import BearerToken
-from fhir_adapters.client import FhirClient, dumps
-from fhir_adapters.local_server import LocalFhirServer
+from fhir_adapters.fhir.auth import BearerToken
+from fhir_adapters.fhir.client import FhirClient, dumps
+from fhir_adapters.fhir.local_server import LocalFhirServer
 from tests.fault_proxy import FaultProxy
 from tests.receiver_process import SECRET, Receiver
 from tests.test_reliability import bundles, load_bundles, tumour_observations
@@ -82,7 +82,7 @@ def test_smart_private_key_and_access_token_never_in_logs(tmp_path, caplog, caps
     jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
     jwk.update(kid="k1", alg="RS384", use="sig")
     with LocalFhirServer(data_dir=tmp_path / "srv", smart_clients={"clm": {"keys": [jwk]}}) as srv:
-        from fhir_adapters.auth import SmartBackendServices
+        from fhir_adapters.fhir.auth import SmartBackendServices
         with FhirClient(srv.base_url, SmartBackendServices("clm", pem, base_url=srv.base_url,
                                                            scope="system/*.*")) as c:
             load_bundles(c, bundles()[:6])

@@ -13,8 +13,8 @@ import requests
 
 from engine.ruleset import load_ruleset
 from clm_stratify.cli import main
-from fhir_adapters.assessment import assessment_id
-from fhir_adapters.client import FhirClient, dumps
+from fhir_adapters.writeback.resources import assessment_id
+from fhir_adapters.fhir.client import FhirClient, dumps
 from tests.receiver_process import SECRET, Receiver
 
 pytestmark = pytest.mark.integration
@@ -228,7 +228,7 @@ def test_serve_refuses_to_start_without_a_secret(server, monkeypatch, capsys):
 
 
 def test_receiver_starts_and_stores_while_the_fhir_server_is_down(tmp_path):
-    from fhir_adapters.local_server import free_port
+    from fhir_adapters.fhir.local_server import free_port
     down = f"http://127.0.0.1:{free_port()}/fhir"
     with Receiver(down, tmp_path / "down.sqlite") as r:
         body = json.dumps({"resourceType": "Observation", "id": "o1", "status": "final", "code": {},

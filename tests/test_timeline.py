@@ -1,4 +1,4 @@
-"""FHIR dates on the UTC timeline (fhir_adapters/timeline.py)."""
+"""FHIR dates on the UTC timeline (fhir_adapters/fhir/timeline.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import doctest
 
 import pytest
 
-from fhir_adapters import timeline
-from fhir_adapters.timeline import When
+from fhir_adapters.fhir import timeline
+from fhir_adapters.fhir.timeline import When
 
 
 def w(text: str) -> When:

@@ -7,11 +7,11 @@ One run, five steps, each timed (the JSON report has the figures):
    (search by patient and code, batch, transaction, update-as-create, conditional
    create / update, RiskAssessment search, delete). What is missing is a ``warn`` that
    names the fallback the project uses there (write strategy from
-   :func:`fhir_adapters.writeback.choose_strategy`; batch or parallel searches).
+   :func:`fhir_adapters.writeback.strategy.choose`; batch or parallel searches).
 2. **load**: the synthetic patients of ``fixtures/``, each resource tagged with the run
-   (:data:`~fhir_adapters.interop_probes.RUN_TAG_SYSTEM` | run id) and its id suffixed
+   (:data:`~clm_stratify.interop.probes.RUN_TAG_SYSTEM` | run id) and its id suffixed
    with the run id (references rewritten), so runs never collide on a shared sandbox.
-3. **read-back**: every patient through :func:`fhir_adapters.pull.fetch_patient`
+3. **read-back**: every patient through :func:`fhir_adapters.sources.pull.fetch_patient`
    (the pipeline's own searches), compared with what a correct server must return;
    paging with ``_count=2``; then behaviour probes (unknown parameter with and without
    ``Prefer: handling=strict``, a stale ``If-Match``, a conditional create with two
@@ -32,7 +32,7 @@ table), :mod:`.run_state` (what a run holds, its bookkeeping), one module per st
 (:mod:`.capabilities_step`, :mod:`.load_step`, :mod:`.readback_step` and
 :mod:`.behaviour_probes`, :mod:`.write_step`, :mod:`.cleanup_step`) and :mod:`.run`
 (the order of the steps, ``run_command``). The FHIR side is in
-:mod:`fhir_adapters.interop_probes`.
+:mod:`clm_stratify.interop.probes`.
 """
 
 from clm_stratify.interop.checks import (EXIT_FAILED, EXIT_OK, EXIT_SERVER, FAIL, PASS, QUIRKS, SKIP,

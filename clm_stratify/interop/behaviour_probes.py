@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from clm_stratify.interop.checks import FAIL, PASS, WARN
 from clm_stratify.interop.run_state import RunState
-from fhir_adapters import interop_probes as probes
-from fhir_adapters.writeback import Strategy
+from clm_stratify.interop import probes
+from fhir_adapters.writeback.strategy import ConditionalCreate
 
 
 class BehaviourProbes(RunState):
@@ -61,7 +61,7 @@ class BehaviourProbes(RunState):
             c = probes.probe_conditional_create_multiple(self.client, self.tag)
         self.created += c.created
         title = "conditional create, several matches"
-        relies = self.choice is not None and Strategy.CONDITIONAL_CREATE in (self.choice.strategy,
+        relies = self.choice is not None and ConditionalCreate in (self.choice.strategy,
                                                                               *self.choice.fallbacks)
         if c.status == 412:
             self.check("probe.conditional-create", title, PASS, "412 Precondition Failed", c.outcome, t[0])

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from clm_stratify.interop.checks import FAIL, PASS, WARN
 from clm_stratify.interop.run_state import RunState
-from fhir_adapters import interop_probes as probes
-from fhir_adapters.client import FhirError
-from fhir_adapters.pull import Searches
-from fhir_adapters.writeback import Strategy, choose_strategy
+from fhir_adapters.fhir.client import FhirError
+from fhir_adapters.sources.pull import Searches
+from fhir_adapters.writeback.strategy import UpdateAsCreate, choose
 
 
 class CapabilitiesStep(RunState):
@@ -17,11 +16,10 @@ class CapabilitiesStep(RunState):
     def capabilities(self) -> bool:
         with self.timed() as t:
             try:
-                raw = self.client.capabilities()
+                caps = self.caps = self.client.capabilities()
             except FhirError as exc:
                 self.check("cap.read", "CapabilityStatement", FAIL, str(exc), exc.outcome)
                 return False
-        caps = self.caps = probes.ServerCaps.parse(raw)
         self.report.info["server"] = {"fhir_version": caps.fhir_version, "software": caps.software}
         r4 = caps.fhir_version.startswith("4.0")
         self.check("cap.version", "FHIR version", PASS if r4 else WARN,
@@ -38,7 +36,7 @@ class CapabilitiesStep(RunState):
                     "whether they work)") if missing else
                    ", ".join(f"{t}?{'&'.join(sorted(p))}" for t, p in wanted.items()) + ": declared")
 
-        batch = "batch" in caps.system_interactions
+        batch = caps.batch
         self.report.info["search_mode"] = "batch" if batch else "parallel"
         if not batch:
             self.fallback("batch", "the same searches one by one, 4 in parallel")
@@ -52,22 +50,22 @@ class CapabilitiesStep(RunState):
 
         types = sorted({e["resource"]["resourceType"] for b in self._bundles() for e in b.get("entry", [])})
         self._types = types
-        no_uc = [t for t in types if not caps.resources.get(t, probes.ResourceCaps()).update_create]
+        no_uc = [t for t in types if not (caps.resource(t) and caps.resource(t).update_create)]
         self.check("cap.update-create", "update-as-create (client-assigned ids)", WARN if no_uc else PASS,
                    f"not declared for {', '.join(no_uc)}: the test data is loaded with PUT by id (tested below)"
                    if no_uc else f"declared for {', '.join(types)}")
 
-        self.choice = choice = choose_strategy(raw)
-        ra = caps.resources.get("RiskAssessment")
+        self.choice = choice = choose(caps)
+        ra = caps.resource("RiskAssessment")
         cond = ("not declared (RiskAssessment is not in the CapabilityStatement)" if ra is None else
                 f"conditional create {'yes' if ra.conditional_create else 'no'}, "
                 f"conditional update {'yes' if ra.conditional_update else 'no'}")
-        needed = choice.strategy is not Strategy.UPDATE_AS_CREATE or choice.fallbacks
+        needed = choice.strategy is not UpdateAsCreate or choice.fallbacks
         self.check("cap.conditional", "conditional create / update (RiskAssessment)",
                    PASS if (ra and (ra.conditional_create or ra.conditional_update)) or not needed else WARN,
                    cond + ("" if needed else "; not needed: the write strategy is update-as-create"))
 
-        ra_params = ra.search_params if ra else set()
+        ra_params = ra.search_params if ra else frozenset()
         by_patient = bool(ra_params & {"patient", "subject"})
         by_identifier = "identifier" in ra_params
         if by_patient and by_identifier:
@@ -83,11 +81,11 @@ class CapabilitiesStep(RunState):
             self.check("cap.riskassessment-search", "RiskAssessment search", WARN, f"{gap}; fallback: {fallback}")
             self.quirk("riskassessment-search-unsupported", gap, fallback)
 
-        notes = list(choice.notes) + [f"fallback: {f.value}" for f in choice.fallbacks]
-        self.report.info["write_strategy"] = {"strategy": choice.strategy.value, "notes": list(choice.notes),
-                                              "fallbacks": [f.value for f in choice.fallbacks]}
+        notes = list(choice.notes) + [f"fallback: {f.name}" for f in choice.fallbacks]
+        self.report.info["write_strategy"] = {"strategy": choice.strategy.name, "notes": list(choice.notes),
+                                              "fallbacks": [f.name for f in choice.fallbacks]}
         self.check("cap.write-strategy", "write strategy", WARN if choice.notes else PASS,
-                   choice.strategy.value + "".join(f"; {n}" for n in notes))
+                   choice.strategy.name + "".join(f"; {n}" for n in notes))
 
         no_delete = caps.missing_interaction(types + ["RiskAssessment", "Provenance"], "delete")
         self.check("cap.delete", "delete (clean-up)", WARN if no_delete else PASS,

@@ -12,7 +12,7 @@ from clm_stratify import __version__
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 STEPS = ("capabilities", "load", "read-back", "write", "cleanup")
-EXIT_OK, EXIT_FAILED, EXIT_SERVER = 0, 1, 3
+from fhir_adapters.project import EXIT_FAILED, EXIT_OK, EXIT_SERVER  # noqa: E402
 
 #: quirk id -> what it is (the report adds what was seen and how the project copes).
 QUIRKS = {

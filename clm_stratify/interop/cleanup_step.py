@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from clm_stratify.interop.checks import PASS, WARN, short_list
 from clm_stratify.interop.run_state import RunState
-from fhir_adapters import interop_probes as probes
-from fhir_adapters.assessment import assessment_id
-from fhir_adapters.client import FhirError
+from clm_stratify.interop import probes
+from fhir_adapters.writeback.resources import assessment_id
+from fhir_adapters.fhir.client import FhirError
 
 
 class CleanupStep(RunState):

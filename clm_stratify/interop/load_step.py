@@ -7,10 +7,10 @@ import yaml
 
 from clm_stratify.interop.checks import FAIL, PASS, short_list
 from clm_stratify.interop.run_state import FixturePatient, RunState
-from fhir_adapters import interop_probes as probes
-from fhir_adapters.client import FhirError
-from fhir_adapters.interop_probes import ref_of
-from fhir_adapters.load import as_transaction_entries
+from clm_stratify.interop import probes
+from fhir_adapters.fhir.client import FhirError
+from clm_stratify.interop.probes import ref_of
+from fhir_adapters.fhir.load import as_transaction_entries
 
 
 class LoadStep(RunState):

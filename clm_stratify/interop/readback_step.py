@@ -8,10 +8,10 @@ from collections import Counter
 
 from clm_stratify.interop.checks import FAIL, PASS, WARN, short_list
 from clm_stratify.interop.run_state import FixturePatient, RunState
-from fhir_adapters import interop_probes as probes
-from fhir_adapters.interop_probes import ref_of
-from fhir_adapters.pull import Searches, fetch_patient, referenced_searches, subject_identifier, supports_batch
-from fhir_adapters.reference import PatientIdentity
+from clm_stratify.interop import probes
+from clm_stratify.interop.probes import ref_of
+from fhir_adapters.sources.pull import Searches, fetch_patient, referenced_searches, subject_identifier
+from fhir_adapters.fhir.reference import PatientIdentity
 
 
 class ReadBackStep(RunState):
@@ -47,7 +47,7 @@ class ReadBackStep(RunState):
                     problems.append(f"{p.fixture}: missing {sorted(want - got) or 'none'}, "
                                     f"unexpected {sorted(got - want) or 'none'}")
         trips = self.client.round_trips - before
-        mode = "batch" if supports_batch(self.client) else "parallel searches"
+        mode = "batch" if self.client.capabilities().batch else "parallel searches"
         self.check("read.fetch-patient", "read back with the pipeline's searches", FAIL if problems else PASS,
                    short_list(problems, 3) if problems else
                    f"{len(self.patients)} patients, {total} resources, all as expected "

@@ -16,8 +16,8 @@ from clm_stratify.interop.load_step import LoadStep
 from clm_stratify.interop.readback_step import ReadBackStep
 from clm_stratify.interop.write_step import WriteStep
 from engine.classify import Engine
-from fhir_adapters import interop_probes as probes
-from fhir_adapters.client import FhirClient
+from clm_stratify.interop import probes
+from fhir_adapters.fhir.client import FhirClient
 from fhir_adapters.terminology import Terminology
 
 

@@ -11,12 +11,13 @@ from typing import Iterator
 
 from clm_stratify.interop.checks import FAIL, QUIRKS, SKIP, Check, InteropReport, Quirk
 from engine.classify import Engine
-from fhir_adapters import interop_probes as probes
-from fhir_adapters.bundle import loads
-from fhir_adapters.client import FhirClient, FhirError
-from fhir_adapters.interop_probes import ref_of
+from clm_stratify.interop import probes
+from fhir_adapters.fhir.codec import loads
+from fhir_adapters.fhir.capabilities import ServerCapabilities
+from fhir_adapters.fhir.client import FhirClient, FhirError
+from clm_stratify.interop.probes import ref_of
 from fhir_adapters.terminology import Terminology
-from fhir_adapters.writeback import Strategy
+from fhir_adapters.writeback.strategy import UpdateAsCreate
 
 
 @dataclass
@@ -52,7 +53,7 @@ class RunState:
         self.run_id = run_id or probes.new_run_id()
         self.tag = (probes.RUN_TAG_SYSTEM, self.run_id)
         self.report = InteropReport(self.run_id, client.base_url)
-        self.caps: probes.ServerCaps | None = None
+        self.caps: ServerCapabilities | None = None
         self.choice = None
         self.patients: list[FixturePatient] = []
         self.loaded: list[dict] = []          # every resource sent (for clean-up)
@@ -111,10 +112,10 @@ class RunState:
 
     @staticmethod
     def _fallback_text(choice) -> str:
-        if choice.strategy is Strategy.UPDATE_AS_CREATE:
+        if choice.strategy is UpdateAsCreate:
             return ("update-as-create by deterministic id (PUT RiskAssessment/<id>; the current assessment is "
                     "read by that id, never searched)")
-        return f"{choice.strategy.value} (conditional writes on the identifier)"
+        return f"{choice.strategy.name} (conditional writes on the identifier)"
 
     def _provenances(self, ra_ref: str) -> list[str]:
         page = probes.search_pages(self.client, "Provenance", {"target": ra_ref, "_count": "50"}, max_pages=5)

@@ -12,10 +12,11 @@ from pydantic import ValidationError
 from clm_stratify.interop.checks import FAIL, PASS, SKIPPED_WITHOUT_ASSESSMENTS, WARN, short_list
 from clm_stratify.interop.run_state import RunState
 from clm_stratify.pipeline import Stratifier
-from fhir_adapters import interop_probes as probes
-from fhir_adapters.assessment import GROUP_SYSTEM, TAG_SYSTEM
-from fhir_adapters.client import FhirError
-from fhir_adapters.writeback import AssessmentWriter, Strategy
+from clm_stratify.interop import probes
+from fhir_adapters.writeback.resources import GROUP_SYSTEM, TAG_SYSTEM
+from fhir_adapters.fhir.client import FhirError
+from fhir_adapters.writeback.strategy import UpdateAsCreate
+from fhir_adapters.writeback.writer import AssessmentWriter
 
 _HTTP_TEXT = re.compile(r"HTTP \d{3}: (.+)$")
 
@@ -66,7 +67,7 @@ class WriteStep(RunState):
         self.check("write.first", "write RiskAssessments + Provenance", FAIL if failures else PASS,
                    (short_list(failures, 3) if failures else
                     ", ".join(f"{a} {n}" for a, n in actions.items()))
-                   + f" (strategy {writer.strategy.value})", server_text, t[0])
+                   + f" (strategy {writer.strategy.name})", server_text, t[0])
         if not self.ra_refs:
             self.skip(SKIPPED_WITHOUT_ASSESSMENTS, "no RiskAssessment was written")
             return
@@ -176,7 +177,7 @@ class WriteStep(RunState):
                     results.append((name, exc.status, [], exc.outcome))
         ignored = [(n, f, w) for n, s, f, w in results if f]
         rejected = [(n, s, w) for n, s, f, w in results if s != 200]
-        relies = self.choice.strategy is not Strategy.UPDATE_AS_CREATE
+        relies = self.choice.strategy is not UpdateAsCreate
         fallback = self._fallback_text(self.choice)
         if ignored:
             text = "; ".join(dict.fromkeys(w for _, _, w in ignored if w))

@@ -9,7 +9,7 @@ The searches are built from the terminology (:class:`Searches`), so a site's own
 are fetched too. Resources that other resources point at (focus BodyStructures,
 Medications) are fetched by id afterwards: ``BodyStructure?patient=`` is not supported
 everywhere, and a server that silently ignores a search parameter returns everyone's
-resources. Whose each resource is, is decided once, by :mod:`fhir_adapters.reference`:
+resources. Whose each resource is, is decided once, by :mod:`fhir_adapters.fhir.reference`:
 a record is built with the patient's identity (its id on this server, its
 identifiers), so a resource the server returned that names someone else is ignored and
 named, and one that names no one is unattributable (never evidence of absence).
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 from urllib.parse import urlencode
 
-from fhir_adapters.client import FhirClient, FhirError
-from fhir_adapters.record import PatientRecord
-from fhir_adapters.reference import SHARED_TYPES, PatientIdentity, patient_of, plain_ref, subject_element
+from fhir_adapters.fhir.client import FhirClient, FhirError
+from fhir_adapters.sources.record import PatientRecord
+from fhir_adapters.fhir.reference import SHARED_TYPES, PatientIdentity, patient_of, plain_ref, subject_element
 from fhir_adapters.terminology import CodeList, Terminology
 
 log = logging.getLogger("clm_stratify.pull")
@@ -130,17 +130,12 @@ def _resources_of(client: FhirClient, page: dict) -> Iterator[dict]:
                 yield resource
 
 
-def supports_batch(client: FhirClient) -> bool:
-    caps = client.capabilities()
-    return any(i.get("code") == "batch" for rest in caps.get("rest", []) for i in rest.get("interaction", []))
-
-
 def _run_searches(client: FhirClient, searches: list[tuple[str, dict[str, str]]],
                   extra_reads: Iterable[str] = ()) -> list[dict]:
     """Every resource the searches (and reads ``Type/id``) return, de-duplicated."""
     reads = list(extra_reads)
     found: dict[str, dict] = {}
-    if supports_batch(client):
+    if client.capabilities().batch:
         entries = [{"request": {"method": "GET", "url": _url(t, p)}} for t, p in searches]
         entries += [{"request": {"method": "GET", "url": r}} for r in reads]
         try:

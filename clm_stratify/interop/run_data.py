@@ -14,7 +14,6 @@ import re
 import secrets
 from typing import Any, Iterable, Mapping
 
-RUN_TAG_SYSTEM = "https://clm-stratify.org/fhir/CodeSystem/interop-run"
 
 _REF = re.compile(r"^(?:.*/)?(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?P<hist>/_history/[^/]+)?$")
 

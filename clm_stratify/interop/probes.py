@@ -3,10 +3,10 @@
 without ``Prefer: handling=strict``), and, re-exported here so callers import one
 module, the rest of the run's FHIR side:
 
-- :mod:`fhir_adapters.interop_run_data`: the run tag, run-scoped ids and references;
-- :mod:`fhir_adapters.interop_capabilities`: what a server declares;
-- :mod:`fhir_adapters.interop_search`: paging and reply media types;
-- :mod:`fhir_adapters.interop_cleanup`: deleting what a run created.
+- :mod:`clm_stratify.interop.run_data`: the run tag, run-scoped ids and references;
+- :mod:`fhir_adapters.fhir.capabilities`: what a server declares;
+- :mod:`clm_stratify.interop.search`: paging and reply media types;
+- :mod:`clm_stratify.interop.cleanup`: deleting what a run created.
 
 The probe resources are bare ``Patient`` resources (an identifier and the run tag): no
 clinical content, and every FHIR server supports them.
@@ -17,14 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fhir_adapters.client import FhirClient, FhirError
-from fhir_adapters.interop_capabilities import ResourceCaps, ServerCaps
-from fhir_adapters.interop_cleanup import delete_levels, deletion_levels, deletion_order, still_present, tagged
-from fhir_adapters.interop_run_data import (RUN_TAG_SYSTEM, has_tag, local_search, new_run_id, owner_of, ref_of,
+from fhir_adapters.fhir.client import FhirClient, FhirError
+from clm_stratify.interop.cleanup import delete_levels, deletion_levels, deletion_order, still_present, tagged
+from fhir_adapters.project import RUN_TAG_SYSTEM
+from clm_stratify.interop.run_data import (has_tag, local_search, new_run_id, owner_of, ref_of,
                                             references_in, run_scoped_bundle, tag_token, token_matches)
-from fhir_adapters.interop_search import FHIR_JSON, LONG_LINK_CHARS, ReplyRecorder, SearchPages, search_pages
+from clm_stratify.interop.search import FHIR_JSON, LONG_LINK_CHARS, ReplyRecorder, SearchPages, search_pages
 
-PROBE_IDENTIFIER_SYSTEM = "https://clm-stratify.org/fhir/NamingSystem/interop-probe"
+from fhir_adapters.project import PROBE_IDENTIFIER_SYSTEM  # noqa: E402
 
 
 @dataclass
@@ -114,7 +114,7 @@ def probe_unknown_parameter(client: FhirClient, tag: tuple[str, str], rtype: str
     return UnknownParamProbe(ls, lc, lw, lo, ss, so)
 
 __all__ = [
-    "RUN_TAG_SYSTEM", "PROBE_IDENTIFIER_SYSTEM", "LONG_LINK_CHARS", "FHIR_JSON", "ServerCaps", "ResourceCaps",
+    "RUN_TAG_SYSTEM", "PROBE_IDENTIFIER_SYSTEM", "LONG_LINK_CHARS", "FHIR_JSON", 
     "new_run_id", "tag_token", "has_tag", "ref_of", "run_scoped_bundle", "references_in", "token_matches",
     "local_search", "ReplyRecorder", "SearchPages", "search_pages", "owner_of", "ProbeResult",
     "probe_version_conflict", "probe_conditional_create_multiple", "UnknownParamProbe",

@@ -2,7 +2,7 @@
 
 Each feature is a :class:`engine.features.Fact` with the references behind it and a
 note when it is unknown. The record arrives attributed and strictly read
-(:mod:`fhir_adapters.record`); the rules of evidence, in short:
+(:mod:`fhir_adapters.sources.record`); the rules of evidence, in short:
 
 * Only this patient's readable resources are evidence. Unreadable or unattributable
   ones can cast doubt (a fact they may touch can no longer be proven absent), foreign
@@ -41,9 +41,9 @@ from decimal import Decimal
 from typing import Any, Iterable, Literal
 
 from engine.features import Fact, Features
-from fhir_adapters.record import PatientRecord
+from fhir_adapters.sources.record import PatientRecord
 from fhir_adapters.terminology import CodeList, Terminology
-from fhir_adapters.timeline import When
+from fhir_adapters.fhir.timeline import When
 
 WITHDRAWN_OBSERVATION = {"entered-in-error", "cancelled"}
 WITHDRAWN_REPORT = {"entered-in-error", "cancelled"}
@@ -429,6 +429,7 @@ class FeatureMapper:
         resection): those can only add lesions."""
         study_of, report_when = self._reports(record)
         self._unplaceable: list[str] = []
+        self._uncounted_imaging: list[When] = []   # dated liver imaging not counted (before the onset)
         placed: list[_Measurement] = []
         uncertain: list[_Measurement] = []
         initial: list[str] = []
@@ -460,6 +461,7 @@ class FeatureMapper:
                         f"{m.ref}: measured {when.text}, before the liver-recurrence Condition ({onset.text}), with "
                         "no resection recorded: not counted, and count and size are lower bounds")
                     self._unplaceable.append(m.ref)
+                    self._uncounted_imaging.append(when)   # still imaging: a judgement older than it is stale
                     continue
                 place = "after" if when.start >= onset.start or when.fine else "uncertain"
             else:
@@ -608,6 +610,7 @@ class FeatureMapper:
         be older than that."""
         points = [m.when for s in studies for ms in s.lesions.values() for m in ms if m.when is not None]
         points += [s.when for s in studies] + [m.when for m in uncertain if m.when is not None]
+        points += self._uncounted_imaging
         if not studies:
             return Fact[bool](value=True), max(points, key=lambda w: w.start, default=None)
         latest = max((s.when for s in studies), key=lambda w: w.end)

@@ -16,26 +16,13 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlencode
 
-from fhir_adapters.bundle import loads
-from fhir_adapters.client import FhirClient, FhirError, dumps
-from fhir_adapters.reference import PatientIdentity, patient_of, plain_ref
-from fhir_adapters.record import PatientRecord
+from fhir_adapters.fhir.codec import loads
+from fhir_adapters.fhir.client import FhirClient, FhirError, dumps
+from fhir_adapters.fhir.transport import retry_after
+from fhir_adapters.fhir.reference import PatientIdentity, patient_of, plain_ref
+from fhir_adapters.sources.record import MAPPED_TYPES, PatientRecord
 from fhir_adapters.terminology import Terminology
 
-EXPORT_TYPES = ("Patient", "Observation", "Condition", "Procedure", "MedicationAdministration",
-                "MedicationStatement", "Medication", "BodyStructure", "DiagnosticReport")
-
-
-def supports_export(client: FhirClient) -> bool:
-    """True when the CapabilityStatement offers ``$export`` (system or Patient level)."""
-    for rest in client.capabilities().get("rest", []):
-        if any(op.get("name") == "export" for op in rest.get("operation", [])):
-            return True
-        for resource in rest.get("resource", []):
-            if resource.get("type") == "Patient" and any(op.get("name") == "export"
-                                                        for op in resource.get("operation", [])):
-                return True
-    return False
 
 
 class Spool:
@@ -102,9 +89,9 @@ class Spool:
 def export_to_spool(client: FhirClient, terminology: Terminology, spool: Spool, *, max_wait: float = 3600.0,
                     max_poll_interval: float = 30.0) -> int:
     """Run ``Patient/$export`` and stream its NDJSON into ``spool``; returns the count."""
-    from fhir_adapters.pull import token_list
+    from fhir_adapters.sources.pull import token_list
 
-    params = {"_type": ",".join(EXPORT_TYPES), "_outputFormat": "application/fhir+ndjson"}
+    params = {"_type": ",".join(MAPPED_TYPES), "_outputFormat": "application/fhir+ndjson"}
     t = terminology
     codes = token_list(t.tumour_size_observation, t.longest_dimension, t.technical_resectability_observation)
     categories = token_list(t.radiology_report_category)
@@ -128,8 +115,8 @@ def export_to_spool(client: FhirClient, terminology: Terminology, spool: Spool, 
                 break
             if time.monotonic() > deadline:
                 raise FhirError(f"$export not complete after {max_wait:.0f} s", url=client.base_url)
-            retry_after = poll.headers.get("Retry-After", "1")
-            time.sleep(min(max_poll_interval, float(retry_after) if retry_after.replace(".", "").isdigit() else 1.0))
+            wait = retry_after(poll.headers)
+            time.sleep(min(max_poll_interval, 1.0 if wait is None else wait))
         if manifest.get("error"):
             errors = ", ".join(e.get("url", "?") for e in manifest["error"])
             raise FhirError(f"$export reported errors ({errors})", url=client.base_url)

@@ -1,9 +1,9 @@
-"""Authentication for :class:`fhir_adapters.client.FhirClient`: static bearer tokens and SMART Backend Services.
+"""Authentication for :class:`fhir_adapters.fhir.client.FhirClient`: static bearer tokens and SMART Backend Services.
 
 ::
 
-    from fhir_adapters.auth import BearerToken, SmartBackendServices, load_private_key
-    from fhir_adapters.client import FhirClient
+    from fhir_adapters.fhir.auth import BearerToken, SmartBackendServices, load_private_key
+    from fhir_adapters.fhir.client import FhirClient
 
     FhirClient("https://fhir.example.org/r4", BearerToken("t0k"))
 
@@ -46,7 +46,8 @@ import requests.auth
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from fhir_adapters.client import FhirError, _strip_query, operation_outcome_text
+from fhir_adapters.fhir.errors import FhirError, operation_outcome_text
+from fhir_adapters.fhir.transport import strip_query
 
 __all__ = ["AuthError", "BearerToken", "PrivateKeyError", "SmartBackendServices", "load_private_key"]
 
@@ -78,7 +79,7 @@ def load_private_key(path: str | os.PathLike[str]) -> bytes:
     >>> load_private_key("/nonexistent/key.pem")  # doctest: +IGNORE_EXCEPTION_DETAIL
     Traceback (most recent call last):
     ...
-    fhir_adapters.auth.PrivateKeyError: private key file /nonexistent/key.pem does not exist
+    fhir_adapters.fhir.auth.PrivateKeyError: private key file /nonexistent/key.pem does not exist
     """
     p = Path(path)
     if not p.is_file():
@@ -257,7 +258,7 @@ class SmartBackendServices(requests.auth.AuthBase):
         if self.token_url is None:
             self.token_url = self.discover()
         url = self.token_url
-        safe_url = _strip_query(url)
+        safe_url = strip_query(url)
         assertion = self._assertion(url)
         form = {"grant_type": "client_credentials", "scope": self.scope,
                 "client_assertion_type": ASSERTION_TYPE, "client_assertion": assertion}

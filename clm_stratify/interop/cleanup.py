@@ -10,9 +10,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Mapping
 
-from fhir_adapters.client import FhirClient, FhirError
-from fhir_adapters.interop_run_data import has_tag, ref_of, references_in, tag_token
-from fhir_adapters.interop_search import search_pages
+from fhir_adapters.fhir.client import FhirClient, FhirError
+from clm_stratify.interop.run_data import has_tag, ref_of, references_in, tag_token
+from clm_stratify.interop.search import search_pages
 
 # --------------------------------------------------------------------------- clean-up
 

@@ -29,16 +29,9 @@ from typing import Any
 from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
-from clm_stratify import __version__
 from engine.classify import Classification
-
-PROJECT = "https://clm-stratify.org/fhir"
-GROUP_SYSTEM = f"{PROJECT}/CodeSystem/resectability-group"
-RULESET_SYSTEM = f"{PROJECT}/CodeSystem/ruleset"
-ASSESSMENT_SYSTEM = f"{PROJECT}/CodeSystem/assessment"
-IDENTIFIER_SYSTEM = f"{PROJECT}/NamingSystem/risk-assessment"
-RULESET_HASH_SYSTEM = f"{PROJECT}/NamingSystem/ruleset-sha256"
-TAG_SYSTEM = f"{PROJECT}/CodeSystem/tag"
+from fhir_adapters.project import (ASSESSMENT_SYSTEM, GROUP_SYSTEM, IDENTIFIER_SYSTEM, RULESET_HASH_SYSTEM,
+                                   RULESET_SYSTEM, TAG, TAG_SYSTEM, VERSION)
 UCUM = "http://unitsofmeasure.org"
 
 def assessment_key(patient: str, ruleset_id: str, ruleset_version: str) -> str:
@@ -109,7 +102,7 @@ def build_risk_assessment(r: Classification, *, occurrence: str | None = None) -
     ra: dict[str, Any] = {
         "resourceType": "RiskAssessment",
         "id": assessment_id(r.patient, rs.id, rs.version),
-        "meta": {"tag": [{"system": TAG_SYSTEM, "code": "clm-stratify"}]},
+        "meta": {"tag": [{"system": TAG_SYSTEM, "code": TAG}]},
         "identifier": [{"system": IDENTIFIER_SYSTEM, "value": assessment_key(r.patient, rs.id, rs.version)}],
         "status": r.status,
         "method": {"coding": [{"system": RULESET_SYSTEM, "code": rs.id, "version": rs.version, "display": rs.title}],
@@ -151,7 +144,7 @@ def build_provenance(ra: dict, r: Classification, *, activity: str, target: str 
         "display": f"rule set {rs.id} {rs.version} sha256:{rs.sha256}"}})
     return validated({
         "resourceType": "Provenance",
-        "meta": {"tag": [{"system": TAG_SYSTEM, "code": "clm-stratify"}]},
+        "meta": {"tag": [{"system": TAG_SYSTEM, "code": TAG}]},
         "target": [{"reference": target or f"RiskAssessment/{ra['id']}"}],
         "recorded": _now(),
         "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
@@ -159,7 +152,7 @@ def build_provenance(ra: dict, r: Classification, *, activity: str, target: str 
         "agent": [{
             "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
                                  "code": "assembler"}]},
-            "who": {"display": f"clm-stratify {__version__}"},
+            "who": {"display": f"clm-stratify {VERSION}"},
         }],
         "entity": entities,
     })

@@ -3,7 +3,7 @@
 Two styles:
 
 * ``criteria`` (R4): one rest-hook Subscription per watched search
-  (:meth:`fhir_adapters.pull.Searches.watched`: tumour-size and technical-resectability
+  (:meth:`fhir_adapters.sources.pull.Searches.watched`: tumour-size and technical-resectability
   Observations, metastasis Conditions, radiology DiagnosticReports), payload
   ``application/fhir+json`` or none.
 * ``backport`` (R4 Backport IG): one Subscription per topic canonical URL given,
@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from fhir_adapters.assessment import TAG_SYSTEM
-from fhir_adapters.client import FhirClient
-from fhir_adapters.pull import Searches
+from fhir_adapters.writeback.resources import TAG_SYSTEM
+from fhir_adapters.fhir.client import FhirClient
+from fhir_adapters.sources.pull import Searches
 from fhir_adapters.terminology import Terminology
 
 SUBSCRIPTION_TAG = "clm-stratify-subscription"

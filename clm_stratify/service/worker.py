@@ -17,14 +17,14 @@ import logging
 import re
 import threading
 
-from clm_stratify.inbox import Inbox
+from clm_stratify.service.inbox import Inbox
 from clm_stratify.pipeline import Stratifier
-from fhir_adapters.client import FhirError
-from fhir_adapters.reference import patient_of
-from fhir_adapters.notifications import Notification
-from fhir_adapters.pull import changed_patients_since
+from fhir_adapters.fhir.client import FhirError
+from fhir_adapters.fhir.reference import patient_of
+from clm_stratify.service.notifications import Notification
+from fhir_adapters.sources.pull import changed_patients_since
 
-log = logging.getLogger("clm_stratify.worker")
+log = logging.getLogger("clm_stratify.service.worker")
 
 # Re-queries overlap the watermark by this much: the server's clock and commit order
 # are not ours, and evaluating a patient twice is harmless (the write is idempotent).

@@ -20,7 +20,7 @@ import signal
 import threading
 from typing import Any
 
-log = logging.getLogger("clm_stratify.reload")
+log = logging.getLogger("clm_stratify.service.reload")
 
 
 class Reloader:

@@ -1,12 +1,8 @@
 """Write RiskAssessment + Provenance back, once per patient and rule-set version.
 
-Strategy, chosen from the CapabilityStatement (:func:`choose_strategy`), best first:
-
-1. ``update-as-create``: ``PUT RiskAssessment/<deterministic id>``. Race-free and
-   needs no search on RiskAssessment (SEKMET has none).
-2. ``conditional-update``: ``PUT RiskAssessment?identifier=<system>|<key>``.
-3. ``conditional-create``: ``POST`` with ``If-None-Exist: identifier=...``, then
-   ``PUT`` by id with ``If-Match`` for later changes.
+How the current assessment is found and a new one written on this server is a
+:class:`~fhir_adapters.writeback.strategy.WriteStrategy`, chosen once from the server's
+capabilities (:func:`fhir_adapters.writeback.strategy.choose`).
 
 Every write is a ``transaction`` (RiskAssessment + Provenance, atomic). The current
 assessment is read first: when it already says the same thing, nothing is written
@@ -19,66 +15,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Sequence
 
 from engine.classify import Classification
-from fhir_adapters.assessment import IDENTIFIER_SYSTEM, build_provenance, build_risk_assessment, same_assessment
-from fhir_adapters.client import FhirClient, FhirConflict, FhirError, FhirServerUnavailable
-
-
-class Strategy(str, Enum):
-    UPDATE_AS_CREATE = "update-as-create"
-    CONDITIONAL_UPDATE = "conditional-update"
-    CONDITIONAL_CREATE = "conditional-create"
-
-
-@dataclass(frozen=True)
-class StrategyChoice:
-    strategy: Strategy
-    notes: tuple[str, ...] = ()
-    fallbacks: tuple[Strategy, ...] = ()
-
-
-def _resource_caps(caps: dict) -> dict[str, dict]:
-    out = {}
-    for rest in caps.get("rest", []):
-        if rest.get("mode", "server") == "server":
-            for r in rest.get("resource", []):
-                out[r.get("type")] = r
-    return out
-
-
-def choose_strategy(caps: dict) -> StrategyChoice:
-    """Pick the write strategy the server's CapabilityStatement allows (with notes)."""
-    resources = _resource_caps(caps)
-    ra = resources.get("RiskAssessment")
-    notes: list[str] = []
-    if ra is None:
-        notes.append("RiskAssessment is not in the CapabilityStatement: no search parameters for it "
-                     "(an existing assessment is found by its deterministic id)")
-        update_create = bool(resources) and all(r.get("updateCreate") for r in resources.values())
-        if update_create:
-            notes.append("update-as-create inferred from the other resource types (all updateCreate: true)")
-        return StrategyChoice(Strategy.UPDATE_AS_CREATE, tuple(notes))
-    params = {p.get("name") for p in ra.get("searchParam", [])}
-    has_identifier = "identifier" in params
-    if not has_identifier:
-        notes.append("RiskAssessment has no 'identifier' search parameter: conditional writes unavailable")
-    if "patient" not in params and "subject" not in params:
-        notes.append("RiskAssessment cannot be searched by patient")
-    fallbacks = []
-    if has_identifier and ra.get("conditionalUpdate"):
-        fallbacks.append(Strategy.CONDITIONAL_UPDATE)
-    if has_identifier and ra.get("conditionalCreate"):
-        fallbacks.append(Strategy.CONDITIONAL_CREATE)
-    if ra.get("updateCreate", False):
-        return StrategyChoice(Strategy.UPDATE_AS_CREATE, tuple(notes), tuple(fallbacks))
-    if fallbacks:
-        notes.append("server does not allow update-as-create (client-assigned ids) for RiskAssessment")
-        return StrategyChoice(fallbacks[0], tuple(notes), tuple(fallbacks[1:]))
-    notes.append("no idempotent write strategy is declared; trying update-as-create")
-    return StrategyChoice(Strategy.UPDATE_AS_CREATE, tuple(notes))
+from fhir_adapters.fhir.client import FhirClient, FhirConflict, FhirError, FhirServerUnavailable
+from fhir_adapters.writeback.resources import build_provenance, build_risk_assessment, same_assessment
+from fhir_adapters.writeback.strategy import StrategyChoice, WriteStrategy, choose
 
 
 @dataclass
@@ -96,66 +38,26 @@ class AssessmentWriter:
     def __init__(self, client: FhirClient, choice: StrategyChoice | None = None):
         self.client = client
         self._choice = choice
+        self._strategy: WriteStrategy | None = None
 
     @property
     def choice(self) -> StrategyChoice:
         """Chosen on first use (a receiver may start while the FHIR server is down)."""
         if self._choice is None:
-            self._choice = choose_strategy(self.client.capabilities())
+            self._choice = choose(self.client.capabilities())
         return self._choice
 
     @property
-    def strategy(self) -> Strategy:
-        return self.choice.strategy
+    def strategy(self) -> WriteStrategy:
+        if self._strategy is None:
+            self._strategy = self.choice.strategy(self.client)
+        return self._strategy
 
-    # ------------------------------------------------------------------ reading
-    def current(self, ra: dict) -> dict | None:
-        """The server's current assessment for the same patient and rule-set version."""
-        if self.strategy is Strategy.UPDATE_AS_CREATE:
-            return self.client.read("RiskAssessment", ra["id"])
-        matches = list(self.client.search("RiskAssessment", {"identifier": self._identifier(ra)}, strict=True))
-        if len(matches) > 1:
-            raise FhirConflict(f"{len(matches)} RiskAssessments share identifier {self._identifier(ra)}",
-                               status=412, url=self.client.base_url)
-        return matches[0] if matches else None
-
-    def current_many(self, ras: Sequence[dict]) -> list[dict | None]:
-        """Current assessments for many, in one batch round trip where possible."""
-        from fhir_adapters.pull import supports_batch
-
-        if self.strategy is not Strategy.UPDATE_AS_CREATE or not ras or not supports_batch(self.client):
-            return [self.current(ra) for ra in ras]
-        responses = self.client.batch([{"request": {"method": "GET", "url": f"RiskAssessment/{ra['id']}"}}
-                                       for ra in ras])
-        out = []
-        for response in responses:
-            status = str((response.get("response") or {}).get("status", ""))
-            out.append(response.get("resource") if status.startswith("2") else None)
-        return out
-
-    @staticmethod
-    def _identifier(ra: dict) -> str:
-        return f"{IDENTIFIER_SYSTEM}|{ra['identifier'][0]['value']}"
-
-    # ------------------------------------------------------------------ building
     def entries(self, r: Classification, ra: dict, current: dict | None) -> list[dict]:
         """Transaction entries: the RiskAssessment and its Provenance."""
-        ra = dict(ra)
-        if current is not None:
-            ra["id"] = current["id"]
-        ra_url = f"urn:uuid:{uuid.uuid4()}"
-        request: dict = {"method": "PUT", "url": f"RiskAssessment/{ra['id']}"}
-        version = (current or {}).get("meta", {}).get("versionId")
-        if current is not None and version:
-            request["ifMatch"] = f'W/"{version}"'
-        elif current is None and self.strategy is Strategy.CONDITIONAL_UPDATE:
-            ra.pop("id")
-            request = {"method": "PUT", "url": f"RiskAssessment?identifier={self._identifier(ra)}"}
-        elif current is None and self.strategy is Strategy.CONDITIONAL_CREATE:
-            ra.pop("id")
-            request = {"method": "POST", "url": "RiskAssessment", "ifNoneExist": f"identifier={self._identifier(ra)}"}
-        if request["method"] == "PUT" and "id" in ra:
-            ra_url = f"{self.client.base_url}/RiskAssessment/{ra['id']}"
+        ra, request = self.strategy.request(ra, current)
+        ra_url = (f"{self.client.base_url}/RiskAssessment/{ra['id']}" if request["method"] == "PUT" and "id" in ra
+                  else f"urn:uuid:{uuid.uuid4()}")
         provenance = build_provenance(ra, r, activity="UPDATE" if current else "CREATE", target=ra_url)
         return [{"fullUrl": ra_url, "resource": ra, "request": request},
                 {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": provenance,
@@ -166,7 +68,7 @@ class AssessmentWriter:
         """Write one patient's assessment (retrying once on a concurrent change)."""
         ra = build_risk_assessment(r)
         for attempt in (1, 2):
-            current = self.current(ra)
+            current = self.strategy.find_current(ra)
             if same_assessment(current, ra):
                 return WriteResult(r.patient, "unchanged", _ref(current))
             entries = self.entries(r, ra, current)
@@ -191,7 +93,7 @@ class AssessmentWriter:
         """
         ras = [build_risk_assessment(r) for r in results]
         try:
-            currents = self.current_many(ras)
+            currents = self.strategy.find_current_many(ras)
         except FhirServerUnavailable as exc:  # the server is down: the chunk fails as one
             return [WriteResult(r.patient, "failed", error=str(exc)) for r in results]
         except FhirError:

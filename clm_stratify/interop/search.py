@@ -9,8 +9,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from fhir_adapters.client import FhirClient
-from fhir_adapters.interop_run_data import ref_of
+from fhir_adapters.fhir.client import FhirClient
+from clm_stratify.interop.run_data import ref_of
 
 #: a ``next`` link longer than this is reported as a long continuation token.
 LONG_LINK_CHARS = 1000

@@ -3,7 +3,7 @@
 Every resource that enters a record is sorted here, at the boundary, into exactly one
 of:
 
-* **evidence**: this patient's (see :mod:`fhir_adapters.reference`) and valid R4, as a
+* **evidence**: this patient's (see :mod:`fhir_adapters.fhir.reference`) and valid R4, as a
   typed model in the lists below;
 * **unattributable**: it cannot be shown to be this patient's (identifier or display
   only, unresolvable reference, a Group, no subject): kept with its raw codes, so the
@@ -30,7 +30,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import BaseModel, ValidationError
 
 from engine.yamlfile import describe_validation_error
-from fhir_adapters.reference import PatientIdentity, patient_of, plain_ref
+from fhir_adapters.fhir.reference import PatientIdentity, patient_of, plain_ref
 
 # Resource types the mapping reads; anything else is carried along but not validated.
 MAPPED_TYPES = (

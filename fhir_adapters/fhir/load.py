@@ -11,8 +11,8 @@ import copy
 from pathlib import Path
 from typing import Iterable
 
-from fhir_adapters.bundle import loads
-from fhir_adapters.client import FhirClient
+from fhir_adapters.fhir.codec import loads
+from fhir_adapters.fhir.client import FhirClient
 
 
 def as_transaction_entries(bundle: dict, tag: tuple[str, str] | None = None) -> list[dict]:

@@ -6,23 +6,18 @@ JSON numbers are read as Decimal so sizes such as 49.9 mm or 0.05 m stay exact.
 from __future__ import annotations
 
 import json
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from fhir_adapters.record import PatientRecord, add_distinct
-from fhir_adapters.reference import PatientIdentity, patient_of, plain_ref
+from fhir_adapters.fhir.codec import loads
+from fhir_adapters.sources.record import PatientRecord, add_distinct
+from fhir_adapters.fhir.reference import PatientIdentity, patient_of, plain_ref
 
 ACCEPTED_BUNDLE_TYPES = ("collection", "searchset", "transaction", "batch", "document", "history")
 
 
 class BundleError(ValueError):
     """The input is not a usable single-patient Bundle; the message says why and where."""
-
-
-def loads(text: str | bytes) -> Any:
-    """Parse FHIR JSON with decimals kept exact."""
-    return json.loads(text, parse_float=Decimal)
 
 
 def read_bundle_file(path: Path | str, patient_id: str | None = None) -> PatientRecord:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from fhir_adapters.reference import patient_of, plain_ref
+from fhir_adapters.fhir.reference import patient_of, plain_ref
 
 Kind = Literal["handshake", "heartbeat", "event-notification", "query-status", "query-event", "resource", "empty"]
 KINDS = ("handshake", "heartbeat", "event-notification", "query-status", "query-event")

@@ -26,9 +26,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from clm_stratify.inbox import Inbox
-from fhir_adapters.bundle import loads
-from fhir_adapters.notifications import NotificationError, parse_notification
+from clm_stratify.service.inbox import Inbox
+from fhir_adapters.fhir.codec import loads
+from clm_stratify.service.notifications import NotificationError, parse_notification
 
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 SECRET_HEADER = "X-CLM-Subscription-Secret"

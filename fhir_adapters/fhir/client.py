@@ -1,0 +1,234 @@
+"""A small, careful FHIR R4 REST client (JSON only): the FHIR interactions (read, search
+with paging, batch, transaction, update, create, delete) over
+:class:`fhir_adapters.fhir.transport.Transport`, which sends every request (retries,
+back-off, error mapping, logging: see its module for the decisions)::
+
+    from fhir_adapters.fhir.client import FhirClient, FhirConflict
+    from fhir_adapters.fhir.auth import SmartBackendServices, load_private_key
+
+    auth = SmartBackendServices("clm-stratify", load_private_key("key.pem"),
+                                base_url="https://fhir.example.org/r4")
+    fhir = FhirClient("https://fhir.example.org/r4", auth)
+    fhir.capabilities().fhir_version                        # '4.0.1'
+    for obs in fhir.search("Observation", {"patient": "p1", "_count": "100"}):
+        ...                                                  # every page, next links followed verbatim
+    status, body = fhir.update(risk_assessment, if_match='W/"3"')   # FhirConflict on 409/412
+
+Replies are parsed with exact decimals (:mod:`fhir_adapters.fhir.codec`); failures are
+:mod:`fhir_adapters.fhir.errors`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from urllib.parse import urljoin
+
+import requests
+
+from fhir_adapters.fhir.capabilities import ServerCapabilities
+from fhir_adapters.fhir.codec import dumps, loads
+from fhir_adapters.fhir.errors import FhirConflict, FhirError, FhirServerUnavailable, operation_outcome_text
+from fhir_adapters.fhir.transport import Transport, strip_query
+
+__all__ = [
+    "FhirClient", "FhirError", "FhirServerUnavailable", "FhirConflict",
+    "dumps", "loads", "operation_outcome_text",
+]
+
+_RTYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+_RID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+class FhirClient(Transport):
+    """FHIR R4 REST client (see :class:`~fhir_adapters.fhir.transport.Transport` for the arguments).
+
+    >>> fhir = FhirClient("http://127.0.0.1:8080/fhir/", retries=2, backoff=0.1)
+    >>> fhir.base_url
+    'http://127.0.0.1:8080/fhir'
+    """
+
+
+    def capabilities(self, refresh: bool = False) -> ServerCapabilities:
+        """The server's CapabilityStatement (``GET [base]/metadata``), parsed, cached after the first call.
+
+        >>> fhir.capabilities().fhir_version                   # doctest: +SKIP
+        '4.0.1'
+        """
+        if self._capabilities is None or refresh:
+            self._capabilities = ServerCapabilities.parse(self._json(self.request("GET", "metadata")) or {})
+        return self._capabilities
+
+    def read(self, rtype: str, rid: str) -> dict | None:
+        """``GET [type]/[id]``; None when the server answers 404 (unknown) or 410 (deleted).
+
+        >>> fhir.read("Patient", "does-not-exist") is None      # doctest: +SKIP
+        True
+        """
+        try:
+            return self._json(self.request("GET", self._path(rtype, rid)))
+        except FhirError as exc:
+            if exc.status in (404, 410):
+                return None
+            raise
+
+    def search(self, rtype: str, params: Mapping[str, str] | Sequence[tuple[str, str]] = (), *,
+               strict: bool = False) -> Iterator[dict]:
+        """Yield the resources of a search across all pages.
+
+        Entries with ``search.mode == "outcome"`` (server warnings such as an ignored
+        unknown parameter) are not yielded; their text goes to
+        :attr:`last_search_warnings` (reset when the iteration starts). ``match`` and
+        ``include`` entries are both yielded. ``strict=True`` sends
+        ``Prefer: handling=strict`` so that unknown parameters fail with a 400
+        :class:`FhirError` instead. ``Bundle.total`` is never used.
+
+        >>> [o["id"] for o in fhir.search("Observation", {"patient": "p1", "_count": "2"})]  # doctest: +SKIP
+        ['o1', 'o2', 'o3']
+        """
+        for bundle in self.search_pages(rtype, params, strict=strict):
+            for entry in bundle.get("entry") or []:
+                if (entry.get("search") or {}).get("mode") == "outcome":
+                    continue
+                if entry.get("resource") is not None:
+                    yield entry["resource"]
+
+    def search_pages(self, rtype: str, params: Mapping[str, str] | Sequence[tuple[str, str]] = (), *,
+                     strict: bool = False) -> Iterator[dict]:
+        """Yield the raw searchset Bundles of a search, page by page (see :meth:`search`)."""
+        if not _RTYPE.fullmatch(rtype):
+            raise ValueError(f"not a FHIR resource type: {rtype!r}")
+        headers = {"Prefer": "handling=strict"} if strict else {}
+        pairs = list(params.items()) if isinstance(params, Mapping) else list(params)
+        self.last_search_warnings = []
+        first = self._bundle(self.request("GET", rtype, params=pairs or None, headers=headers))
+        yield from self._pages(first, headers)
+
+    def follow_pages(self, bundle: dict) -> Iterator[dict]:
+        """Yield ``bundle`` (a first searchset page, e.g. from a batch response) and the pages after it.
+
+        >>> first = fhir.batch([{"request": {"method": "GET", "url": "Observation?patient=p1"}}])[0]
+        ... # doctest: +SKIP
+        >>> pages = list(fhir.follow_pages(first["resource"]))  # doctest: +SKIP
+        """
+        self.last_search_warnings = []
+        yield from self._pages(bundle, {})
+
+    def _pages(self, bundle: dict, headers: Mapping[str, str]) -> Iterator[dict]:
+        seen: set[str] = set()
+        while True:
+            for entry in bundle.get("entry") or []:
+                if (entry.get("search") or {}).get("mode") == "outcome":
+                    text = operation_outcome_text(entry.get("resource"))
+                    if text:
+                        self.last_search_warnings.append(text)
+            yield bundle
+            nxt = next((link.get("url") for link in bundle.get("link") or []
+                        if link.get("relation") == "next" and link.get("url")), None)
+            if nxt is None:
+                return
+            if not nxt.lower().startswith(("http://", "https://")):
+                nxt = urljoin(self.base_url + "/", nxt)  # a relative link: resolve, do not rebuild
+            if nxt in seen:
+                raise FhirError(f"the server sent the same next link twice (paging loop): {strip_query(nxt)}",
+                                url=strip_query(nxt), method="GET")
+            seen.add(nxt)
+            bundle = self._bundle(self.request("GET", nxt, headers=headers))
+
+    def _bundle(self, resp: requests.Response) -> dict:
+        body = self._json(resp)
+        if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+            kind = body.get("resourceType") if isinstance(body, dict) else type(body).__name__
+            raise FhirError(f"{resp.request.method} {strip_query(resp.url)}: expected a Bundle, got {kind}",
+                            status=resp.status_code, url=strip_query(resp.url),
+                            outcome=operation_outcome_text(body), method=resp.request.method or "")
+        return body
+
+    def batch(self, requests: Sequence[dict]) -> list[dict]:
+        """POST a ``batch`` Bundle; return the response entries in request order.
+
+        Each entry's own ``response.status`` says whether it worked (a batch is not
+        atomic). A batch of only GETs is retried like a GET.
+
+        >>> fhir.batch([{"request": {"method": "GET", "url": "Observation?patient=p1"}},
+        ...             {"request": {"method": "GET", "url": "Condition?patient=p1"}}])  # doctest: +SKIP
+        [{'resource': {'resourceType': 'Bundle', 'type': 'searchset', ...}, 'response': {'status': '200 OK'}}, ...]
+        """
+        entries = list(requests)
+        only_gets = all((e.get("request") or {}).get("method", "").upper() in ("GET", "HEAD") for e in entries)
+        return self._bundle_post("batch", entries, idempotent=only_gets or None)
+
+    def transaction(self, entries: Sequence[dict]) -> list[dict]:
+        """POST a ``transaction`` Bundle (all or nothing); return the response entries.
+
+        A failed transaction raises :class:`FhirError` (:class:`FhirConflict` for
+        409/412) with the server's OperationOutcome text; nothing was stored.
+
+        >>> fhir.transaction([
+        ...     {"resource": ra, "request": {"method": "PUT", "url": "RiskAssessment/clm-1"}},
+        ...     {"resource": prov, "request": {"method": "POST", "url": "Provenance"}}])  # doctest: +SKIP
+        [{'response': {'status': '201 Created', ...}}, {'response': {'status': '201 Created', ...}}]
+        """
+        return self._bundle_post("transaction", list(entries), idempotent=None)
+
+    def _bundle_post(self, kind: str, entries: list[dict], idempotent: bool | None) -> list[dict]:
+        body = {"resourceType": "Bundle", "type": kind, "entry": entries}
+        reply = self._bundle(self.request("POST", "", json_body=body, idempotent=idempotent))
+        out = reply.get("entry") or []
+        if len(out) != len(entries):
+            raise FhirError(f"{kind}-response has {len(out)} entries for {len(entries)} requests",
+                            url=self.base_url, method="POST")
+        return out
+
+    def update(self, resource: dict, *, if_match: str | None = None) -> tuple[int, dict | None]:
+        """``PUT [type]/[id]`` (create-or-update by id); returns ``(200 or 201, body or None)``.
+
+        ``if_match`` (e.g. ``'W/"3"'``) makes it version-aware: a mismatch raises
+        :class:`FhirConflict` (412, or 409 on older servers).
+
+        >>> fhir.update({"resourceType": "Patient", "id": "p1", "active": True})  # doctest: +SKIP
+        (201, {'resourceType': 'Patient', 'id': 'p1', 'meta': {'versionId': '1', ...}, ...})
+        """
+        rtype, rid = resource.get("resourceType", ""), resource.get("id", "")
+        headers = {"If-Match": if_match} if if_match else None
+        resp = self.request("PUT", self._path(rtype, rid), json_body=resource, headers=headers)
+        return resp.status_code, self._json(resp)
+
+    def create(self, resource: dict, *, if_none_exist: str | None = None) -> tuple[int, dict | None]:
+        """``POST [type]``; returns ``(201, created)``, or ``(200, existing)`` for a matched conditional create.
+
+        ``if_none_exist`` is the query part, e.g. ``"_id=clm-1"`` or ``"identifier=s|v"``;
+        several matches raise :class:`FhirConflict` (412). Not retried after an unknown
+        outcome (see the module docstring).
+
+        >>> fhir.create(observation)                               # doctest: +SKIP
+        (201, {'resourceType': 'Observation', 'id': '7f3c...', ...})
+        """
+        rtype = resource.get("resourceType", "")
+        if not _RTYPE.fullmatch(str(rtype)):
+            raise ValueError(f"not a FHIR resource type: {rtype!r}")
+        headers = {"If-None-Exist": if_none_exist} if if_none_exist else None
+        resp = self.request("POST", rtype, json_body=resource, headers=headers)
+        return resp.status_code, self._json(resp)
+
+    def delete(self, rtype: str, rid: str) -> int:
+        """``DELETE [type]/[id]``; returns the status (404/410 are returned, not raised: already gone).
+
+        >>> fhir.delete("RiskAssessment", "clm-1")                  # doctest: +SKIP
+        200
+        """
+        try:
+            return self.request("DELETE", self._path(rtype, rid)).status_code
+        except FhirError as exc:
+            if exc.status in (404, 410):
+                return exc.status
+            raise
+
+    @staticmethod
+    def _path(rtype: str, rid: str) -> str:
+        """``Type/id`` after checking both (an id like ``../x`` or ``a?b`` must not reach the URL)."""
+        if not _RTYPE.fullmatch(str(rtype)):
+            raise ValueError(f"not a FHIR resource type: {rtype!r}")
+        if not _RID.fullmatch(str(rid)):
+            raise ValueError(f"not a valid FHIR id (1-64 of A-Z a-z 0-9 - .): {rid!r}")
+        return f"{rtype}/{rid}"

@@ -1,0 +1,167 @@
+"""How a RiskAssessment is found and written on one server: a strategy object, chosen
+once from the server's capabilities (:func:`choose`), best first:
+
+1. :class:`UpdateAsCreate`: ``PUT RiskAssessment/<deterministic id>``. Race-free and
+   needs no search on RiskAssessment (SEKMET has none).
+2. :class:`ConditionalUpdate`: ``PUT RiskAssessment?identifier=<system>|<key>``.
+3. :class:`ConditionalCreate`: ``POST`` with ``If-None-Exist: identifier=...``.
+
+Each answers two questions: :meth:`WriteStrategy.find_current` (the server's current
+assessment for this patient and rule-set version) and :meth:`WriteStrategy.request`
+(the transaction entry's ``request`` that writes a new one). An existing assessment is
+always updated by id with ``If-Match`` on its version, whatever the strategy, so a
+concurrent writer is detected (409 or 412).
+
+A new strategy is one subclass (``name``, ``find_current``, ``_create``) and a line in
+:func:`choose`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fhir_adapters.fhir.capabilities import ServerCapabilities
+from fhir_adapters.fhir.client import FhirClient, FhirConflict
+from fhir_adapters.project import IDENTIFIER_SYSTEM
+
+__all__ = ["WriteStrategy", "UpdateAsCreate", "ConditionalUpdate", "ConditionalCreate", "StrategyChoice",
+           "choose", "BY_NAME"]
+
+
+def identifier_token(ra: dict) -> str:
+    """``system|value`` of the assessment's identifier (the conditional-write key)."""
+    return f"{IDENTIFIER_SYSTEM}|{ra['identifier'][0]['value']}"
+
+
+class WriteStrategy:
+    """Finds the current assessment and writes a new one, on one server."""
+
+    name: ClassVar[str]
+
+    def __init__(self, client: FhirClient) -> None:
+        self.client = client
+
+    def find_current(self, ra: dict) -> dict | None:
+        """The server's current RiskAssessment for ``ra``'s patient and rule-set version."""
+        raise NotImplementedError
+
+    def find_current_many(self, ras: Sequence[dict]) -> list[dict | None]:
+        """:meth:`find_current` for many (one round trip each unless a strategy can batch)."""
+        return [self.find_current(ra) for ra in ras]
+
+    def request(self, ra: dict, current: dict | None) -> tuple[dict, dict]:
+        """(the RiskAssessment to send, the transaction entry's ``request``) that writes ``ra``."""
+        if current is not None:
+            ra = {**ra, "id": current["id"]}
+            request = {"method": "PUT", "url": f"RiskAssessment/{current['id']}"}
+            version = (current.get("meta") or {}).get("versionId")
+            if version:
+                request["ifMatch"] = f'W/"{version}"'
+            return ra, request
+        return self._create(ra)
+
+    def _create(self, ra: dict) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.client.base_url!r})"
+
+
+class UpdateAsCreate(WriteStrategy):
+    """``PUT RiskAssessment/<deterministic id>``; the current one is read by that id."""
+
+    name = "update-as-create"
+
+    def find_current(self, ra: dict) -> dict | None:
+        return self.client.read("RiskAssessment", ra["id"])
+
+    def find_current_many(self, ras: Sequence[dict]) -> list[dict | None]:
+        if not ras or not self.client.capabilities().batch:
+            return super().find_current_many(ras)
+        responses = self.client.batch([{"request": {"method": "GET", "url": f"RiskAssessment/{ra['id']}"}}
+                                       for ra in ras])
+        return [r.get("resource") if str((r.get("response") or {}).get("status", "")).startswith("2") else None
+                for r in responses]
+
+    def _create(self, ra: dict) -> tuple[dict, dict]:
+        return ra, {"method": "PUT", "url": f"RiskAssessment/{ra['id']}"}
+
+
+class _ByIdentifier(WriteStrategy):
+    """Finds the current assessment by its identifier (the server assigns ids)."""
+
+    def find_current(self, ra: dict) -> dict | None:
+        token = identifier_token(ra)
+        matches = list(self.client.search("RiskAssessment", {"identifier": token}, strict=True))
+        if len(matches) > 1:
+            raise FhirConflict(f"{len(matches)} RiskAssessments share identifier {token}",
+                               status=412, url=self.client.base_url)
+        return matches[0] if matches else None
+
+
+class ConditionalUpdate(_ByIdentifier):
+    """``PUT RiskAssessment?identifier=<system>|<key>``."""
+
+    name = "conditional-update"
+
+    def _create(self, ra: dict) -> tuple[dict, dict]:
+        ra = {k: v for k, v in ra.items() if k != "id"}
+        return ra, {"method": "PUT", "url": f"RiskAssessment?identifier={identifier_token(ra)}"}
+
+
+class ConditionalCreate(_ByIdentifier):
+    """``POST RiskAssessment`` with ``If-None-Exist: identifier=<system>|<key>``."""
+
+    name = "conditional-create"
+
+    def _create(self, ra: dict) -> tuple[dict, dict]:
+        ra = {k: v for k, v in ra.items() if k != "id"}
+        return ra, {"method": "POST", "url": "RiskAssessment", "ifNoneExist": f"identifier={identifier_token(ra)}"}
+
+
+BY_NAME: dict[str, type[WriteStrategy]] = {s.name: s for s in (UpdateAsCreate, ConditionalUpdate, ConditionalCreate)}
+
+
+@dataclass(frozen=True)
+class StrategyChoice:
+    """The strategy a server's capabilities allow, why (notes), and what else it declares."""
+
+    strategy: type[WriteStrategy]
+    notes: tuple[str, ...] = ()
+    fallbacks: tuple[type[WriteStrategy], ...] = ()
+
+
+def choose(caps: ServerCapabilities) -> StrategyChoice:
+    """Pick the write strategy the server's CapabilityStatement allows (with notes).
+
+    >>> choose(ServerCapabilities.parse({"rest": [{"resource": [{"type": "RiskAssessment",
+    ...     "conditionalCreate": True, "searchParam": [{"name": "identifier"}]}]}]})).strategy.name
+    'conditional-create'
+    """
+    ra = caps.resource("RiskAssessment")
+    notes: list[str] = []
+    if ra is None:
+        notes.append("RiskAssessment is not in the CapabilityStatement: no search parameters for it "
+                     "(an existing assessment is found by its deterministic id)")
+        if caps.resources and all(r.update_create for r in caps.resources.values()):
+            notes.append("update-as-create inferred from the other resource types (all updateCreate: true)")
+        return StrategyChoice(UpdateAsCreate, tuple(notes))
+    has_identifier = "identifier" in ra.search_params
+    if not has_identifier:
+        notes.append("RiskAssessment has no 'identifier' search parameter: conditional writes unavailable")
+    if "patient" not in ra.search_params and "subject" not in ra.search_params:
+        notes.append("RiskAssessment cannot be searched by patient")
+    fallbacks: list[type[WriteStrategy]] = []
+    if has_identifier and ra.conditional_update:
+        fallbacks.append(ConditionalUpdate)
+    if has_identifier and ra.conditional_create:
+        fallbacks.append(ConditionalCreate)
+    if ra.update_create:
+        return StrategyChoice(UpdateAsCreate, tuple(notes), tuple(fallbacks))
+    if fallbacks:
+        notes.append("server does not allow update-as-create (client-assigned ids) for RiskAssessment")
+        return StrategyChoice(fallbacks[0], tuple(notes), tuple(fallbacks[1:]))
+    notes.append("no idempotent write strategy is declared; trying update-as-create")
+    return StrategyChoice(UpdateAsCreate, tuple(notes))
