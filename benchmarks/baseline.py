@@ -1,5 +1,5 @@
 """A plain-Python evaluation of the YAML rule set: the engine benchmark's baseline and
-the differential-test oracle (tests/test_differential.py). It reads the same RuleSet
+the differential-test oracle (tests/unit/test_differential.py). It reads the same RuleSet
 the engine compiles, but evaluates the condition trees directly, without durable-rules.
 It is not used by the product.
 """

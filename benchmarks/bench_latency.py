@@ -25,7 +25,7 @@ from clm_stratify.cli import main as cli
 from fhir_adapters.writeback.resources import TAG_SYSTEM, assessment_id
 from fhir_adapters.fhir.client import FhirClient
 from fhir_adapters.fhir.local_server import LocalFhirServer
-from tests.receiver_process import SECRET, Receiver
+from tests.support.receiver_process import SECRET, Receiver
 
 from benchmarks.bench_population import LOINC, SNOMED, UCUM, load
 

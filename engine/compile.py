@@ -23,11 +23,11 @@ Every rule is anchored on ``kind``, a constant equality. Staging keeps each rule
     >>> compiled.factors.rules["factor.tumour_count_ge_4.present"]
     {'all': [{'m': {'$and': [{'kind': 'clm-features'}, {'tumour_count_known': True}, {'$gte': {'tumour_count': 4}}]}}]}
     >>> compiled.factors.rules["factor.largest_ge_50mm.absent"]
-    {'all': [{'m': {'$and': [{'kind': 'clm-features'}, {'largest_diameter_mm_known': True}, {'largest_diameter_mm_exact': True}, {'$lt': {'largest_diameter_mm': 50}}]}}]}
-    >>> compiled.factors.rules["factor.largest_ge_50mm.unknown"]
-    {'all': [{'m': {'$and': [{'kind': 'clm-features'}, {'$or': [{'largest_diameter_mm_known': False}, {'$and': [{'largest_diameter_mm_known': True}, {'largest_diameter_mm_exact': False}, {'$lt': {'largest_diameter_mm': 50}}]}]}]}}]}
-    >>> compiled.decision.rules["status.final"]
-    {'all': [{'m': {'$and': [{'kind': 'clm-states'}, {'$or': [{'technical_resectability': 'resectable'}, {'technical_resectability': 'unresectable'}]}]}}]}
+    {'all': [{'m': {'$and': [{'kind': 'clm-features'}, {'largest_diameter_mm_hi_known': True}, {'$or': [{'$and': [{'largest_diameter_mm_hi_strict': True}, {'$lte': {'largest_diameter_mm_hi': 50}}]}, {'$and': [{'largest_diameter_mm_hi_strict': False}, {'$lt': {'largest_diameter_mm_hi': 50}}]}]}]}}]}
+    >>> sorted(compiled.factors.rules["factor.largest_ge_50mm.unknown"]["all"][0]["m"]["$and"][1]["$or"][0])
+    ['largest_diameter_mm_known']
+    >>> compiled.decision.rules["status.final"]["all"][0]["m"]["$and"][1]["$and"][0]
+    {'liver_recurrence': 'present'}
 """
 
 from __future__ import annotations

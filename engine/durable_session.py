@@ -1,7 +1,7 @@
 """The one place that talks to durable_rules 2.0.28, with a guard for each sharp edge.
 
 durable_rules is a C engine with a thin Python host. Observed in this project
-(tests/test_durable_guards.py proves each guard):
+(tests/unit/test_durable_guards.py proves each guard):
 
 * **1024 live sessions per ruleset.** Each session id (``sid``) holds state until it
   is deleted; past about 1021 live sessions ``assert_fact`` raises MemoryError.

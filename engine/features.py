@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 T = TypeVar("T")
 
-TechnicalJudgement = Literal["resectable", "unresectable"]
+# "in-doubt": a judgement that cannot be attributed to the patient or read may record the
+# recurrence as technically unresectable; it can never be ruled out, so never "resectable".
+TechnicalJudgement = Literal["resectable", "unresectable", "in-doubt"]
 
 
 class Fact(BaseModel, Generic[T]):

@@ -34,7 +34,7 @@ GROUP_IDS: tuple[str, ...] = GroupId.__args__  # type: ignore[attr-defined]
 
 FACTOR_STATES = ("present", "absent", "unknown")
 LIVER_STATES = ("present", "absent", "unknown")
-TECHNICAL_STATES = ("resectable", "unresectable", "not-assessed")
+TECHNICAL_STATES = ("resectable", "unresectable", "not-assessed", "in-doubt")
 ADJUVANT_STATES = ("given", "not-given", "unknown")
 RESECTION_STATES = ("recorded", "not-recorded")
 IMAGING_STATES = ("current", "stale")
@@ -48,7 +48,7 @@ BASE_FACTS: dict[str, tuple[str, ...]] = {
     "imaging_measurements": IMAGING_STATES,
 }
 # States of a base fact that mean something is missing from the record (named in results).
-MISSING_STATES = ("unknown", "not-assessed", "not-recorded", "stale")
+MISSING_STATES = ("unknown", "not-assessed", "in-doubt", "not-recorded", "stale")
 
 
 # --------------------------------------------------------------------------- conditions

@@ -5,15 +5,33 @@ from __future__ import annotations
 import importlib.util
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+UNIT = Path(__file__).resolve().parent / "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/integration is marked ``integration`` (``-m 'not integration'``
+    runs the fast part alone)."""
+    for item in items:
+        if "integration" in item.path.parts and "tests" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
 
 from fhir_adapters.fhir.local_server import LocalFhirServer, find_sekmet_command
 
 
+def _not_in_unit_tests(request: pytest.FixtureRequest) -> None:
+    if UNIT in Path(str(request.node.path)).resolve().parents:
+        pytest.fail("a test under tests/unit asked for a FHIR server process: move it to tests/integration")
+
+
 @pytest.fixture(scope="session")
-def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFhirServer]:
+def fhir_server(request: pytest.FixtureRequest,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFhirServer]:
     """One SEKMET FHIR server on 127.0.0.1 for the whole test session (skipped if SEKMET is not installed)."""
+    _not_in_unit_tests(request)
     cmd = find_sekmet_command()
     if cmd[0] == sys.executable and importlib.util.find_spec("sekmet") is None:
         pytest.skip("SEKMET is not installed (pip install 'sekmet-fhir==0.1.1' or set SEKMET_EXECUTABLE)")
@@ -22,9 +40,10 @@ def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFhirS
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFhirServer]:
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFhirServer]:
     """A SEKMET server loaded with the fixture patients, one per test module (the
     modules change its data)."""
+    _not_in_unit_tests(request)
     from fhir_adapters.fhir.client import FhirClient
     from fhir_adapters.fhir.load import fixture_bundles, load_bundles
     from fixtures import FIXTURES_DIR
@@ -41,3 +60,18 @@ def client(server: LocalFhirServer):
 
     with FhirClient(server.base_url) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def rsa_key():
+    """An RSA private key for SMART Backend Services client assertions."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def pem(rsa_key) -> bytes:
+    from tests.support.keys import pem_of
+
+    return pem_of(rsa_key)

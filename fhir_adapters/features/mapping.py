@@ -147,7 +147,7 @@ class FeatureMapper:
         count, size = self._lesions(record, studies, uncertain)
         imaging, latest_imaging = self._imaging_currency(record, studies, uncertain)
         extrahepatic = self._extrahepatic(record)
-        technical = self._technical(record, resection, latest_imaging)
+        technical = self._technical(record, resection, onset, latest_imaging)
         recurrence_when = min((w for w in (onset, studies[0].when if studies else None) if w is not None),
                               key=When.sort_key, default=None)
         adjuvant = self._adjuvant(record, resection, recurrence_when)
@@ -645,7 +645,8 @@ class FeatureMapper:
         return self.t.radiology_report_category.matches_any(codings(*(dr.category or [])))
 
     # ------------------------------------------------------------------ technical judgement
-    def _technical(self, record: PatientRecord, resection: _Event | None, latest_imaging: When | None) -> Fact:
+    def _technical(self, record: PatientRecord, resection: _Event | None, onset: When | None,
+                   latest_imaging: When | None) -> Fact:
         """The care team's latest technical judgement of the recurrence. One dated before
         the latest imaging is stale (a new scan never inherits an old "final"); one that
         cannot be dated against the imaging is not used either."""
@@ -665,6 +666,12 @@ class FeatureMapper:
                 self.warnings.append(f"{self._ref(o)}: technical resectability assessment of {when.text} is not after "
                                      f"the reference resection ({resection.when.text}): about the initial disease, "
                                      "not used")
+                continue
+            if when is not None and resection is None and onset is not None and when.end <= onset.start:
+                self.warnings.append(f"{self._ref(o)}: technical resectability assessment of {when.text} is before the "
+                                     f"liver-recurrence Condition ({onset.text}) with no resection recorded: not "
+                                     "about this recurrence, not used")
+                stale.append(self._ref(o))
                 continue
             if when is None:
                 self.warnings.append(f"{self._ref(o)}: technical resectability assessment without a date; "
@@ -688,6 +695,26 @@ class FeatureMapper:
             if value is None and o.dataAbsentReason is None:
                 self.warnings.append(f"{self._ref(o)}: technical resectability value not recognised")
             judgements.append((when, value, self._ref(o)))
+        fact = self._current_judgement(judgements, stale)
+        # One that cannot be attributed or read may be newer and say "unresectable".
+        doubt = [u.ref for u in record.distrusted if u.resource_type == "Observation"
+                 and self.t.technical_resectability_observation.matches_any(u.codings)
+                 and not self._says_resectable(u)]
+        if doubt and fact.value != "unresectable":
+            return Fact(value="in-doubt", refs=(*fact.refs, *doubt),
+                        note=("technical resectability assessment(s) that cannot be attributed or read may record the "
+                              f"recurrence as unresectable: {', '.join(doubt)}"))
+        return fact
+
+    def _says_resectable(self, u: Any) -> bool:
+        """A distrusted judgement that plainly says "resectable" (as written) cannot hide an
+        "unresectable": ignoring it is safe. Anything else may say "unresectable"."""
+        if self.t.technically_unresectable_value.matches_any(u.codings):
+            return False
+        return (u.value_boolean is True or str(u.value_boolean).strip().lower() == "true"
+                or self.t.technically_resectable_value.matches_any(u.codings))
+
+    def _current_judgement(self, judgements: list[tuple[When, str | None, str]], stale: list[str]) -> Fact:
         usable = [j for j in judgements if j[1] is not None]
         if not usable:
             note = "no technical resectability assessment recorded after the reference resection"

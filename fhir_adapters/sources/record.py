@@ -38,7 +38,7 @@ MAPPED_TYPES = (
     "MedicationStatement", "Medication", "BodyStructure", "DiagnosticReport",
 )
 # Where a distrusted resource's codes are, so the mapping knows what it may have said.
-CODED_ELEMENTS = ("code", "bodySite", "medicationCodeableConcept", "location", "category")
+CODED_ELEMENTS = ("code", "bodySite", "medicationCodeableConcept", "location", "category", "valueCodeableConcept")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,12 @@ class Distrusted:
     ref: str
     resource_type: str
     problem: str
-    codings: tuple[tuple[str | None, str | None], ...]
+    codings: tuple[tuple[str | None, str | None], ...]   # value codes included
+    value_boolean: object = None                         # ``valueBoolean`` as written (any JSON type)
+
+    @classmethod
+    def of(cls, ref: str, rtype: str, problem: str, raw: dict) -> "Distrusted":
+        return cls(ref, rtype, problem, all_raw_codings(raw), raw.get("valueBoolean"))
 
 
 Unreadable = Distrusted  # the name the first wave used
@@ -112,9 +117,8 @@ def add_distinct(record: "PatientRecord", entries: list[tuple[dict, str | None]]
         for raw, full_url in group:
             rtype = raw.get("resourceType")
             if rtype in MAPPED_TYPES and rtype != "Patient":
-                record.unreadable.append(Distrusted(
-                    full_url or key, rtype, f"{len(group)} different resources share the id {key}; none is used",
-                    all_raw_codings(raw)))
+                record.unreadable.append(Distrusted.of(
+                    full_url or key, rtype, f"{len(group)} different resources share the id {key}; none is used", raw))
 
 
 # ----------------------------------------------------------------------------- strict reading
@@ -233,23 +237,23 @@ class PatientRecord:
         where = reference_of(raw, full_url)
         attribution = self.identity.attribute(raw)
         if attribution.kind == "foreign":
-            self.foreign.append(Distrusted(where, rtype, f"belongs to {attribution.why}", all_raw_codings(raw)))
+            self.foreign.append(Distrusted.of(where, rtype, f"belongs to {attribution.why}", raw))
             return
         if attribution.kind == "unattributable":
-            self.unattributable.append(Distrusted(where, rtype, attribution.why or "", all_raw_codings(raw)))
+            self.unattributable.append(Distrusted.of(where, rtype, attribution.why or "", raw))
             return
         try:
             model = get_fhir_model_class(rtype).model_validate(raw)
         except (ValidationError, RecursionError) as exc:
             problem = ("nested too deeply to validate" if isinstance(exc, RecursionError)
                        else "; ".join(describe_validation_error(exc)[:3]))
-            self.unreadable.append(Distrusted(where, rtype, problem, all_raw_codings(raw)))
+            self.unreadable.append(Distrusted.of(where, rtype, problem, raw))
             return
         loose = strings_for_numbers(raw, model)
         if loose:
-            self.unreadable.append(Distrusted(
+            self.unreadable.append(Distrusted.of(
                 where, rtype, "; ".join(f"{p}: a string where FHIR requires a number or boolean"
-                                        for p in loose[:3]), all_raw_codings(raw)))
+                                        for p in loose[:3]), raw))
             return
         if model.id is None:
             # Each resource without an id is its own: never one key for several of them.

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from clm_stratify.cli import main
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+from fixtures import FIXTURES_DIR  # noqa: E402
+
+FIXTURES = FIXTURES_DIR
 
 
 def run(argv, capsys):

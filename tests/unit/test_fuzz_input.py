@@ -8,8 +8,8 @@
 * Rule and terminology files with field errors: every problem is named with its file
   and field path (exit 2), including several problems at once.
 
-Extends tests/test_properties.py (which fuzzes the mapping in-process only).
-Run: ``python -m pytest tests/test_fuzz_input.py``.
+Extends tests/unit/test_properties.py (which fuzzes the mapping in-process only).
+Run: ``python -m pytest tests/unit/test_fuzz_input.py``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from fhir_adapters.sources.bundle import BundleError, record_from_bundle
 from fhir_adapters.features.mapping import map_features
 from fhir_adapters.terminology import load_terminology
 from rules import DEFAULT_RULESET, DEFAULT_TERMINOLOGY
-from tests.test_properties import FIXTURE_BUNDLES, _mutate
+from tests.unit.test_properties import FIXTURE_BUNDLES, _mutate
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                          HealthCheck.data_too_large])

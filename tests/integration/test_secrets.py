@@ -5,7 +5,7 @@ Everything runs for real: SEKMET with a static bearer token or SMART Backend Ser
 the receiver as a process (its whole log file is checked), and an HTTPS fault proxy
 with a self-signed certificate for the TLS checks.
 
-Run: ``python -m pytest tests/test_secrets.py``.
+Run: ``python -m pytest tests/integration/test_secrets.py``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from clm_stratify.cli import main
 from fhir_adapters.fhir.auth import BearerToken
 from fhir_adapters.fhir.client import FhirClient, dumps
 from fhir_adapters.fhir.local_server import LocalFhirServer
-from tests.fault_proxy import FaultProxy
-from tests.receiver_process import SECRET, Receiver
-from tests.test_reliability import bundles, load_bundles, tumour_observations
+from tests.support.fault_proxy import FaultProxy
+from tests.support.receiver_process import SECRET, Receiver
+from tests.integration.test_reliability import bundles, load_bundles, tumour_observations
 
 pytestmark = pytest.mark.integration
 TOKEN = "tok-" + "7f3a9c" * 6

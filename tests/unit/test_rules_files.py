@@ -26,7 +26,7 @@ def edited(tmp_path: Path, source: Path, edit) -> Path:
 def test_default_files_are_valid(capsys):
     assert main(["rules", "validate", str(DEFAULT_RULESET), "--terminology", str(DEFAULT_TERMINOLOGY)]) == 0
     out = capsys.readouterr().out
-    assert "is valid" in out and "2916 combinations" in out  # 3^3 factors x 3 x 3 x 3 x 2 x 2
+    assert "is valid" in out and "3888 combinations" in out  # 3^3 factors x 3 (liver) x 4 (technical) x 3 x 2 x 2
 
 
 def test_thresholds_come_from_the_file():

@@ -2,7 +2,7 @@
 
 Every fault here happens for real: SEKMET (the FHIR server) is SIGKILLed, the receiver
 (`clm-stratify serve`, a real process) is SIGKILLed, and the network faults come from
-``tests/fault_proxy.py``, a loopback HTTP proxy that answers 500/503/429, resets TCP
+``tests/support/fault_proxy.py``, a loopback HTTP proxy that answers 500/503/429, resets TCP
 connections, stalls past the client's read timeout, or forwards a write and then drops
 its reply. No mocks.
 
@@ -14,8 +14,8 @@ What must hold after every scenario:
 * what could not be done is reported (exit code 1 and the patients listed, or a dead
   letter in the receiver's inbox), never dropped in silence.
 
-Run: ``python -m pytest tests/test_reliability.py`` (the multi-seed sweep:
-``python -m pytest -m slow tests/test_reliability.py``).
+Run: ``python -m pytest tests/integration/test_reliability.py`` (the multi-seed sweep:
+``python -m pytest -m slow tests/integration/test_reliability.py``).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from fhir_adapters.fhir.reference import patient_of as patient_reference
 from fhir_adapters.features.mapping import map_features
 from fhir_adapters.terminology import load_terminology
 from fixtures import FIXTURES_DIR
-from tests.fault_proxy import FaultProxy, is_transaction
-from tests.receiver_process import SECRET, Receiver
+from tests.support.fault_proxy import FaultProxy, is_transaction
+from tests.support.receiver_process import SECRET, Receiver
 
 pytestmark = pytest.mark.integration
 RULESET = (load_ruleset().id, load_ruleset().version)  # the default rule set, as written back
@@ -485,7 +485,7 @@ def test_serve_refuses_an_invalid_rule_set_at_start(make_server, tmp_path):
     import subprocess
     import sys
 
-    from tests.receiver_process import free_port
+    from tests.support.receiver_process import free_port
     server = make_server()
     bad = _rules_copy(tmp_path / "bad.yaml", "fifty", "1.0.0")
     proc = subprocess.run([sys.executable, "-m", "clm_stratify", "serve", "--fhir-url", server.base_url,

@@ -30,7 +30,9 @@ from clm_stratify.cli import main
 
 pytestmark = pytest.mark.integration
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+from fixtures import FIXTURES_DIR  # noqa: E402
+
+FIXTURES = FIXTURES_DIR
 # Plain json (floats): the fixtures were written from Python floats, whose repr round-trips,
 # so a variant written back with json.dumps keeps every number's text (49.9, 0.05, 1.9).
 DOCS: dict[str, dict] = {p.name: json.loads(p.read_text()) for p in sorted(FIXTURES.glob("[0-9][0-9]-*.json"))}

@@ -10,7 +10,7 @@ import pytest
 from engine.classify import Engine
 from fhir_adapters.sources.bundle import BundleError, record_from_bundle
 from fhir_adapters.features.mapping import map_features
-from tests.helpers import (LOINC, body_structure, bundle, classify, classify_bundle, concept, hepatectomy,
+from tests.support.resources import (LOINC, body_structure, bundle, classify, classify_bundle, concept, hepatectomy,
                            liver_met, patient, technical, terminology, tumour_size)
 
 P = "p1"
@@ -136,3 +136,19 @@ def test_imaging_before_the_condition_onset_still_makes_an_older_judgement_stale
     f = map_features(record_from_bundle(bundle(*res)), terminology())
     assert f.technical_resectability.value is None
     assert "older than the latest imaging" in f.technical_resectability.note
+
+
+@pytest.mark.parametrize("said, group, state", [("unresectable", "indeterminate", "in-doubt"),
+                                                ("resectable", "resectable", "not-assessed")])
+def test_an_unattributable_technical_judgement_keeps_the_result_from_resectable(said, group, state):
+    """Found by the distrust property on fixture 14: a technical-resectability
+    Observation naming the patient by identifier only was ignored, and small disease
+    became "resectable" although the judgement says "unresectable". One that says
+    "resectable" cannot hide anything: ignored (not assessed, preliminary)."""
+    tech = technical(P, said, "2024-06-01", id="tech")
+    tech["subject"] = {"identifier": {"system": "urn:mrn", "value": "123"}}
+    res = [*base(), tumour_size(P, 20, id="l1"), tech]
+    c = classify_bundle(bundle(*res))
+    assert c.group == group and c.status == "preliminary"
+    assert c.facts["technical_resectability"].state == state
+    assert any("Observation/tech" in w for w in c.warnings)

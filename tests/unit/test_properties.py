@@ -2,7 +2,7 @@
 
 Random patient records are generated as a small *spec* (liver recurrence, lesions,
 extrahepatic conditions, technical assessment, chemotherapy) and built into FHIR
-resources with tests/helpers.py, so a test can change the spec (add a lesion, enlarge
+resources with tests/support/resources.py, so a test can change the spec (add a lesion, enlarge
 one, add a metastasis) and compare the two classifications.
 
 Group order used by the monotonicity property: resectable is best, then
@@ -21,7 +21,6 @@ import datetime as dt
 import copy
 import json
 from decimal import Decimal
-from pathlib import Path
 
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
@@ -31,12 +30,14 @@ from engine.features import Features
 from fhir_adapters.sources.bundle import BundleError, loads, record_from_bundle
 from fhir_adapters.fhir.timeline import When
 from fhir_adapters.features.mapping import map_features
-from tests.helpers import (ICD10CM, METASTATIC_GENERIC, RESECTION_DAY, SCT, body_structure, chemo_admin,
+from tests.support.resources import (ICD10CM, METASTATIC_GENERIC, RESECTION_DAY, SCT, body_structure, chemo_admin,
                            condition, extrahepatic, hepatectomy, liver_met, patient, record, technical,
                            terminology, tumour_size)
 
 P = "p1"
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+from fixtures import FIXTURES_DIR  # noqa: E402
+
+FIXTURES = FIXTURES_DIR
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 RESECTABLE = "resectable"

@@ -1,5 +1,5 @@
 """``clm-stratify interop`` against a real SEKMET, and behind a proxy that adds one
-real-world server quirk at a time (``tests/quirky_fhir_server.py``)."""
+real-world server quirk at a time (``tests/support/quirky_fhir_server.py``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from fhir_adapters.fhir.client import FhirClient
 from fhir_adapters.fhir.local_server import free_port
 from fhir_adapters.terminology import load_terminology
 from fixtures import FIXTURES_DIR
-from tests.quirky_fhir_server import QuirkyFhirServer
+from tests.support.quirky_fhir_server import QuirkyFhirServer
 
 # A borderline patient with 5+ Observations (paging with _count=2), a resectable one,
 # and one without liver recurrence (classified, no RiskAssessment).

@@ -1,6 +1,6 @@
 """Unit tests of the FHIR -> Features mapping (fhir_adapters/features/mapping.py).
 
-Each test builds a small patient record with tests/helpers.py, reads it the way the CLI
+Each test builds a small patient record with tests/support/resources.py, reads it the way the CLI
 does (JSON numbers as Decimal), maps it, and classifies it with the default rule set
 where the group matters. Clinical rules: /work/shared/reference/clinical-basis.md.
 """
@@ -17,7 +17,7 @@ from engine.classify import Engine
 from fhir_adapters.sources.bundle import BundleError, loads, record_from_bundle
 from fhir_adapters.features.mapping import map_features
 from fhir_adapters.sources.record import PatientRecord
-from tests.helpers import (BONE_MET, ICD10CM, METASTATIC_GENERIC, PATHOLOGY_METHOD, RESECTION_DAY, RXNORM,
+from tests.support.resources import (BONE_MET, ICD10CM, METASTATIC_GENERIC, PATHOLOGY_METHOD, RESECTION_DAY, RXNORM,
                            SCT, body_structure, bundle, chemo_admin, classify, classify_bundle, condition,
                            extrahepatic, features, hepatectomy, liver_met, medication, patient,
                            technical, terminology, tumour_size)

@@ -17,7 +17,7 @@ from fhir_adapters.writeback.resources import assessment_id
 from fhir_adapters.fhir.client import dumps
 from fhir_adapters.fhir.reference import patient_of
 from fixtures import FIXTURES_DIR
-from tests.receiver_process import SECRET, Receiver
+from tests.support.receiver_process import SECRET, Receiver
 
 pytestmark = pytest.mark.integration
 RULESET = (load_ruleset().id, load_ruleset().version)

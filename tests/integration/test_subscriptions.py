@@ -15,7 +15,7 @@ from engine.ruleset import load_ruleset
 from clm_stratify.cli import main
 from fhir_adapters.writeback.resources import assessment_id
 from fhir_adapters.fhir.client import FhirClient, dumps
-from tests.receiver_process import SECRET, Receiver
+from tests.support.receiver_process import SECRET, Receiver
 
 pytestmark = pytest.mark.integration
 RULESET = (load_ruleset().id, load_ruleset().version)  # the default rule set, as written back

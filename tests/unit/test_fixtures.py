@@ -13,7 +13,9 @@ import yaml
 
 from clm_stratify.cli import main
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+from fixtures import FIXTURES_DIR  # noqa: E402
+
+FIXTURES = FIXTURES_DIR
 EXPECTED = yaml.safe_load((FIXTURES / "expected.yaml").read_text())
 ADJUVANT = {True: "given", False: "not-given", None: "unknown"}
 

@@ -5,7 +5,7 @@ types, methods, paths and headers (the secret present, wrong, absent, odd bytes)
 plus raw malformed HTTP on a socket. Never a 5xx; nothing enters the inbox unless
 the request is authenticated and well formed: the notification total in ``/healthz``
 changes only on a 200, and a 200 only happens for a body that the notification
-parser accepts, with the right secret. Run: ``python -m pytest tests/test_receiver_fuzz.py``.
+parser accepts, with the right secret. Run: ``python -m pytest tests/integration/test_receiver_fuzz.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clm_stratify.service.notifications import NotificationError, parse_notification
-from tests.receiver_process import SECRET, Receiver
+from tests.support.receiver_process import SECRET, Receiver
 
 pytestmark = pytest.mark.integration
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))

@@ -16,7 +16,9 @@ import pytest
 import yaml
 from fhir.resources.R4B.bundle import Bundle
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+from fixtures import FIXTURES_DIR  # noqa: E402
+
+FIXTURES = FIXTURES_DIR
 FIXTURE_FILES = sorted(FIXTURES.glob("[0-9][0-9]-*.json"))
 EXPECTED_FILE = FIXTURES / "expected.yaml"
 BASE_URL = "https://example.org/fhir"

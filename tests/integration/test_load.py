@@ -7,7 +7,7 @@ with the resource of an existing patient) to a `clm-stratify serve` process at a
 read: every accepted (2xx) notification must be stored and resolved (lost = 0) and
 counted in exactly one evaluation of its patient (duplicated = 0).
 
-Run: ``python -m pytest -m slow tests/test_load.py -s`` (figures printed; see docs/reliability.md).
+Run: ``python -m pytest -m slow tests/integration/test_load.py -s`` (figures printed; see docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import pytest
 import requests
 
 from fhir_adapters.fhir.client import dumps
-from tests.receiver_process import SECRET, Receiver
-from tests.test_reliability import inbox_rows, make_server, patient_of, tumour_observations  # noqa: F401
+from tests.support.receiver_process import SECRET, Receiver
+from tests.integration.test_reliability import inbox_rows, make_server, patient_of, tumour_observations  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 RATE, SECONDS, THREADS = 220, 30, 4
