@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from clm_stratify.cli import main as cli
-from fhir_adapters.writeback.resources import TAG_SYSTEM, assessment_id
+from fhir_adapters.project import TAG_SYSTEM
+from fhir_adapters.writeback.resources import assessment_id
 from fhir_adapters.fhir.client import FhirClient
 from fhir_adapters.fhir.local_server import LocalFhirServer
 from tests.support.receiver_process import SECRET, Receiver

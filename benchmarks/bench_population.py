@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from clm_stratify.pipeline import Stratifier
+from clm_stratify.pipeline import Rules, Stratifier
 from engine.classify import Engine
 from engine.ruleset import load_ruleset
 from fhir_adapters.fhir.client import FhirClient
@@ -100,9 +100,9 @@ def naive(client: FhirClient, engine: Engine, terminology) -> int:
 
 
 def project(client: FhirClient, engine: Engine, terminology) -> int:
-    summary = Stratifier(client, engine, terminology).population()
+    summary = Stratifier(client, Rules(engine, terminology)).population()
     assert not summary.failures, summary.failures[:3]
-    return len(summary.outcomes)
+    return len(summary.results)
 
 
 @dataclass

@@ -1,12 +1,19 @@
-"""From a FHIR server to a RiskAssessment: pull -> map -> classify -> write back.
+"""The one pipeline: fetch -> map -> classify -> write back. Every command uses it.
 
-This is the whole path of one patient (and of one Subscription notification, which
-resolves to a patient and calls :meth:`Stratifier.patient`):
+The whole path of one patient (and of one Subscription notification, which the
+receiver's worker resolves to a patient and passes to :meth:`Stratifier.patient`):
 
-1. ``fhir_adapters.sources.pull``      fetch the patient's resources (one batch round trip)
-2. ``fhir_adapters.features.mapping``   resources -> typed features
-3. ``engine.classify``         features -> classification (durable-rules)
-4. ``fhir_adapters.writeback.writer`` RiskAssessment + Provenance, idempotent
+1. fetch     ``fhir_adapters.sources.pull``        the patient's resources (one batch round trip)
+2. map       ``fhir_adapters.features``            resources -> typed features
+3. classify  ``engine.classify``                   features -> classification (durable-rules)
+4. write     ``fhir_adapters.writeback.writer``    RiskAssessment + Provenance, idempotent
+
+``classify`` on a Bundle file runs steps 2-3 (:func:`evaluate`); ``run``, ``demo``,
+``serve`` and ``interop`` run all four through a :class:`Stratifier`.
+
+The rule set and the terminology are one immutable :class:`Rules` pair: an evaluation
+takes the pair once, at its start, so a reload (``serve`` on SIGHUP) can never give a
+patient the engine of one version and the codes of another.
 
 A patient with no liver recurrence in the record gets no RiskAssessment
 (``no-recurrence``); one whose recurrence is unconfirmed gets an indeterminate one.
@@ -17,22 +24,55 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from engine.classify import Classification, Engine
-from fhir_adapters.fhir.client import FhirClient, FhirError
+from engine.features import Features
 from fhir_adapters.features.mapping import map_features
+from fhir_adapters.fhir.client import FhirClient, FhirError
+from fhir_adapters.fhir.reference import PatientRef
 from fhir_adapters.sources.bulk import Spool, export_to_spool
 from fhir_adapters.sources.pull import (fetch_patient, fetch_population, mentions_metastasis, patient_record,
-                                patients_with_liver_metastasis)
+                                        patients_with_liver_metastasis)
 from fhir_adapters.sources.record import PatientRecord
-from fhir_adapters.terminology import Terminology
+from fhir_adapters.terminology import Terminology, load_terminology
 from fhir_adapters.writeback.writer import AssessmentWriter, WriteResult
+
+__all__ = ["Rules", "evaluate", "Stratifier", "PatientResult", "RunSummary"]
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The rule set (compiled into an engine) and the terminology, used together."""
+
+    engine: Engine
+    terminology: Terminology
+
+    @classmethod
+    def load(cls, rules: str | Path | None = None, terminology: str | Path | None = None) -> "Rules":
+        """Both files (None: the project's own), each checked; raises on the first bad one."""
+        return cls(Engine.from_file(rules), load_terminology(terminology))
+
+
+def evaluate(record: PatientRecord, rules: Rules, patient: PatientRef | None = None) -> Classification:
+    """Map one patient's record and classify it (steps 2-3). ``patient`` names the
+    result when the record was fetched for a known patient."""
+    return rules.engine.classify(_features(record, rules, patient))
+
+
+def _features(record: PatientRecord, rules: Rules, patient: PatientRef | None) -> Features:
+    features = map_features(record, rules.terminology)
+    if patient is not None and features.patient != patient.reference:
+        features = features.model_copy(update={"patient": patient.reference})
+    return features
 
 
 @dataclass
-class PatientOutcome:
-    patient_id: str
+class PatientResult:
+    """What the pipeline did for one patient."""
+
+    patient: PatientRef
     action: str                       # created | updated | unchanged | would-create | would-update | no-recurrence | failed
     group: str | None = None
     status: str | None = None
@@ -48,71 +88,58 @@ class PatientOutcome:
 
 @dataclass
 class RunSummary:
-    outcomes: list[PatientOutcome] = field(default_factory=list)
+    results: list[PatientResult] = field(default_factory=list)
 
     @property
     def groups(self) -> Counter:
-        return Counter(o.group for o in self.outcomes if o.group)
+        return Counter(r.group for r in self.results if r.group)
 
     @property
     def actions(self) -> Counter:
-        return Counter(o.action for o in self.outcomes)
+        return Counter(r.action for r in self.results)
 
     @property
-    def failures(self) -> list[PatientOutcome]:
-        return [o for o in self.outcomes if o.failed]
+    def failures(self) -> list[PatientResult]:
+        return [r for r in self.results if r.failed]
 
 
 class Stratifier:
     """Classifies patients on one FHIR server and writes their RiskAssessments."""
 
-    def __init__(self, client: FhirClient, engine: Engine, terminology: Terminology, *,
-                 dry_run: bool = False, writer: AssessmentWriter | None = None):
+    def __init__(self, client: FhirClient, rules: Rules, *, dry_run: bool = False,
+                 writer: AssessmentWriter | None = None):
         self.client = client
-        self.engine = engine
-        self.terminology = terminology
+        self.rules = rules                    # swapped whole by a reload, never in parts
         self.dry_run = dry_run
         self.writer = writer or AssessmentWriter(client)
         self.last_source: str | None = None   # how the last population run read its data
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[PatientRef, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
-    def _lock(self, patient_id: str) -> threading.Lock:
+    def _lock(self, patient: PatientRef) -> threading.Lock:
         """One writer per patient at a time (conditional writes can race on some servers)."""
         with self._locks_guard:
-            return self._locks.setdefault(patient_id, threading.Lock())
+            return self._locks.setdefault(patient, threading.Lock())
 
-    def _features(self, patient_id: str, record: PatientRecord):
-        features = map_features(record, self.terminology)
-        if features.patient != f"Patient/{patient_id}":
-            features = features.model_copy(update={"patient": f"Patient/{patient_id}"})
-        return features
-
-    def classify_record(self, patient_id: str, record: PatientRecord) -> Classification:
-        return self.engine.classify(self._features(patient_id, record))
-
-    def classify_records(self, records: list[tuple[str, PatientRecord]]) -> list[Classification]:
-        """Many patients through the engine in one batch per stage."""
-        return self.engine.classify_many([self._features(pid, record) for pid, record in records])
-
-    def patient(self, patient_id: str) -> PatientOutcome:
-        """Pull, classify and write one patient. FHIR errors become a failed outcome."""
-        with self._lock(patient_id):
+    def patient(self, patient: PatientRef) -> PatientResult:
+        """Fetch, map, classify and write one patient. FHIR errors become a failed result."""
+        rules = self.rules
+        with self._lock(patient):
             try:
-                resources = fetch_patient(self.client, patient_id, self.terminology)
+                resources = fetch_patient(self.client, patient, rules.terminology)
                 if not resources:
-                    return PatientOutcome(patient_id, "failed", error=f"Patient/{patient_id}: no such patient "
-                                                                       "and no data on the server")
-                result = self.classify_record(patient_id, patient_record(self.client, patient_id, resources))
+                    return PatientResult(patient, "failed", error=f"{patient}: no such patient and no data on "
+                                                                  "the server")
+                result = evaluate(patient_record(self.client, patient, resources), rules, patient)
                 if not result.assessed:
-                    return _outcome(patient_id, result, None)
-                return _outcome(patient_id, result, self.writer.write(result, dry_run=self.dry_run))
+                    return _result(patient, result, None)
+                return _result(patient, result, self.writer.write(result, dry_run=self.dry_run))
             except FhirError as exc:
-                return PatientOutcome(patient_id, "failed", error=str(exc))
+                return PatientResult(patient, "failed", error=str(exc))
 
-    def population(self, patient_ids: list[str] | None = None, *, chunk: int = 100,
+    def population(self, patients: list[PatientRef] | None = None, *, chunk: int = 100,
                    progress: Callable[[int, int], None] | None = None, bulk: bool | None = None) -> RunSummary:
-        """Every patient with a liver-metastasis Condition (or ``patient_ids``).
+        """Every patient with a liver-metastasis Condition (or ``patients``).
 
         With Bulk Data ``$export`` on the server (``bulk`` None: when the
         CapabilityStatement offers it), the cohort's data comes in one export, spooled
@@ -120,40 +147,44 @@ class Stratifier:
         classified and written ``chunk`` at a time (one read batch and one transaction
         per chunk); a failure is reported per patient and the others go on.
         """
-        if patient_ids is None and (bulk if bulk is not None else self.client.capabilities().export):
+        rules = self.rules
+        if patients is None and (bulk if bulk is not None else self.client.capabilities().export):
             with Spool(base=self.client.base_url) as spool:
-                export_to_spool(self.client, self.terminology, spool)
+                export_to_spool(self.client, rules.terminology, spool)
                 self.last_source = "bulk-export"
-                ids = spool.patients()  # every exported patient; the cohort is filtered as it streams
-                cohort = ((pid, record) for pid, record in spool.records(ids)
-                          if mentions_metastasis(record, self.terminology))
-                return self._run(cohort, len(ids), chunk, progress)
-        ids = patient_ids if patient_ids is not None else patients_with_liver_metastasis(self.client, self.terminology)
+                everyone = spool.patients()  # every exported patient; the cohort is filtered as it streams
+                cohort = ((ref, record) for ref, record in spool.records(everyone)
+                          if mentions_metastasis(record, rules.terminology))
+                return self._run(rules, cohort, len(everyone), chunk, progress)
+        if patients is None:
+            patients = patients_with_liver_metastasis(self.client, rules.terminology)
         self.last_source = "search"
-        return self._run(fetch_population(self.client, ids, self.terminology, chunk), len(ids), chunk, progress)
+        return self._run(rules, fetch_population(self.client, patients, rules.terminology, chunk), len(patients),
+                         chunk, progress)
 
-    def _run(self, records: Iterable[tuple[str, PatientRecord | FhirError]], total: int, chunk: int,
-             progress: Callable[[int, int], None] | None) -> RunSummary:
+    def _run(self, rules: Rules, records: Iterable[tuple[PatientRef, PatientRecord | FhirError]], total: int,
+             chunk: int, progress: Callable[[int, int], None] | None) -> RunSummary:
         summary = RunSummary()
         done = 0
         for batch in _chunks(records, chunk):
-            to_write: list[tuple[str, Classification]] = []
-            readable = [(pid, record) for pid, record in batch if not isinstance(record, FhirError)]
-            for pid, record in batch:
+            to_write: list[tuple[PatientRef, Classification]] = []
+            readable = [(ref, record) for ref, record in batch if not isinstance(record, FhirError)]
+            for ref, record in batch:
                 if isinstance(record, FhirError):
-                    summary.outcomes.append(PatientOutcome(pid, "failed", error=str(record)))
-            for (pid, _), result in zip(readable, self.classify_records(readable)):
+                    summary.results.append(PatientResult(ref, "failed", error=str(record)))
+            features = [_features(record, rules, ref) for ref, record in readable]
+            for (ref, _), result in zip(readable, rules.engine.classify_many(features)):
                 if not result.assessed:
-                    summary.outcomes.append(_outcome(pid, result, None))
+                    summary.results.append(_result(ref, result, None))
                 else:
-                    to_write.append((pid, result))
+                    to_write.append((ref, result))
             if to_write:
                 try:
                     written = self.writer.write_many([r for _, r in to_write], dry_run=self.dry_run)
                 except FhirError as exc:
                     written = [WriteResult(r.patient, "failed", error=str(exc)) for _, r in to_write]
-                for (pid, result), w in zip(to_write, written):
-                    summary.outcomes.append(_outcome(pid, result, w))
+                for (ref, result), w in zip(to_write, written):
+                    summary.results.append(_result(ref, result, w))
             done += len(batch)
             if progress:
                 progress(min(done, total), total)
@@ -173,8 +204,8 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def _outcome(patient_id: str, result: Classification, write: WriteResult | None) -> PatientOutcome:
+def _result(patient: PatientRef, result: Classification, write: WriteResult | None) -> PatientResult:
     if write is None:
-        return PatientOutcome(patient_id, "no-recurrence", result.group, result.status, classification=result)
-    return PatientOutcome(patient_id, write.action, result.group, result.status, write.risk_assessment,
-                          write.error, result, write.resources)
+        return PatientResult(patient, "no-recurrence", result.group, result.status, classification=result)
+    return PatientResult(patient, write.action, result.group, result.status, write.risk_assessment,
+                         write.error, result, write.resources)

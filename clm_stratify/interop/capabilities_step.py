@@ -27,7 +27,7 @@ class CapabilitiesStep(RunState):
                    + ("" if r4 else "; the project reads and writes R4 (4.0.1) JSON"), seconds=t[0])
 
         wanted: dict[str, set[str]] = {}
-        searches = Searches(self.terminology)
+        searches = Searches(self.rules.terminology)
         for rtype, params in searches.for_patients(["x"]) + [("Condition", searches.recurrence_conditions())]:
             wanted.setdefault(rtype, set()).update(p for p in params if not p.startswith("_"))
         missing = [m for rtype, params in wanted.items() for m in caps.missing_search(rtype, sorted(params))]

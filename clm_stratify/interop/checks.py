@@ -8,11 +8,10 @@ import textwrap
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from clm_stratify import __version__
+from fhir_adapters.project import EXIT_FAILED, EXIT_OK, EXIT_SERVER, VERSION
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 STEPS = ("capabilities", "load", "read-back", "write", "cleanup")
-from fhir_adapters.project import EXIT_FAILED, EXIT_OK, EXIT_SERVER  # noqa: E402
 
 #: quirk id -> what it is (the report adds what was seen and how the project copes).
 QUIRKS = {
@@ -96,7 +95,7 @@ class InteropReport:
     def to_json(self) -> dict:
         counts = Counter(c.status for c in self.checks)
         return {
-            "tool": f"clm-stratify {__version__} interop",
+            "tool": f"clm-stratify {VERSION} interop",
             "run_id": self.run_id,
             "fhir_url": self.fhir_url,
             "result": FAIL if self.failed else PASS,

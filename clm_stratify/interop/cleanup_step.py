@@ -22,11 +22,11 @@ class CleanupStep(RunState):
                        f"{probes.tag_token(self.tag)} (same _tag on each type); RiskAssessments: "
                        + (", ".join(sorted(self.ra_refs.values())[:3]) + (" ..." if len(self.ra_refs) > 3 else "")))
             return
-        rs = self.engine.ruleset
+        rs = self.rules.engine.ruleset
         # Every assessment the run may have written (the deterministic id of each loaded
         # patient too, in case the run stopped before it learnt the written ids).
         ras = dict.fromkeys(list(self.ra_refs.values()) + [
-            f"RiskAssessment/{assessment_id(f'Patient/{p.patient_id}', rs.id, rs.version)}" for p in self.patients])
+            f"RiskAssessment/{assessment_id(p.patient.reference, rs.id, rs.version)}" for p in self.patients])
         provenances: list[str] = [r for r in self.created if r.startswith("Provenance/")]
         if not provenances:
             for ref in self.ra_refs.values():
@@ -40,7 +40,7 @@ class CleanupStep(RunState):
         types = list(dict.fromkeys(self._types + ["Patient"]))
         with self.timed() as t:
             # Does _tag search work here? (Then it finds every loaded patient.)
-            tag_search = {f"Patient/{p.patient_id}" for p in self.patients} <= set(
+            tag_search = {p.patient.reference for p in self.patients} <= set(
                 probes.tagged(self.client, "Patient", self.tag))
             failed = probes.delete_levels(self.client, levels)
             # Anything still carrying the run tag (checked on each resource, never trusted

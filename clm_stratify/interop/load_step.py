@@ -9,6 +9,7 @@ from clm_stratify.interop.checks import FAIL, PASS, short_list
 from clm_stratify.interop.run_state import FixturePatient, RunState
 from clm_stratify.interop import probes
 from fhir_adapters.fhir.client import FhirError
+from fhir_adapters.fhir.reference import PatientRef
 from clm_stratify.interop.probes import ref_of
 from fhir_adapters.fhir.load import as_transaction_entries
 
@@ -34,7 +35,7 @@ class LoadStep(RunState):
                 [patient] = [r for r in resources if r["resourceType"] == "Patient"]
                 original = next(k for k, v in ids.items() if v == ref_of(patient)).split("/", 1)[1]
                 want = expected.get(name) or {}
-                self.patients.append(FixturePatient(name, original, patient["id"], want.get("group", "?"),
+                self.patients.append(FixturePatient(name, original, PatientRef(patient["id"]), want.get("group", "?"),
                                                     want.get("status", "?"), resources))
         n = sum(len(p.resources) for p in self.patients)
         detail = (f"{n} resources of {len(self.patients)} patients, one transaction per patient (PUT by id); "

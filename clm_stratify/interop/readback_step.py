@@ -19,14 +19,14 @@ class ReadBackStep(RunState):
 
     def expected_read(self, p: FixturePatient) -> set[str]:
         """What fetch_patient must return for ``p`` from a correct server."""
-        patient = f"Patient/{p.patient_id}"
+        patient = p.patient.reference
         want = {patient}
         raw_patient = next((r for r in p.resources if ref_of(r) == patient), None)
         mine = PatientIdentity.of_patient(raw_patient).identifiers
         # resources that name the patient only by identifier are found by subject:identifier
         named = [{**r, "subject": {"reference": patient}} for r in p.resources
                  if "subject" in r and subject_identifier(r) in mine]
-        for rtype, params in Searches(self.terminology).for_patients([p.patient_id]):
+        for rtype, params in Searches(self.rules.terminology).for_patients([p.patient.id]):
             want |= probes.local_search(p.resources, rtype, params, patient)
             want |= probes.local_search(named, rtype, params, patient)
         have = {ref_of(r) for r in p.resources}
@@ -40,7 +40,7 @@ class ReadBackStep(RunState):
         before = self.client.round_trips
         with self.timed() as t:
             for p in self.patients:
-                got = {ref_of(r) for r in fetch_patient(self.client, p.patient_id, self.terminology)}
+                got = {ref_of(r) for r in fetch_patient(self.client, p.patient, self.rules.terminology)}
                 want = self.expected_read(p)
                 total += len(got)
                 if got != want:
@@ -55,11 +55,11 @@ class ReadBackStep(RunState):
 
     def paging(self) -> None:
         p = max(self.patients, key=lambda x: sum(r["resourceType"] == "Observation" for r in x.resources))
-        patient = f"Patient/{p.patient_id}"
+        patient = p.patient.reference
         want = probes.local_search(p.resources, "Observation", {}, patient)
-        query = f"Observation?patient={p.patient_id}&_count=2"
+        query = f"Observation?patient={p.patient.id}&_count=2"
         with self.timed() as t:
-            res = probes.search_pages(self.client, "Observation", {"patient": p.patient_id, "_count": "2"},
+            res = probes.search_pages(self.client, "Observation", {"patient": p.patient.id, "_count": "2"},
                                       max_pages=50)
         foreign = [r for r in res.resources if probes.owner_of(r) != patient]
         mine = [ref_of(r) for r in res.resources if probes.owner_of(r) == patient]

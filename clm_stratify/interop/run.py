@@ -15,10 +15,9 @@ from clm_stratify.interop.cleanup_step import CleanupStep
 from clm_stratify.interop.load_step import LoadStep
 from clm_stratify.interop.readback_step import ReadBackStep
 from clm_stratify.interop.write_step import WriteStep
-from engine.classify import Engine
 from clm_stratify.interop import probes
+from clm_stratify.pipeline import Rules
 from fhir_adapters.fhir.client import FhirClient
-from fhir_adapters.terminology import Terminology
 
 
 class InteropRun(CapabilitiesStep, LoadStep, ReadBackStep, BehaviourProbes, WriteStep, CleanupStep):
@@ -60,13 +59,13 @@ class InteropRun(CapabilitiesStep, LoadStep, ReadBackStep, BehaviourProbes, Writ
         return self.report
 
 
-def run_command(client: FhirClient, engine: Engine, terminology: Terminology, *, report_path: str | None = None,
+def run_command(client: FhirClient, rules: Rules, *, report_path: str | None = None,
                 keep: bool = False, out=None) -> int:
     """What ``clm-stratify interop`` does: run, print the table, write the JSON report."""
     import sys
 
     out = out or sys.stdout
-    report = InteropRun(client, engine, terminology, keep=keep).run()
+    report = InteropRun(client, rules, keep=keep).run()
     print(table(report), file=out)
     if report_path:
         Path(report_path).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False, default=str) + "\n")

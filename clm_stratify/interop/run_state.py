@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Iterator
 
 from clm_stratify.interop.checks import FAIL, QUIRKS, SKIP, Check, InteropReport, Quirk
-from engine.classify import Engine
 from clm_stratify.interop import probes
 from fhir_adapters.fhir.codec import loads
+from clm_stratify.pipeline import Rules
 from fhir_adapters.fhir.capabilities import ServerCapabilities
+from fhir_adapters.fhir.reference import PatientRef
 from fhir_adapters.fhir.client import FhirClient, FhirError
 from clm_stratify.interop.probes import ref_of
-from fhir_adapters.terminology import Terminology
 from fhir_adapters.writeback.strategy import UpdateAsCreate
 
 
@@ -26,7 +26,7 @@ class FixturePatient:
 
     fixture: str
     original_id: str
-    patient_id: str
+    patient: PatientRef
     expected_group: str
     expected_status: str
     resources: list[dict]
@@ -39,14 +39,13 @@ class RunState:
     _types: list[str]                  # resource types of the fixtures (set by the capabilities step)
     _raw_bundles: list[dict]           # the fixture Bundles, read once (see _bundles)
 
-    def __init__(self, client: FhirClient, engine: Engine, terminology: Terminology, *,
+    def __init__(self, client: FhirClient, rules: Rules, *,
                  fixtures_dir: Path | None = None, fixtures: list[str] | None = None,
                  keep: bool = False, run_id: str | None = None):
         from fixtures import FIXTURES_DIR
 
         self.client = client
-        self.engine = engine
-        self.terminology = terminology
+        self.rules = rules
         self.fixtures_dir = Path(fixtures_dir or FIXTURES_DIR)
         self.fixture_names = fixtures or sorted(p.name for p in self.fixtures_dir.glob("[0-9][0-9]-*.json"))
         self.keep = keep
@@ -58,7 +57,7 @@ class RunState:
         self.patients: list[FixturePatient] = []
         self.loaded: list[dict] = []          # every resource sent (for clean-up)
         self.created: list[str] = []          # probe resources, Provenances found
-        self.ra_refs: dict[str, str] = {}     # patient id -> RiskAssessment/<id>
+        self.ra_refs: dict[PatientRef, str] = {}   # patient -> RiskAssessment/<id>
         self._step = ""
 
     # ------------------------------------------------------------------ bookkeeping

@@ -13,7 +13,7 @@ from clm_stratify.interop.checks import FAIL, PASS, SKIPPED_WITHOUT_ASSESSMENTS,
 from clm_stratify.interop.run_state import RunState
 from clm_stratify.pipeline import Stratifier
 from clm_stratify.interop import probes
-from fhir_adapters.writeback.resources import GROUP_SYSTEM, TAG_SYSTEM
+from fhir_adapters.project import GROUP_SYSTEM, TAG, TAG_SYSTEM
 from fhir_adapters.fhir.client import FhirError
 from fhir_adapters.writeback.strategy import UpdateAsCreate
 from fhir_adapters.writeback.writer import AssessmentWriter
@@ -33,16 +33,16 @@ class WriteStep(RunState):
 
     def classify_and_write(self) -> None:
         writer = AssessmentWriter(self.client, self.choice)
-        stratifier = Stratifier(self.client, self.engine, self.terminology, writer=writer)
-        ids = [p.patient_id for p in self.patients]
+        stratifier = Stratifier(self.client, self.rules, writer=writer)
+        refs = [p.patient for p in self.patients]
         with self.timed() as t:
-            first = {o.patient_id: o for o in stratifier.population(ids).outcomes}
+            first = {r.patient: r for r in stratifier.population(refs).results}
         mismatches, failures = [], []
         groups: Counter = Counter()
         for p in self.patients:
-            o = first.get(p.patient_id)
+            o = first.get(p.patient)
             self.report.patients.append({
-                "fixture": p.fixture, "patient": f"Patient/{p.patient_id}",
+                "fixture": p.fixture, "patient": p.patient.reference,
                 "expected_group": p.expected_group, "group": o.group if o else None,
                 "expected_status": p.expected_status, "status": o.status if o else None,
                 "action": o.action if o else None, "risk_assessment": o.risk_assessment if o else None,
@@ -55,9 +55,9 @@ class WriteStep(RunState):
                 mismatches.append(f"{p.fixture}: {o.group}/{o.status}, expected "
                                   f"{p.expected_group}/{p.expected_status}")
             if o.failed:
-                failures.append(f"Patient/{p.patient_id}: {o.error}")
+                failures.append(f"{p.patient}: {o.error}")
             elif _ra_id(o.risk_assessment):
-                self.ra_refs[p.patient_id] = f"RiskAssessment/{_ra_id(o.risk_assessment)}"
+                self.ra_refs[p.patient] = f"RiskAssessment/{_ra_id(o.risk_assessment)}"
         self.check("write.classify", "classification as expected (expected.yaml)", FAIL if mismatches else PASS,
                    short_list(mismatches, 4) if mismatches else
                    f"{len(self.patients)} patients: " + ", ".join(f"{g} {n}" for g, n in groups.items()),
@@ -73,8 +73,8 @@ class WriteStep(RunState):
             return
         versions = self.check_assessments(first)
         with self.timed() as t:
-            second = stratifier.population(ids).outcomes
-        changed = [f"Patient/{o.patient_id}: {o.action}" + (f" ({o.error})" if o.error else "")
+            second = stratifier.population(refs).results
+        changed = [f"{o.patient}: {o.action}" + (f" ({o.error})" if o.error else "")
                    for o in second if o.action not in ("unchanged", "no-recurrence")]
         again = self._versions()
         new_versions = [f"{ref}: version {versions.get(ref)} -> {v}" for ref, v in again.items()
@@ -93,14 +93,14 @@ class WriteStep(RunState):
             out[ref] = ((ra or {}).get("meta") or {}).get("versionId")
         return out
 
-    def check_assessments(self, outcomes: dict) -> dict[str, str | None]:
+    def check_assessments(self, results: dict) -> dict[str, str | None]:
         from fhir.resources.R4B.riskassessment import RiskAssessment
 
         problems: list[str] = []
         versions: dict[str, str | None] = {}
         with self.timed() as t:
-            for pid, ref in self.ra_refs.items():
-                o = outcomes[pid]
+            for patient, ref in self.ra_refs.items():
+                o = results[patient]
                 ra = self.client.read("RiskAssessment", ref.split("/")[1])
                 if ra is None:
                     problems.append(f"{ref}: not found")
@@ -116,7 +116,7 @@ class WriteStep(RunState):
                     problems.append(f"{ref}: group {codes} instead of {o.group}")
                 if ra.get("status") != o.status:
                     problems.append(f"{ref}: status {ra.get('status')} instead of {o.status}")
-                if (ra.get("subject") or {}).get("reference") != f"Patient/{pid}":
+                if (ra.get("subject") or {}).get("reference") != patient.reference:
                     problems.append(f"{ref}: subject {(ra.get('subject') or {}).get('reference')}")
         self.check("write.read-back", "RiskAssessments read back", FAIL if problems else PASS,
                    short_list(problems, 3) if problems else
@@ -125,13 +125,13 @@ class WriteStep(RunState):
         return versions
 
     def count_duplicates(self) -> None:
-        patients = {f"Patient/{pid}" for pid in self.ra_refs}
+        patients = {p.reference for p in self.ra_refs}
         problems: list[str] = []
         with self.timed() as t:
-            params = {"_tag": f"{TAG_SYSTEM}|clm-stratify", "_count": "100"}
+            params = {"_tag": f"{TAG_SYSTEM}|{TAG}", "_count": "100"}
             ra_caps = self.caps.resources.get("RiskAssessment") if self.caps else None
             if ra_caps and "patient" in ra_caps.search_params:
-                params["patient"] = ",".join(self.ra_refs)
+                params["patient"] = ",".join(p.id for p in self.ra_refs)
             how = "RiskAssessment?_tag=<project tag>" + ("&patient=..." if "patient" in params else "") \
                 + ", subjects checked"
             try:

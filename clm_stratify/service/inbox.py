@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from fhir_adapters.fhir.reference import PatientRef
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS notification (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -75,7 +77,7 @@ _MERGE_RUNNING_INTO_PENDING = (
 @dataclass(frozen=True)
 class WorkItem:
     id: int
-    patient: str
+    patient: PatientRef
     attempts: int
     notifications: int
 
@@ -171,20 +173,20 @@ class Inbox:
             "ORDER BY id LIMIT 1", (time.time(),)).fetchone()
         return (row[0], row[1], row[2]) if row else None
 
-    def resolve(self, notification_id: int, patients: set[str], *, coalesce: float = 0.0,
+    def resolve(self, notification_id: int, patients: set[PatientRef], *, coalesce: float = 0.0,
                 events: tuple[str, list[int]] | None = None, last_event: tuple[str, int] | None = None,
                 watermark: str | None = None) -> None:
         """Atomically: mark the notification resolved, queue its patients (merged into
         a waiting row for the same patient), record its event numbers and watermark."""
         now = time.time()
         with self._tx() as db:
-            for patient in sorted(patients):
+            for patient in sorted(patients):  # stored by id: one row per patient
                 db.execute(
                     "INSERT INTO work (patient, state, due_at, created_at, updated_at) "
                     "VALUES (?, 'pending', ?, ?, ?) "
                     "ON CONFLICT (patient) WHERE state = 'pending' DO UPDATE SET "
                     "notifications = notifications + 1, updated_at = excluded.updated_at",
-                    (patient, now + coalesce, now, now))
+                    (patient.id, now + coalesce, now, now))
             if events:
                 db.executemany("INSERT OR IGNORE INTO seen_event VALUES (?, ?)",
                                [(events[0], n) for n in events[1]])
@@ -252,7 +254,7 @@ class Inbox:
                 return None
             db.execute("UPDATE work SET state = 'running', lease_until = ?, updated_at = ? WHERE id = ?",
                        (now + self.lease_seconds, now, row[0]))
-        return WorkItem(*row)
+        return WorkItem(row[0], PatientRef(row[1]), row[2], row[3])
 
     def done(self, item: WorkItem, result: str) -> None:
         with self._tx() as db:
@@ -271,7 +273,7 @@ class Inbox:
                            "last_error = ? WHERE id = ?", (attempts, now, error[:2000], item.id))
                 return "dead"
             waiting = db.execute("SELECT id FROM work WHERE patient = ? AND state = 'pending'",
-                                 (item.patient,)).fetchone()
+                                 (item.patient.id,)).fetchone()
             if waiting:  # a newer notification is already queued for this patient: merge into it
                 db.execute("UPDATE work SET attempts = max(attempts, ?), notifications = notifications + ? "
                            "WHERE id = ?", (attempts, item.notifications, waiting[0]))

@@ -14,16 +14,20 @@ Anything else raises :class:`NotificationError` with a message for the sender.
     ...                         "code": {"text": "size"}, "subject": {"reference": "Patient/p1"}},
     ...                        path="Observation/o1")
     >>> n.style, n.kind, n.events[0].focus, n.events[0].patient
-    ('rest-hook', 'resource', 'Observation/o1', 'Patient/p1')
+    ('rest-hook', 'resource', 'Observation/o1', PatientRef(id='p1'))
+    >>> n.model_dump()["events"][0]["patient"]      # stored in the inbox as the FHIR reference
+    'Patient/p1'
+    >>> Notification.model_validate_json(n.model_dump_json()) == n
+    True
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer
 
-from fhir_adapters.fhir.reference import patient_of, plain_ref
+from fhir_adapters.fhir.reference import PatientRef, patient_of, plain_ref
 
 Kind = Literal["handshake", "heartbeat", "event-notification", "query-status", "query-event", "resource", "empty"]
 KINDS = ("handshake", "heartbeat", "event-notification", "query-status", "query-event")
@@ -33,13 +37,18 @@ class NotificationError(ValueError):
     """The body is not a notification this receiver understands (400 to the sender)."""
 
 
+# A PatientRef in memory, ``"Patient/<id>"`` in the stored JSON.
+StoredPatientRef = Annotated[PatientRef, BeforeValidator(lambda v: PatientRef.parse(v) if isinstance(v, str) else v),
+                             PlainSerializer(lambda r: r.reference, return_type=str)]
+
+
 class Event(BaseModel):
     model_config = ConfigDict(frozen=True)
     number: int | None = None
     timestamp: str | None = None
     focus: str | None = None          # "Type/id"
     version: str | None = None        # the focus resource's versionId, when the payload carries it
-    patient: str | None = None        # "Patient/id", when the notification says
+    patient: StoredPatientRef | None = None   # when the notification says
     resource_type: str | None = None
 
 
@@ -99,8 +108,15 @@ def _value(p: dict) -> Any:
     return None
 
 
+def _patient_ref(reference: str | None) -> PatientRef | None:
+    try:
+        return PatientRef.parse(reference) if reference and reference.startswith("Patient/") else None
+    except ValueError:
+        return None
+
+
 def _event(number: Any, timestamp: Any, focus_ref: Any, context: list[Any], what: str) -> Event:
-    patient = next((c for c in map(_ref, context) if c and c.startswith("Patient/")), None)
+    patient = next((p for p in map(_patient_ref, map(_ref, context)) if p), None)
     focus = _ref(focus_ref)
     return Event(number=_int(number, what), timestamp=timestamp if isinstance(timestamp, str) else None,
                  focus=focus, patient=patient, resource_type=focus.split("/")[0] if focus else None)

@@ -43,7 +43,7 @@ class ReceiverConfig:
     max_body: int = 1_000_000
 
 
-def outcome(status: int, code: str, text: str) -> JSONResponse:
+def operation_outcome(status: int, code: str, text: str) -> JSONResponse:
     return JSONResponse({"resourceType": "OperationOutcome",
                          "issue": [{"severity": "error" if status >= 400 else "information",
                                     "code": code, "diagnostics": text}]},
@@ -59,37 +59,37 @@ def create_app(inbox: Inbox, config: ReceiverConfig) -> FastAPI:
     async def receive(request: Request, path: str | None) -> Response:
         given = request.headers.get(config.secret_header, "").encode()
         if not hmac.compare_digest(given, secret):
-            return outcome(401, "security", f"missing or wrong {config.secret_header} header")
+            return operation_outcome(401, "security", f"missing or wrong {config.secret_header} header")
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > config.max_body):
-            return outcome(413, "too-costly", f"body over {config.max_body} bytes")
+            return operation_outcome(413, "too-costly", f"body over {config.max_body} bytes")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > config.max_body:
-                return outcome(413, "too-costly", f"body over {config.max_body} bytes")
+                return operation_outcome(413, "too-costly", f"body over {config.max_body} bytes")
         if body.strip():
             mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if mime not in JSON_TYPES:
-                return outcome(415, "not-supported", f"content type {mime or '(none)'} is not FHIR JSON")
+                return operation_outcome(415, "not-supported", f"content type {mime or '(none)'} is not FHIR JSON")
         if config.hmac_secret is not None:
             expected = hmac.new(config.hmac_secret.encode(), bytes(body), hashlib.sha256).hexdigest()
             if not hmac.compare_digest(request.headers.get(config.hmac_header, "").lower().encode(), expected.encode()):
-                return outcome(401, "security", f"missing or wrong {config.hmac_header} signature")
+                return operation_outcome(401, "security", f"missing or wrong {config.hmac_header} signature")
         parsed = None
         if body.strip():
             try:
                 parsed = loads(bytes(body))
             except (ValueError, UnicodeDecodeError, RecursionError):
-                return outcome(400, "structure", "body is not valid JSON")
+                return operation_outcome(400, "structure", "body is not valid JSON")
         try:
             notification = parse_notification(parsed, path)
         except NotificationError as exc:
-            return outcome(400, "invalid", str(exc))
+            return operation_outcome(400, "invalid", str(exc))
         except RecursionError:
-            return outcome(400, "structure", "body nested too deeply")
+            return operation_outcome(400, "structure", "body nested too deeply")
         nid = await run_in_threadpool(inbox.accept, notification.model_dump_json())
-        return outcome(200, "informational", f"accepted as notification {nid} ({notification.kind})")
+        return operation_outcome(200, "informational", f"accepted as notification {nid} ({notification.kind})")
 
     @app.post("/notify")
     async def notify(request: Request) -> Response:

@@ -4,9 +4,9 @@
 (``--rules`` / ``--terminology``, or the project defaults). On ``SIGHUP`` both files
 are read and checked again, off the signal handler, in a thread of their own:
 
-* valid: a new :class:`engine.classify.Engine` (its load-time coverage check included)
-  and the new terminology are swapped into the :class:`clm_stratify.pipeline.Stratifier`;
-  the next evaluations use them. Logged at INFO with the rule-set id, version and sha256.
+* valid: a new :class:`clm_stratify.pipeline.Rules` pair (the engine with its load-time
+  coverage check, and the terminology) replaces the :class:`~clm_stratify.pipeline.Stratifier`'s
+  in one assignment; the next evaluations use both, never one without the other. Logged at INFO with the rule-set id, version and sha256.
 * invalid (a field error, unparseable YAML, a missing file, an inconsistent rule set):
   logged at ERROR with every problem and its field path; the old ones keep serving.
 
@@ -20,11 +20,13 @@ import signal
 import threading
 from typing import Any
 
+from clm_stratify.pipeline import Rules, Stratifier
+
 log = logging.getLogger("clm_stratify.service.reload")
 
 
 class Reloader:
-    def __init__(self, stratifier: Any, rules: str | None, terminology: str | None) -> None:
+    def __init__(self, stratifier: Stratifier, rules: str | None, terminology: str | None) -> None:
         self.stratifier = stratifier
         self.rules = rules
         self.terminology = terminology
@@ -34,24 +36,20 @@ class Reloader:
 
     def reload(self) -> bool:
         """Load and check both files; swap them in if valid. True when swapped."""
-        from engine.classify import Engine, RulesetInconsistentError
+        from engine.classify import RulesetInconsistentError
         from engine.yamlfile import DeclarativeFileError
-        from fhir_adapters.terminology import load_terminology
 
         with self._lock:
             try:
-                engine = Engine.from_file(self.rules)   # None: the project's rule set, re-read
-                terminology = load_terminology(self.terminology)
+                rules = Rules.load(self.rules, self.terminology)   # None: the project's files, re-read
             except (DeclarativeFileError, RulesetInconsistentError, OSError, ValueError, RecursionError) as exc:
                 self.failures += 1
                 problems = str(exc).replace("\n", "; ")
                 log.error("reload refused, the previous rule set and terminology stay in use: %s", problems)
                 return False
-            # terminology first: the engine's thresholds do not depend on it, and each
-            # assignment is atomic for the evaluations that start after it.
-            self.stratifier.terminology = terminology
-            self.stratifier.engine = engine
+            self.stratifier.rules = rules   # one assignment: evaluations that start after it use both
             self.reloads += 1
+            engine, terminology = rules.engine, rules.terminology
             log.info("reloaded rule set %s %s (sha256 %s) and terminology %s %s", engine.ref.id,
                      engine.ref.version, engine.ref.sha256[:12], terminology.id, terminology.version)
             return True

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from fhir_adapters.writeback.resources import TAG_SYSTEM
+from fhir_adapters.project import TAG_SYSTEM
 from fhir_adapters.fhir.client import FhirClient
 from fhir_adapters.sources.pull import Searches
 from fhir_adapters.terminology import Terminology
@@ -31,7 +31,10 @@ EXT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
 
 
 @dataclass(frozen=True)
-class SubscriptionStatus:
+class SubscriptionState:
+    """One of our Subscriptions as the server reports it (``Subscription.status``, ``error``).
+    Not the FHIR ``SubscriptionStatus`` resource, which a notification carries."""
+
     id: str
     criteria: str
     status: str
@@ -89,7 +92,7 @@ def ours(client: FhirClient) -> list[dict]:
     return list(client.search("Subscription", {"_tag": f"{TAG_SYSTEM}|{SUBSCRIPTION_TAG}", "_count": "200"}))
 
 
-def create(client: FhirClient, subscriptions: list[dict], wait: float = 5.0) -> list[SubscriptionStatus]:
+def create(client: FhirClient, subscriptions: list[dict], wait: float = 5.0) -> list[SubscriptionState]:
     """Create the Subscriptions, then wait (bounded) for each to leave ``requested``
     (the handshake, for backport ones) and report their status."""
     ids = []
@@ -97,7 +100,7 @@ def create(client: FhirClient, subscriptions: list[dict], wait: float = 5.0) -> 
         _, created = client.create(sub)
         ids.append(created["id"] if created else None)
     deadline = time.monotonic() + wait
-    statuses: list[SubscriptionStatus] = []
+    statuses: list[SubscriptionState] = []
     while True:
         statuses = [status(client, sid, sub) for sid, sub in zip(ids, subscriptions)]
         if all(s.status != "requested" for s in statuses) or time.monotonic() > deadline:
@@ -105,11 +108,11 @@ def create(client: FhirClient, subscriptions: list[dict], wait: float = 5.0) -> 
         time.sleep(0.2)
 
 
-def status(client: FhirClient, sid: str | None, sub: dict | None = None) -> SubscriptionStatus:
+def status(client: FhirClient, sid: str | None, sub: dict | None = None) -> SubscriptionState:
     current = client.read("Subscription", sid) if sid else None
     if current is None:
-        return SubscriptionStatus(sid or "(not created)", (sub or {}).get("criteria", ""), "missing")
-    return SubscriptionStatus(current["id"], current.get("criteria", ""), current.get("status", "?"),
+        return SubscriptionState(sid or "(not created)", (sub or {}).get("criteria", ""), "missing")
+    return SubscriptionState(current["id"], current.get("criteria", ""), current.get("status", "?"),
                               current.get("error"))
 
 

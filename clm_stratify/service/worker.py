@@ -20,7 +20,7 @@ import threading
 from clm_stratify.service.inbox import Inbox
 from clm_stratify.pipeline import Stratifier
 from fhir_adapters.fhir.client import FhirError
-from fhir_adapters.fhir.reference import patient_of
+from fhir_adapters.fhir.reference import PatientRef, patient_of
 from clm_stratify.service.notifications import Notification
 from fhir_adapters.sources.pull import changed_patients_since
 
@@ -71,23 +71,26 @@ class Worker:
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ resolving
-    def _patient_of_focus(self, focus: str) -> str | None:
+    def _patient_of_focus(self, focus: str) -> PatientRef | None:
         rtype, _, rid = focus.partition("/")
         if rtype == "Patient":
-            return focus
+            try:
+                return PatientRef(rid)
+            except ValueError:
+                return None
         resource = self.client.read(rtype, rid)
         if resource is None:
             return None
         return patient_of(resource, self.client.base_url)
 
-    def _requery(self) -> tuple[set[str], str | None]:
+    def _requery(self) -> tuple[set[PatientRef], str | None]:
         since = self.inbox.watermark() or (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)).isoformat()
-        return changed_patients_since(self.client, self.stratifier.terminology, _minus_overlap(since))
+        return changed_patients_since(self.client, self.stratifier.rules.terminology, _minus_overlap(since))
 
     def resolve(self, notification_id: int, body: str) -> None:
         """Turn one stored notification into queued patients (or nothing)."""
         n = Notification.model_validate_json(body)
-        patients: set[str] = set()
+        patients: set[PatientRef] = set()
         watermark = None
         events = None
         last_event = None
@@ -116,7 +119,7 @@ class Worker:
         for e in pending:
             patient = e.patient or (self._patient_of_focus(e.focus) if e.focus else None)
             if patient:
-                patients.add(patient.split("/", 1)[1])
+                patients.add(patient)
             elif e.focus is None:
                 requery = True  # an empty payload: find what changed
             else:
@@ -124,7 +127,7 @@ class Worker:
                             "or deleted); no patient re-classified for it", notification_id, e.focus)
         if requery:
             found, watermark = self._requery()
-            patients |= {p.split("/", 1)[1] for p in found}
+            patients |= found
         self.inbox.resolve(notification_id, patients, coalesce=self.coalesce, events=events,
                            last_event=last_event, watermark=watermark)
 
@@ -146,18 +149,18 @@ class Worker:
         if item is None:
             return False
         try:
-            outcome = self.stratifier.patient(item.patient)
+            result = self.stratifier.patient(item.patient)
         except Exception as exc:  # a bug must not kill the worker; the item is retried
             log.error("evaluation %s failed unexpectedly: %s: %s", item.id, type(exc).__name__,
-                      redact(str(exc), item.patient))
+                      redact(str(exc), item.patient.id))
             log.debug("evaluation %s traceback", item.id, exc_info=True)
             self.inbox.failed(item, f"{type(exc).__name__}: {exc}")
             return True
-        if outcome.failed:
-            state = self.inbox.failed(item, outcome.error or "failed")
-            log.warning("evaluation %s failed (%s): %s", item.id, state, redact(outcome.error or "failed", item.patient))
+        if result.failed:
+            state = self.inbox.failed(item, result.error or "failed")
+            log.warning("evaluation %s failed (%s): %s", item.id, state, redact(result.error or "failed", item.patient.id))
         else:
-            self.inbox.done(item, f"{outcome.action} {outcome.risk_assessment or ''} {outcome.group or ''}".strip())
+            self.inbox.done(item, f"{result.action} {result.risk_assessment or ''} {result.group or ''}".strip())
         return True
 
     # ------------------------------------------------------------------ threads

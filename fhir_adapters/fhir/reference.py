@@ -1,8 +1,10 @@
 """One FHIR reference type, and the one answer to "whose resource is this?".
 
-Every place that needs the patient of a resource asks :func:`patient_of` (grouping a
-search or an export by patient) or a :class:`PatientIdentity` (is this resource
-evidence for *this* patient?). The rules are those of clinical-basis.md, "Whose data
+A patient travels through the program as one type, :class:`PatientRef` (a Patient's
+logical id on the server being read), from a notification or the command line to the
+RiskAssessment. Every place that needs the patient of a resource asks
+:func:`patient_of` (grouping a search or an export by patient) or a
+:class:`PatientIdentity` (is this resource evidence for *this* patient?). The rules are those of clinical-basis.md, "Whose data
 it is": a resource is evidence for a patient only when its ``subject`` (or
 ``patient``) reference resolves to that patient: a relative reference, an absolute URL
 of the same server, or a ``urn:uuid`` that is the Patient's ``fullUrl`` in the same
@@ -17,7 +19,7 @@ Patient, or an identifier that is not one of this Patient's, is *foreign*.
     >>> Reference.parse("urn:uuid:0b1c").kind, Reference.parse("#tumour").kind
     ('urn', 'contained')
     >>> patient_of({"resourceType": "Observation", "subject": {"reference": "Patient/7"}})
-    'Patient/7'
+    PatientRef(id='7')
     >>> patient_of({"resourceType": "Observation", "subject": {"identifier": {"value": "7"}}}) is None
     True
 """
@@ -35,6 +37,47 @@ _LITERAL = re.compile(r"^(?:(?P<base>https?://.+?)/)?(?P<type>[A-Z][A-Za-z]{1,63
 SHARED_TYPES = ("Medication",)
 # Where a resource names its patient, in order.
 SUBJECT_ELEMENTS = ("subject", "patient")
+
+
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+@dataclass(frozen=True, order=True)
+class PatientRef:
+    """One patient on the FHIR server being read: its logical id. ``str()`` and
+    :attr:`reference` give ``Patient/<id>``.
+
+    >>> PatientRef.parse("Patient/p-1") == PatientRef.parse("p-1") == PatientRef.parse("http://h/fhir/Patient/p-1")
+    True
+    >>> str(PatientRef("p-1")), PatientRef("p-1").reference
+    ('Patient/p-1', 'Patient/p-1')
+    >>> PatientRef.parse("Observation/1")
+    Traceback (most recent call last):
+    ValueError: not a Patient id or reference: 'Observation/1'
+    """
+
+    id: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not _ID.fullmatch(self.id):
+            raise ValueError(f"not a FHIR id (1-64 of A-Z a-z 0-9 - .): {self.id!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "PatientRef":
+        """``<id>``, ``Patient/<id>`` or an absolute ``.../Patient/<id>[/_history/n]`` URL."""
+        if isinstance(text, str) and _ID.fullmatch(text):
+            return cls(text)
+        ref = Reference.parse(text) if isinstance(text, str) else None
+        if ref is None or ref.resource_type != "Patient" or ref.id is None:
+            raise ValueError(f"not a Patient id or reference: {text!r}")
+        return cls(ref.id)
+
+    @property
+    def reference(self) -> str:
+        return f"Patient/{self.id}"
+
+    def __str__(self) -> str:
+        return self.reference
 
 
 @dataclass(frozen=True)
@@ -78,13 +121,13 @@ def subject_element(resource: dict) -> tuple[str | None, Any]:
     return None, None
 
 
-def patient_of(resource: dict, base: str | None = None) -> str | None:
-    """``Patient/id`` that ``resource`` belongs to, when its subject is a literal
-    reference to a Patient (relative, or absolute on ``base`` when a base is given);
-    a Patient is its own. None otherwise (ask a :class:`PatientIdentity` why)."""
+def patient_of(resource: dict, base: str | None = None) -> PatientRef | None:
+    """The patient ``resource`` belongs to, when its subject is a literal reference to a
+    Patient (relative, or absolute on ``base`` when a base is given); a Patient is its
+    own. None otherwise (ask a :class:`PatientIdentity` why)."""
     if resource.get("resourceType") == "Patient":
         rid = resource.get("id")
-        return f"Patient/{rid}" if isinstance(rid, str) and rid else None
+        return PatientRef(rid) if isinstance(rid, str) and _ID.fullmatch(rid) else None
     _, subject = subject_element(resource)
     text = subject.get("reference") if isinstance(subject, dict) else None
     if not isinstance(text, str):
@@ -93,7 +136,7 @@ def patient_of(resource: dict, base: str | None = None) -> str | None:
     if ref.resource_type != "Patient":
         return None
     if ref.kind == "relative" or (ref.kind == "absolute" and (base is None or ref.base == normalise_base(base))):
-        return ref.local
+        return PatientRef(ref.id)  # type: ignore[arg-type]
     return None
 
 
@@ -121,6 +164,7 @@ class PatientIdentity:
 
     @property
     def ref(self) -> str | None:
+        """How results name the patient: ``Patient/<id>``, else the Patient's fullUrl."""
         if self.id:
             return f"Patient/{self.id}"
         return next(iter(sorted(self.full_urls)), None)
@@ -146,6 +190,11 @@ class PatientIdentity:
             if parsed.kind == "absolute" and parsed.resource_type == "Patient":
                 all_bases.add(parsed.base)  # type: ignore[arg-type]
         return cls(pid, frozenset(urls), frozenset(all_bases), frozenset(identifiers), frozenset(other_patients))
+
+    @property
+    def patient(self) -> PatientRef | None:
+        """The patient as a :class:`PatientRef` (None when the id is unknown or not a FHIR id)."""
+        return PatientRef(self.id) if self.id and _ID.fullmatch(self.id) else None
 
     def attribute(self, resource: dict) -> Attribution:
         """Is ``resource`` (raw JSON) this patient's? See the module docstring."""

@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 from fhir_adapters.fhir.codec import loads
 from fhir_adapters.fhir.client import FhirClient, FhirError, dumps
 from fhir_adapters.fhir.transport import retry_after
-from fhir_adapters.fhir.reference import PatientIdentity, patient_of, plain_ref
+from fhir_adapters.fhir.reference import PatientIdentity, PatientRef, patient_of, plain_ref
 from fhir_adapters.sources.record import MAPPED_TYPES, PatientRecord
 from fhir_adapters.terminology import Terminology
 
@@ -41,7 +41,8 @@ class Spool:
         self._wanted: set[str] = set()
 
     def add(self, resource: dict) -> None:
-        self.db.execute("INSERT INTO r VALUES (?, ?)", (patient_of(resource, self.base), dumps(resource)))
+        owner = patient_of(resource, self.base)
+        self.db.execute("INSERT INTO r VALUES (?, ?)", (owner.id if owner else None, dumps(resource)))
         self.count += 1
         self._have.add(f"{resource.get('resourceType')}/{resource.get('id')}")
         refs = [(resource.get("medicationReference") or {}).get("reference")]
@@ -54,21 +55,21 @@ class Spool:
         """Medications and focus BodyStructures referenced but not exported."""
         return sorted(self._wanted - self._have)
 
-    def patients(self) -> list[str]:
+    def patients(self) -> list[PatientRef]:
         rows = self.db.execute("SELECT DISTINCT patient FROM r WHERE patient IS NOT NULL ORDER BY patient")
-        return [p.split("/", 1)[1] for (p,) in rows]
+        return [PatientRef(p) for (p,) in rows]
 
-    def records(self, patient_ids: list[str]) -> Iterator[tuple[str, PatientRecord]]:
-        """(id, record) for each patient. Resources that name no patient by a literal
+    def records(self, patients: list[PatientRef]) -> Iterator[tuple[PatientRef, PatientRecord]]:
+        """(patient, record) for each patient. Resources that name no patient by a literal
         reference (Medication, and any that cannot be attributed) go to every record,
         which names the unattributable ones."""
         shared = [loads(b) for (b,) in self.db.execute("SELECT body FROM r WHERE patient IS NULL")]
-        for pid in patient_ids:
-            rows = self.db.execute("SELECT body FROM r WHERE patient = ?", (f"Patient/{pid}",))
+        for ref in patients:
+            rows = self.db.execute("SELECT body FROM r WHERE patient = ?", (ref.id,))
             own = [loads(b) for (b,) in rows]
             patient = next((r for r in own if r.get("resourceType") == "Patient"), None)
-            identity = PatientIdentity.of_patient(patient, patient_id=pid, bases=[self.base] if self.base else [])
-            yield pid, PatientRecord.from_resources(own + shared, identity)
+            identity = PatientIdentity.of_patient(patient, patient_id=ref.id, bases=[self.base] if self.base else [])
+            yield ref, PatientRecord.from_resources(own + shared, identity)
 
     def close(self) -> None:
         self.db.close()

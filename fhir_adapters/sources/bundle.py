@@ -115,7 +115,7 @@ def record_from_bundle(data: Any, source: str = "bundle", patient_id: str | None
             mode = (entry.get("search") or {}).get("mode") if isinstance(entry.get("search"), dict) else None
             patients.append((resource, full_url, mode))
 
-    subjects = {s for s in (patient_of(r) for r, _ in resources) if s}
+    subjects = {s.reference for s in (patient_of(r) for r, _ in resources) if s}
     patient, patient_url, pid = _the_patient(patients, subjects, patient_id, source)
     others = frozenset(url for r, url, _ in patients if url and r is not patient)
     identity = PatientIdentity.of_patient(patient, patient_id=pid, full_url=patient_url, other_patients=others)

@@ -27,7 +27,7 @@ from urllib.parse import urlencode
 
 from fhir_adapters.fhir.client import FhirClient, FhirError
 from fhir_adapters.sources.record import PatientRecord
-from fhir_adapters.fhir.reference import SHARED_TYPES, PatientIdentity, patient_of, plain_ref, subject_element
+from fhir_adapters.fhir.reference import SHARED_TYPES, PatientIdentity, PatientRef, patient_of, plain_ref, subject_element
 from fhir_adapters.terminology import CodeList, Terminology
 
 log = logging.getLogger("clm_stratify.pull")
@@ -196,10 +196,10 @@ def _with_references(client: FhirClient, resources: list[dict]) -> list[dict]:
     return resources
 
 
-def patient_record(client: FhirClient, patient_id: str, resources: list[dict]) -> PatientRecord:
-    """The record of ``Patient/patient_id`` on this server from the resources fetched for it."""
-    patient = next((r for r in resources if r.get("resourceType") == "Patient" and r.get("id") == patient_id), None)
-    identity = PatientIdentity.of_patient(patient, patient_id=patient_id, bases=[client.base_url])
+def patient_record(client: FhirClient, ref: PatientRef, resources: list[dict]) -> PatientRecord:
+    """The record of the patient on this server from the resources fetched for it."""
+    patient = next((r for r in resources if r.get("resourceType") == "Patient" and r.get("id") == ref.id), None)
+    identity = PatientIdentity.of_patient(patient, patient_id=ref.id, bases=[client.base_url])
     record = PatientRecord.from_resources([r for r in resources if r.get("resourceType") != IDENTIFIER_SEARCH_REFUSED],
                                           identity)
     record.notes += [f"the server refused a search by subject identifier ({r['problem']}): resources that name "
@@ -208,10 +208,9 @@ def patient_record(client: FhirClient, patient_id: str, resources: list[dict]) -
     return record
 
 
-def fetch_patient(client: FhirClient, patient_id: str, terminology: Terminology) -> list[dict]:
+def fetch_patient(client: FhirClient, ref: PatientRef, terminology: Terminology) -> list[dict]:
     """All resources the mapping needs for one patient."""
-    resources = _run_searches(client, Searches(terminology).for_patients([patient_id]),
-                              extra_reads=[f"Patient/{patient_id}"])
+    resources = _run_searches(client, Searches(terminology).for_patients([ref.id]), extra_reads=[ref.reference])
     resources += _named_by_identifier(client, terminology, resources)
     return _with_references(client, resources)
 
@@ -258,10 +257,11 @@ def _named_by_identifier(client: FhirClient, terminology: Terminology, resources
             and subject_identifier(r) in wanted | {(None, v) for _, v in wanted}]
 
 
-def changed_patients_since(client: FhirClient, terminology: Terminology, since: str) -> tuple[set[str], str | None]:
+def changed_patients_since(client: FhirClient, terminology: Terminology,
+                           since: str) -> tuple[set[PatientRef], str | None]:
     """Patients with a watched resource updated after ``since`` (an instant), and the
     latest ``meta.lastUpdated`` seen (the next watermark)."""
-    patients: set[str] = set()
+    patients: set[PatientRef] = set()
     latest: str | None = None
     for rtype, params in Searches(terminology).watched():
         query = {**params, "_lastUpdated": f"ge{since}", "_count": str(PAGE_SIZE)}
@@ -284,56 +284,57 @@ def mentions_metastasis(record: PatientRecord, terminology: Terminology) -> bool
         u.resource_type == "Condition" and any(cl.matches_any(u.codings) for cl in lists) for u in record.unreadable)
 
 
-def patients_with_liver_metastasis(client: FhirClient, terminology: Terminology) -> list[str]:
-    """Ids of the patients with a (liver-)metastasis Condition, in a stable order."""
-    ids: dict[str, None] = {}
+def patients_with_liver_metastasis(client: FhirClient, terminology: Terminology) -> list[PatientRef]:
+    """The patients with a (liver-)metastasis Condition, in a stable order."""
+    found: dict[PatientRef, None] = {}
     for condition in client.search("Condition", Searches(terminology).recurrence_conditions()):
         subject = patient_of(condition, client.base_url)
         if subject:
-            ids[subject.split("/", 1)[1]] = None
-    return list(ids)
+            found[subject] = None
+    return list(found)
 
 
-def fetch_population(client: FhirClient, patient_ids: list[str], terminology: Terminology,
-                     chunk: int = 50) -> Iterator[tuple[str, PatientRecord | FhirError]]:
-    """(patient id, record) for each patient, fetched ``chunk`` patients per search.
+def fetch_population(client: FhirClient, patients: list[PatientRef], terminology: Terminology,
+                     chunk: int = 50) -> Iterator[tuple[PatientRef, PatientRecord | FhirError]]:
+    """(patient, record) for each patient, fetched ``chunk`` patients per search.
 
     A chunk that fails yields the error for each of its patients; the others go on.
     """
     searches = Searches(terminology)
-    for start in range(0, len(patient_ids), chunk):
-        ids = patient_ids[start:start + chunk]
+    for start in range(0, len(patients), chunk):
+        refs = patients[start:start + chunk]
+        ids = [r.id for r in refs]
         try:
             # (No subject:identifier searches here: a population run reads what Bulk export
             # reads, so both paths give the same record; see fetch_patient.)
             resources = _run_searches(client, searches.for_patients(ids) + [("Patient", {"_id": ",".join(ids)})])
             resources = _with_references(client, resources)
         except FhirError as exc:
-            for pid in ids:
-                yield pid, exc
+            for ref in refs:
+                yield ref, exc
             continue
-        for pid, own in group_by_patient(resources, ids, client.base_url).items():
-            yield pid, patient_record(client, pid, own)
+        for ref, own in group_by_patient(resources, refs, client.base_url).items():
+            yield ref, patient_record(client, ref, own)
 
 
-def group_by_patient(resources: list[dict], patient_ids: list[str], base: str | None) -> dict[str, list[dict]]:
+def group_by_patient(resources: list[dict], patients: list[PatientRef],
+                     base: str | None) -> dict[PatientRef, list[dict]]:
     """The resources of a multi-patient search, per patient. Shared resources
     (Medication) go to everyone; resources that name none of these patients by a literal
     reference go to everyone too, where each record names them as unattributable (or
     ignores them as someone else's): nothing is dropped unseen. Resources of patients
-    outside ``patient_ids`` (a search parameter the server ignored) are left out."""
-    wanted = {f"Patient/{pid}": pid for pid in patient_ids}
-    by_patient: dict[str, list[dict]] = {pid: [] for pid in patient_ids}
-    by_identifier = {ident: r["id"] for r in resources if r.get("resourceType") == "Patient"
-                     and r.get("id") in by_patient for ident in _identifiers(r)}
+    outside ``patients`` (a search parameter the server ignored) are left out."""
+    by_patient: dict[PatientRef, list[dict]] = {ref: [] for ref in patients}
+    by_identifier = {ident: owner for r in resources if r.get("resourceType") == "Patient"
+                     and (owner := patient_of(r)) in by_patient for ident in _identifiers(r)}
     everyone: list[dict] = []
     for r in resources:
         owner = patient_of(r, base)
         ident = subject_identifier(r)
         if owner is None and ident is not None and ident in by_identifier:
             by_patient[by_identifier[ident]].append(r)
-        elif owner in wanted:
-            by_patient[wanted[owner]].append(r)
+        elif owner in by_patient:
+            by_patient[owner].append(r)
         elif r.get("resourceType") in SHARED_TYPES or (owner is None and r.get("resourceType") != "Patient"):
             everyone.append(r)
-    return {pid: own + everyone for pid, own in by_patient.items()}
+    return {ref: own + everyone for ref, own in by_patient.items()}

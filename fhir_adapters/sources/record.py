@@ -175,9 +175,9 @@ def identity_of(resources: Iterable[dict]) -> PatientIdentity:
         return PatientIdentity.of_patient(patients[0])
     owners = Counter(o for o in (patient_of(r) for r in resources) if o)
     if len(patients) > 1 or len(owners) > 1:
-        names = sorted({f"Patient/{p.get('id')}" for p in patients} | set(owners))
+        names = sorted({f"Patient/{p.get('id')}" for p in patients} | {o.reference for o in owners})
         raise ValueError(f"the resources belong to several patients: {', '.join(names)}")
-    return PatientIdentity(id=next(iter(owners)).split("/", 1)[1]) if owners else PatientIdentity()
+    return PatientIdentity(id=next(iter(owners)).id) if owners else PatientIdentity()
 
 
 @dataclass

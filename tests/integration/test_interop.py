@@ -11,6 +11,7 @@ import yaml
 
 from clm_stratify.cli import main
 from clm_stratify.interop import InteropRun
+from clm_stratify.pipeline import Rules
 from engine.classify import Engine
 from clm_stratify.interop import probes
 from fhir_adapters.fhir.codec import loads
@@ -24,12 +25,12 @@ from tests.support.quirky_fhir_server import QuirkyFhirServer
 # and one without liver recurrence (classified, no RiskAssessment).
 SMALL = ["11-borderline-count-and-size-no-adjuvant.json", "01-resectable-single-small.json",
          "19-no-recurrence-measurements-only.json"]
-ENGINE, TERMINOLOGY = Engine.default(), load_terminology()
+RULES = Rules(Engine.default(), load_terminology())
 
 
 def interop(base_url: str, fixtures=SMALL, keep: bool = False) -> InteropRun:
     client = FhirClient(base_url, retries=1, backoff=0.05)
-    run = InteropRun(client, ENGINE, TERMINOLOGY, fixtures=fixtures, keep=keep)
+    run = InteropRun(client, RULES, fixtures=fixtures, keep=keep)
     run.run()
     client.close()
     return run
@@ -74,7 +75,7 @@ def test_deletion_order_puts_referrers_first():
 
 def test_unreachable_server_exits_3():
     client = FhirClient(f"http://127.0.0.1:{free_port()}/fhir", retries=0)
-    report = InteropRun(client, ENGINE, TERMINOLOGY, fixtures=SMALL).run()
+    report = InteropRun(client, RULES, fixtures=SMALL).run()
     assert report.exit_code == 3
     assert {c.id: c.status for c in report.checks} == {"cap.read": "fail"}
 

@@ -14,11 +14,13 @@ from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from clm_stratify.cli import main
-from clm_stratify.pipeline import Stratifier
+from clm_stratify.pipeline import Rules, Stratifier
 from engine.classify import Engine
-from fhir_adapters.writeback.resources import GROUP_SYSTEM, TAG_SYSTEM, assessment_id
+from fhir_adapters.project import GROUP_SYSTEM, TAG_SYSTEM
+from fhir_adapters.writeback.resources import assessment_id
 from fhir_adapters.sources.bundle import read_bundle_file
 from fhir_adapters.fhir.client import FhirClient
+from fhir_adapters.fhir.reference import PatientRef
 from fhir_adapters.fhir.load import fixture_bundles, load_bundles
 from fhir_adapters.fhir.local_server import LocalFhirServer
 from fhir_adapters.features.mapping import map_features
@@ -175,10 +177,10 @@ def test_server_down_gives_a_clear_error_and_exit_3(capsys):
 def test_stratifier_serialises_a_patient(server, client):
     """Concurrent evaluations of one patient leave one RiskAssessment."""
     from concurrent.futures import ThreadPoolExecutor
-    s = Stratifier(client, Engine.default(), load_terminology())
+    s = Stratifier(client, Rules(Engine.default(), load_terminology()))
     with ThreadPoolExecutor(4) as pool:
-        outcomes = list(pool.map(lambda _: s.patient("f03-pat"), range(8)))
-    assert not [o for o in outcomes if o.failed]
+        results = list(pool.map(lambda _: s.patient(PatientRef("f03-pat")), range(8)))
+    assert not [r for r in results if r.failed]
     assert len([r for r in all_ras(client) if r["subject"]["reference"] == "Patient/f03-pat"]) == 1
 
 

@@ -34,7 +34,8 @@ import requests
 from engine.ruleset import load_ruleset
 from clm_stratify.cli import main
 from engine.classify import Engine
-from fhir_adapters.writeback.resources import TAG_SYSTEM, assessment_id
+from fhir_adapters.project import TAG_SYSTEM
+from fhir_adapters.writeback.resources import assessment_id
 from fhir_adapters.sources.bundle import read_bundle_file
 from fhir_adapters.fhir.client import FhirClient, dumps, loads
 from fhir_adapters.fhir.load import load_bundles

@@ -10,6 +10,7 @@ import pytest
 
 from clm_stratify.cli import main
 from clm_stratify.service.inbox import Inbox
+from fhir_adapters.fhir.reference import PatientRef
 from clm_stratify.service.notifications import NotificationError, parse_notification
 
 
@@ -21,35 +22,35 @@ def test_notifications_for_one_patient_coalesce_into_one_evaluation(tmp_path):
     box = inbox(tmp_path)
     for _ in range(3):
         nid = box.accept("{}")
-        box.resolve(nid, {"p1"})
-    box.resolve(box.accept("{}"), {"p2"})
+        box.resolve(nid, {PatientRef("p1")})
+    box.resolve(box.accept("{}"), {PatientRef("p2")})
     first, second = box.take(), box.take()
-    assert {first.patient, second.patient} == {"p1", "p2"}
-    assert {first.patient: first.notifications, second.patient: second.notifications}["p1"] == 3
+    assert {first.patient.id, second.patient.id} == {"p1", "p2"}
+    assert {first.patient.id: first.notifications, second.patient.id: second.notifications}["p1"] == 3
     assert box.take() is None
 
 
 def test_a_patient_being_evaluated_is_not_taken_twice(tmp_path):
     box = inbox(tmp_path)
-    box.resolve(box.accept("{}"), {"p1"})
+    box.resolve(box.accept("{}"), {PatientRef("p1")})
     item = box.take()
-    box.resolve(box.accept("{}"), {"p1"})  # arrives while p1 is running: queued, not run in parallel
+    box.resolve(box.accept("{}"), {PatientRef("p1")})  # arrives while p1 is running: queued, not run in parallel
     assert box.take() is None
     box.done(item, "created")
-    assert box.take().patient == "p1"
+    assert box.take().patient == PatientRef("p1")
 
 
 def test_expired_lease_makes_the_patient_available_again(tmp_path):
     box = inbox(tmp_path, lease_seconds=0.05)
-    box.resolve(box.accept("{}"), {"p1"})
-    assert box.take().patient == "p1"
+    box.resolve(box.accept("{}"), {PatientRef("p1")})
+    assert box.take().patient == PatientRef("p1")
     time.sleep(0.1)
-    assert box.take().patient == "p1"
+    assert box.take().patient == PatientRef("p1")
 
 
 def test_failures_back_off_then_dead_letter_and_replay(tmp_path, capsys):
     box = inbox(tmp_path, max_attempts=3, backoff=0.01, max_backoff=0.01)
-    box.resolve(box.accept("{}"), {"p1"})
+    box.resolve(box.accept("{}"), {PatientRef("p1")})
     states = []
     for _ in range(3):
         item = None
@@ -65,7 +66,7 @@ def test_failures_back_off_then_dead_letter_and_replay(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "patient:1 p1 after 3 attempts: FHIR server unavailable" in out
     assert main(["inbox", "--inbox", box.path, "--replay", "patient:1"]) == 0
-    assert box.take().patient == "p1"
+    assert box.take().patient == PatientRef("p1")
 
 
 def test_notification_resolution_failures_dead_letter(tmp_path):
@@ -98,11 +99,11 @@ def test_only_one_process_serves_an_inbox(tmp_path):
 
 def test_claim_takes_back_rows_of_a_dead_process(tmp_path):
     box = inbox(tmp_path, lease_seconds=3600)
-    box.resolve(box.accept("{}"), {"p1"})
-    assert box.take().patient == "p1"  # leased for an hour by a process that then died
+    box.resolve(box.accept("{}"), {PatientRef("p1")})
+    assert box.take().patient == PatientRef("p1")  # leased for an hour by a process that then died
     fresh = inbox(tmp_path, lease_seconds=3600)
     fresh.claim()
-    assert fresh.take().patient == "p1"
+    assert fresh.take().patient == PatientRef("p1")
 
 
 def test_inbox_command_on_a_missing_file(tmp_path, capsys):
