@@ -55,6 +55,30 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture
+def make_server(request: pytest.FixtureRequest, tmp_path: Path):
+    """Start SEKMET servers loaded with the fixtures (``prefixes``: copies, see
+    tests/support/fixture_data.py); all stopped at the end."""
+    _not_in_unit_tests(request)
+    from fhir_adapters.fhir.client import FhirClient
+    from fhir_adapters.fhir.load import load_bundles
+    from tests.support.fixture_data import bundles
+
+    servers: list[LocalFhirServer] = []
+
+    def start(prefixes: tuple[str, ...] = ("f",)) -> LocalFhirServer:
+        srv = LocalFhirServer(data_dir=tmp_path / f"sekmet{len(servers)}")
+        servers.append(srv)
+        srv.start()
+        with FhirClient(srv.base_url) as c:
+            load_bundles(c, bundles(prefixes))
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.close()
+
+
+@pytest.fixture
 def client(server: LocalFhirServer):
     from fhir_adapters.fhir.client import FhirClient
 

@@ -20,8 +20,8 @@ import pytest
 import requests
 
 from fhir_adapters.fhir.client import dumps
-from tests.support.receiver_process import SECRET, Receiver
-from tests.integration.test_reliability import inbox_rows, make_server, patient_of, tumour_observations  # noqa: F401
+from tests.support.fixture_data import tumour_observations
+from tests.support.receiver_process import SECRET, Receiver, inbox_rows, patient_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 RATE, SECONDS, THREADS = 220, 30, 4

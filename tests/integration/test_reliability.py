@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -37,15 +36,13 @@ from engine.classify import Engine
 from fhir_adapters.project import TAG_SYSTEM
 from fhir_adapters.writeback.resources import assessment_id
 from fhir_adapters.sources.bundle import read_bundle_file
-from fhir_adapters.fhir.client import FhirClient, dumps, loads
-from fhir_adapters.fhir.load import load_bundles
-from fhir_adapters.fhir.local_server import LocalFhirServer
-from fhir_adapters.fhir.reference import patient_of as patient_reference
+from fhir_adapters.fhir.client import FhirClient, dumps
 from fhir_adapters.features.mapping import map_features
 from fhir_adapters.terminology import load_terminology
 from fixtures import FIXTURES_DIR
 from tests.support.fault_proxy import FaultProxy, is_transaction
-from tests.support.receiver_process import SECRET, Receiver
+from tests.support.fixture_data import candidates, tumour_observations
+from tests.support.receiver_process import SECRET, Receiver, inbox_rows, patient_of
 
 pytestmark = pytest.mark.integration
 RULESET = (load_ruleset().id, load_ruleset().version)  # the default rule set, as written back
@@ -65,71 +62,6 @@ def _no_bulk() -> list[str]:
 
 
 SEARCH = _no_bulk()
-
-
-# --------------------------------------------------------------------------- data
-def _fixture_texts() -> list[str]:
-    return [p.read_text() for p in sorted(FIXTURES_DIR.glob("[0-9][0-9]-*.json"))]
-
-
-def bundles(prefixes: tuple[str, ...] = ("f",)) -> list[dict]:
-    """The 37 fixture Bundles, once per prefix: ``g`` turns ``f05-pat`` into ``g05-pat``
-    (every id and reference), so the population can span several chunks of 50."""
-    out = []
-    for prefix in prefixes:
-        for text in _fixture_texts():
-            out.append(loads(re.sub(r'(?<=["/])f(\d\d)-', prefix + r"\1-", text)))
-    return out
-
-
-def _candidates() -> list[str]:
-    """Fixture patients with a liver recurrence (present or unconfirmed): they get an RA."""
-    engine, terminology = Engine.default(), load_terminology()
-    out = []
-    for path in sorted(FIXTURES_DIR.glob("[0-9][0-9]-*.json")):
-        r = engine.classify(map_features(read_bundle_file(path), terminology))
-        if r.facts["liver_recurrence"].state != "absent":
-            out.append(r.patient.split("/", 1)[1])
-    return out
-
-
-CANDIDATES = _candidates()
-
-
-def candidates(prefixes: tuple[str, ...] = ("f",)) -> set[str]:
-    return {prefix + pid[1:] for prefix in prefixes for pid in CANDIDATES}
-
-
-def tumour_observations() -> dict[str, dict]:
-    """One tumour-size Observation per candidate patient (a notification's payload)."""
-    out: dict[str, dict] = {}
-    for b in bundles():
-        for e in b["entry"]:
-            r = e["resource"]
-            if r["resourceType"] == "Observation" and "21889-1" in json.dumps(r.get("code")) or \
-                    r["resourceType"] == "Observation" and "33728-7" in json.dumps(r.get("code")):
-                pid = (patient_reference(r) or "/").split("/", 1)[1]
-                if pid in candidates() and pid not in out:
-                    out[pid] = r
-    return out
-
-
-@pytest.fixture
-def make_server(tmp_path):
-    """Start SEKMET servers loaded with the fixtures (``prefixes``: copies); all stopped at the end."""
-    servers: list[LocalFhirServer] = []
-
-    def start(prefixes: tuple[str, ...] = ("f",)) -> LocalFhirServer:
-        srv = LocalFhirServer(data_dir=tmp_path / f"sekmet{len(servers)}")
-        servers.append(srv)
-        srv.start()
-        with FhirClient(srv.base_url) as c:
-            load_bundles(c, bundles(prefixes))
-        return srv
-
-    yield start
-    for srv in servers:
-        srv.close()
 
 
 # --------------------------------------------------------------------------- checks
@@ -307,20 +239,6 @@ def post_notification(url: str, obs: dict, timeout: float = 5) -> int | None:
     if r.status_code != 200:
         return None
     return int(re.search(r"accepted as notification (\d+)", r.text).group(1))
-
-
-def inbox_rows(path: Path) -> tuple[list[tuple], list[tuple]]:
-    db = sqlite3.connect(path)
-    try:
-        notes = db.execute("SELECT id, state, body FROM notification ORDER BY id").fetchall()
-        work = db.execute("SELECT id, patient, state, notifications FROM work ORDER BY id").fetchall()
-    finally:
-        db.close()
-    return notes, work
-
-
-def patient_of(body: str) -> str:
-    return json.loads(body)["events"][0]["patient"].split("/", 1)[1]
 
 
 def test_receiver_sigkilled_while_notifications_arrive(make_server, tmp_path):

@@ -23,10 +23,11 @@ import requests
 from clm_stratify.cli import main
 from fhir_adapters.fhir.auth import BearerToken
 from fhir_adapters.fhir.client import FhirClient, dumps
+from fhir_adapters.fhir.load import load_bundles
 from fhir_adapters.fhir.local_server import LocalFhirServer
 from tests.support.fault_proxy import FaultProxy
+from tests.support.fixture_data import bundles, tumour_observations
 from tests.support.receiver_process import SECRET, Receiver
-from tests.integration.test_reliability import bundles, load_bundles, tumour_observations
 
 pytestmark = pytest.mark.integration
 TOKEN = "tok-" + "7f3a9c" * 6

@@ -40,15 +40,15 @@ from __future__ import annotations
 import http.client
 import json
 import random
-import socket
 import ssl
-import struct
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Callable
 from urllib.parse import urlsplit
+
+from tests.support.http import LoopbackServer, operation_outcome, read_body, reset_connection, send
 
 FAULTS = ("500", "503", "429", "reset", "delay", "lost-reply")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection", "te",
@@ -82,14 +82,13 @@ class FaultProxy:
         self.faults: Counter = Counter()
         self.log: list[tuple[str, str, str]] = []   # (method, path, what happened)
         self.enabled = True
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: LoopbackServer | None = None
 
     # ------------------------------------------------------------------ addresses
     @property
     def port(self) -> int:
         assert self._server is not None
-        return self._server.server_address[1]
+        return self._server.port
 
     @property
     def root_url(self) -> str:
@@ -101,27 +100,13 @@ class FaultProxy:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "FaultProxy":
-        proxy = self
-
-        class Handler(_Handler):
-            owner = proxy
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        if self.tls is not None:
-            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fault-proxy", daemon=True)
-        self._thread.start()
+        self._server = LoopbackServer(self._handle, http11=True, tls=self.tls, name="fault-proxy")
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None
-        if self._thread is not None:
-            self._thread.join(5)
 
     def __enter__(self) -> "FaultProxy":
         return self.start()
@@ -155,6 +140,54 @@ class FaultProxy:
     def rewrite_request(self, data: bytes) -> bytes:
         return data.replace(self.root_url.encode(), self.upstream_origin)
 
+    # ------------------------------------------------------------------ serving
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        body = read_body(h)
+        method, path = h.command, h.path
+        fault = self.decide(method, path, body)
+        self.log.append((method, path.split("?")[0], fault or "forward"))
+        if fault == "500":
+            return _answer(h, 500, "injected internal error")
+        if fault == "503":
+            return _answer(h, 503, "injected: service unavailable")
+        if fault == "429":
+            return _answer(h, 429, "injected: too many requests", {"Retry-After": str(self.retry_after)})
+        if fault == "reset":
+            return reset_connection(h)
+        if fault == "delay":
+            time.sleep(self.delay)
+            return reset_connection(h)
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP and k.lower() != "host"}
+        headers["Host"] = f"{self.upstream_host}:{self.upstream_port}"
+        data = self.rewrite_request(body)
+        if data:
+            headers["Content-Length"] = str(len(data))
+        try:
+            conn = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=self.upstream_timeout)
+            conn.request(method, path, body=data or None, headers=headers)
+            resp = conn.getresponse()
+            reply = resp.read()
+            status, reply_headers = resp.status, resp.getheaders()
+            conn.close()
+        except OSError:
+            with self.lock:
+                self.log.append((method, path.split("?")[0], "upstream down: reset"))
+            return reset_connection(h)
+        with self.lock:
+            self.forwarded += 1
+        if fault == "lost-reply":
+            reset_connection(h)
+        else:
+            relayed = [(k, self.rewrite_reply(v.encode("latin-1")).decode("latin-1"))
+                       for k, v in reply_headers if k.lower() not in _HOP]
+            try:
+                send(h, status, self.rewrite_reply(reply), ctype=None, headers=relayed)
+                h.wfile.flush()
+            except OSError:
+                pass
+        if self.after_forward is not None:
+            self.after_forward(method, path, body, status)
+
 
 def is_transaction(body: bytes) -> bool:
     """True for a FHIR transaction Bundle (the RiskAssessment + Provenance write)."""
@@ -167,94 +200,5 @@ def is_transaction(body: bytes) -> bool:
         return False
 
 
-class _Handler(BaseHTTPRequestHandler):
-    owner: FaultProxy
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args: object) -> None:  # quiet
-        pass
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        except (OSError, ValueError):
-            pass
-
-    def _reset(self) -> None:
-        """Close the client connection with a TCP RST (no reply at all)."""
-        try:
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-        try:
-            self.connection.close()
-        except OSError:
-            pass
-        self.close_connection = True
-
-    def _answer(self, status: int, text: str, extra: dict[str, str] | None = None) -> None:
-        body = json.dumps({"resourceType": "OperationOutcome", "issue": [
-            {"severity": "error", "code": "transient", "diagnostics": text}]}).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/fhir+json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _handle(self) -> None:
-        p = self.owner
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        method, path = self.command, self.path
-        fault = p.decide(method, path, body)
-        p.log.append((method, path.split("?")[0], fault or "forward"))
-        if fault == "500":
-            return self._answer(500, "injected internal error")
-        if fault == "503":
-            return self._answer(503, "injected: service unavailable")
-        if fault == "429":
-            return self._answer(429, "injected: too many requests", {"Retry-After": str(p.retry_after)})
-        if fault == "reset":
-            return self._reset()
-        if fault == "delay":
-            time.sleep(p.delay)
-            return self._reset()
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP and k.lower() != "host"}
-        headers["Host"] = f"{p.upstream_host}:{p.upstream_port}"
-        data = p.rewrite_request(body)
-        if data:
-            headers["Content-Length"] = str(len(data))
-        try:
-            conn = http.client.HTTPConnection(p.upstream_host, p.upstream_port, timeout=p.upstream_timeout)
-            conn.request(method, path, body=data or None, headers=headers)
-            resp = conn.getresponse()
-            reply = resp.read()
-            status, reply_headers = resp.status, resp.getheaders()
-            conn.close()
-        except OSError:
-            with p.lock:
-                p.log.append((method, path.split("?")[0], "upstream down: reset"))
-            return self._reset()
-        with p.lock:
-            p.forwarded += 1
-        if fault == "lost-reply":
-            self._reset()
-        else:
-            reply = p.rewrite_reply(reply)
-            self.send_response(status)
-            for k, v in reply_headers:
-                if k.lower() not in _HOP:
-                    self.send_header(k, p.rewrite_reply(v.encode("latin-1")).decode("latin-1"))
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            try:
-                self.wfile.write(reply)
-                self.wfile.flush()
-            except OSError:
-                pass
-        if p.after_forward is not None:
-            p.after_forward(method, path, body, status)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle
+def _answer(h: BaseHTTPRequestHandler, status: int, text: str, extra: dict[str, str] | None = None) -> None:
+    send(h, status, operation_outcome("transient", text), ctype="application/fhir+json", headers=extra)

@@ -28,25 +28,21 @@ down and joins its thread.
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import requests
 
 from fhir_adapters.fhir.client import dumps, loads
+from tests.support.http import LoopbackServer, operation_outcome, read_body, send
 
 QUIRKS = frozenset({"no-total", "long-next-links", "application-json", "409-for-412", "ignore-strict",
                     "silent-ignore-patient", "no-batch", "ignore-if-match", "reject-riskassessment"})
 _FORWARDED = ("Content-Type", "Accept", "If-Match", "If-None-Exist", "If-None-Match", "Prefer", "Authorization")
 _RETURNED = ("Location", "ETag", "Last-Modified", "Content-Location")
-
-
-def _outcome(code: str, text: str) -> dict:
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]}
 
 
 class QuirkyFhirServer:
@@ -63,45 +59,24 @@ class QuirkyFhirServer:
         self.requests_seen = 0
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: LoopbackServer | None = None
 
     # ---------------- lifecycle
     @property
     def base_url(self) -> str:
-        assert self._httpd is not None, "not started"
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/fhir"
+        assert self._server is not None, "not started"
+        return f"{self._server.url}/fhir"
 
     def start(self) -> "QuirkyFhirServer":
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True   # headers and body are written separately: no 40 ms stalls
-
-            def log_message(self, *args: Any) -> None:  # quiet
-                pass
-
-            def _any(self) -> None:
-                proxy._handle(self)
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _any
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="quirky-fhir", daemon=True)
-        self._thread.start()
+        # headers and body are written separately: TCP_NODELAY, no 40 ms stalls
+        self._server = LoopbackServer(self._handle, methods=("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"),
+                                      http11=True, nodelay=True, name="quirky-fhir")
         return self
 
     def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
 
     def __enter__(self) -> "QuirkyFhirServer":
         return self.start()
@@ -121,8 +96,7 @@ class QuirkyFhirServer:
         with self._lock:
             self.requests_seen += 1
         mine = self.base_url
-        length = int(h.headers.get("Content-Length") or 0)
-        body = h.rfile.read(length) if length else b""
+        body = read_body(h)
         parts = urlsplit(h.path)
         rest = parts.path[len("/fhir"):] if parts.path.startswith("/fhir") else parts.path
         query = parse_qsl(parts.query, keep_blank_values=True)
@@ -143,20 +117,20 @@ class QuirkyFhirServer:
         if token is not None:
             url = self.tokens.get(token, "")
             if not url:
-                return self._reply(h, 410, _outcome("not-found", "unknown or expired _getpages token"))
+                return self._reply(h, 410, operation_outcome("not-found", "unknown or expired _getpages token"))
         if body:
             body = body.replace(mine.encode(), self.upstream.encode())
             parsed = _json(body)
             if "no-batch" in self.quirks and isinstance(parsed, dict) and parsed.get("type") == "batch":
-                return self._reply(h, 400, _outcome("not-supported", "batch is not supported by this server"))
+                return self._reply(h, 400, operation_outcome("not-supported", "batch is not supported by this server"))
             if "reject-riskassessment" in self.quirks and _writes_riskassessment(method, rest, parsed):
-                return self._reply(h, 422, _outcome("business-rule",
-                                                    "RiskAssessment is not accepted by this server (test quirk)"))
+                return self._reply(h, 422, operation_outcome(
+                    "business-rule", "RiskAssessment is not accepted by this server (test quirk)"))
         try:
             resp = self._session().request(method, url, data=body or None, headers=headers, timeout=self.timeout,
                                            allow_redirects=False)
         except requests.RequestException as exc:
-            return self._reply(h, 502, _outcome("transient", f"upstream: {type(exc).__name__}"))
+            return self._reply(h, 502, operation_outcome("transient", f"upstream: {type(exc).__name__}"))
 
         status = resp.status_code
         if "409-for-412" in self.quirks and status == 412 and h.headers.get("If-Match"):
@@ -173,7 +147,7 @@ class QuirkyFhirServer:
             ctype = "application/json; charset=utf-8"
         if ctype:
             out_headers["Content-Type"] = ctype
-        self._send(h, status, content, out_headers)
+        send(h, status, content, ctype=None, headers=out_headers)
 
     def _alter(self, node: Any, silent: bool) -> bool:
         """Apply the body quirks to every Bundle in ``node`` (in place); True if changed."""
@@ -206,18 +180,9 @@ class QuirkyFhirServer:
                 changed |= self._alter(entry.get("resource"), silent)
         return changed
 
-    def _reply(self, h: BaseHTTPRequestHandler, status: int, body: dict) -> None:
-        self._send(h, status, json.dumps(body).encode(), {"Content-Type": "application/fhir+json"})
-
     @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, content: bytes, headers: dict[str, str]) -> None:
-        h.send_response(status)
-        for k, v in headers.items():
-            h.send_header(k, v)
-        h.send_header("Content-Length", str(len(content)))
-        h.end_headers()
-        if h.command != "HEAD" and content:
-            h.wfile.write(content)
+    def _reply(h: BaseHTTPRequestHandler, status: int, body: dict) -> None:
+        send(h, status, body, ctype="application/fhir+json")
 
 
 def _json(data: bytes) -> Any:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -84,3 +86,20 @@ class Receiver:
                 return h
             time.sleep(0.1)
         raise AssertionError(f"inbox still busy after {timeout}s: {self.health()}")
+
+
+def inbox_rows(path: Path) -> tuple[list[tuple], list[tuple]]:
+    """The receiver inbox's ``(id, state, body)`` notifications and ``(id, patient, state,
+    notifications)`` work rows."""
+    db = sqlite3.connect(path)
+    try:
+        notes = db.execute("SELECT id, state, body FROM notification ORDER BY id").fetchall()
+        work = db.execute("SELECT id, patient, state, notifications FROM work ORDER BY id").fetchall()
+    finally:
+        db.close()
+    return notes, work
+
+
+def patient_of(body: str) -> str:
+    """The patient id a stored notification body is about."""
+    return json.loads(body)["events"][0]["patient"].split("/", 1)[1]

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -25,6 +25,7 @@ from fhir_adapters.fhir.auth import (
     AuthError, BearerToken, PrivateKeyError, SmartBackendServices, load_private_key,
 )
 from fhir_adapters.fhir.client import FhirError
+from tests.support.http import LoopbackServer, read_body, send
 from tests.support.keys import CLIENT_ID, pem_of as _pem
 
 
@@ -35,39 +36,22 @@ class TokenEndpoint:
     """A loopback token endpoint: ``reply(form) -> (status, body)``; records the forms it got."""
 
     def __init__(self, reply: Callable[[dict[str, str]], tuple[int, object]]) -> None:
+        self.reply = reply
         self.forms: list[dict[str, str]] = []
-        lock = threading.Lock()
-        outer = self
+        self._lock = threading.Lock()
+        self.server = LoopbackServer(self._handle, methods=["POST"])  # GET (discovery) gets 501
+        self.url = f"{self.server.url}/auth/token"
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
-                form = {k: v[0] for k, v in parse_qs(raw).items()}
-                with lock:
-                    outer.forms.append(form)
-                time.sleep(0.05)  # widen the window for concurrent callers
-                status, body = reply(form)
-                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain" if isinstance(body, str) else "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/auth/token"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        form = {k: v[0] for k, v in parse_qs(read_body(h).decode()).items()}
+        with self._lock:
+            self.forms.append(form)
+        time.sleep(0.05)  # widen the window for concurrent callers
+        status, body = self.reply(form)
+        send(h, status, body, ctype="text/plain" if isinstance(body, str) else "application/json")
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        self.server.close()
 
 
 @pytest.fixture

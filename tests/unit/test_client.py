@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 import requests
@@ -24,6 +22,7 @@ from fhir_adapters.fhir.client import (
 )
 from fhir_adapters.fhir.transport import retry_after
 from fhir_adapters.fhir.local_server import free_port
+from tests.support.http import LoopbackServer, read_body, reset_connection, send
 
 FAST = {"backoff": 0.01, "max_backoff": 0.05, "timeout": (2, 5)}
 
@@ -37,38 +36,18 @@ class Scripted:
         self.reply = reply
         self.calls: list[tuple[str, str, float, dict[str, str]]] = []  # (method, path+query, time, headers)
         self._lock = threading.Lock()
-        outer = self
+        self.server = LoopbackServer(self._handle, methods=("GET", "POST", "PUT", "DELETE"))
+        self.base_url = f"{self.server.url}/fhir"
 
-        class Handler(BaseHTTPRequestHandler):
-            def _any(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                self.body = self.rfile.read(length) if length else b""
-                with outer._lock:
-                    outer.calls.append((self.command, self.path, time.monotonic(), dict(self.headers)))
-                    n = len(outer.calls)
-                outer.reply(self, n)
-
-            do_GET = do_POST = do_PUT = do_DELETE = _any
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: object, client_address: object) -> None:
-                pass  # resets and client timeouts are expected here
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-        self.thread.start()
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        read_body(h)
+        with self._lock:
+            self.calls.append((h.command, h.path, time.monotonic(), dict(h.headers)))
+            n = len(self.calls)
+        self.reply(h, n)
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        self.server.close()
 
 
 @pytest.fixture
@@ -82,26 +61,6 @@ def scripted() -> Iterator[Callable[..., Scripted]]:
     yield start
     for s in servers:
         s.close()
-
-
-def send(h: BaseHTTPRequestHandler, status: int, body: object = None, *,
-         ctype: str = "application/fhir+json; charset=utf-8", headers: dict[str, str] | None = None) -> None:
-    data = b"" if body is None else (body.encode() if isinstance(body, str) else json.dumps(body).encode())
-    h.send_response(status)
-    if data:
-        h.send_header("Content-Type", ctype)
-    h.send_header("Content-Length", str(len(data)))
-    for k, v in (headers or {}).items():
-        h.send_header(k, v)
-    h.end_headers()
-    h.wfile.write(data)
-
-
-def reset(h: BaseHTTPRequestHandler) -> None:
-    """Abort the TCP connection with an RST after the request was read."""
-    h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    h.connection.close()
-    h.close_connection = True
 
 
 PATIENT = {"resourceType": "Patient", "id": "p1"}
@@ -209,14 +168,14 @@ def test_post_is_retried_when_nothing_was_sent() -> None:
 
 
 def test_reset_connection_get_is_retried(scripted) -> None:
-    s = scripted(lambda h, n: reset(h) if n < 3 else send(h, 200, PATIENT))
+    s = scripted(lambda h, n: reset_connection(h) if n < 3 else send(h, 200, PATIENT))
     c = FhirClient(s.base_url, retries=3, **FAST)
     assert c.read("Patient", "p1") == PATIENT
     assert c.round_trips == 3
 
 
 def test_reset_connection_get_gives_up(scripted) -> None:
-    s = scripted(lambda h, n: reset(h))
+    s = scripted(lambda h, n: reset_connection(h))
     c = FhirClient(s.base_url, retries=1, **FAST)
     with pytest.raises(FhirServerUnavailable, match="connection broken") as ei:
         c.read("Patient", "p1")
@@ -224,7 +183,7 @@ def test_reset_connection_get_gives_up(scripted) -> None:
 
 
 def test_reset_after_post_is_not_retried(scripted) -> None:
-    s = scripted(lambda h, n: reset(h))
+    s = scripted(lambda h, n: reset_connection(h))
     c = FhirClient(s.base_url, retries=3, **FAST)
     with pytest.raises(FhirServerUnavailable, match="outcome is unknown"):
         c.create({"resourceType": "Patient"})

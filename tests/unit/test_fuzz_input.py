@@ -36,7 +36,7 @@ from fhir_adapters.sources.bundle import BundleError, record_from_bundle
 from fhir_adapters.features.mapping import map_features
 from fhir_adapters.terminology import load_terminology
 from rules import DEFAULT_RULESET, DEFAULT_TERMINOLOGY
-from tests.unit.test_properties import FIXTURE_BUNDLES, _mutate
+from tests.support.mutation import FIXTURE_BUNDLES, mutate
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                          HealthCheck.data_too_large])
@@ -120,7 +120,7 @@ def test_random_bundles_in_process(data):
 @FUZZ
 @given(fixture=st.sampled_from(FIXTURE_BUNDLES), data=st.data())
 def test_mutated_fixture_bundles_through_the_cli(fixture, data):
-    assert_clear_answer(*classify_cli(dump(_mutate(fixture[1], data.draw))))
+    assert_clear_answer(*classify_cli(dump(mutate(fixture[1], data.draw))))
 
 
 @FUZZ

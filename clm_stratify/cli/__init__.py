@@ -1,0 +1,70 @@
+"""Command-line interface: ``clm-stratify`` (or ``python -m clm_stratify``).
+
+One module per command (its function and its ``add_parser``); the options several
+commands share are in :mod:`clm_stratify.cli.common`, and everything they print goes
+through :mod:`clm_stratify.cli.output`.
+
+Exit codes: 0 success, 1 a patient or a run failed, 2 bad input (file, rule set,
+arguments), 3 the FHIR server could not be used.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from clm_stratify.cli import classify, demo, inbox, interop, output, rules, run, serve, subscribe
+from clm_stratify.cli.common import UsageError
+from fhir_adapters.project import EXIT_BAD_INPUT, VERSION
+
+__all__ = ["main", "build_parser"]
+
+EXAMPLES = """\
+examples:
+  clm-stratify demo
+  clm-stratify run --fhir-url http://127.0.0.1:8090/fhir --all
+  clm-stratify run --fhir-url https://fhir.example.org/r4 --patient 123 --dry-run --format json
+  clm-stratify run --fhir-url URL --all --auth smart --smart-client-id clm --smart-key key.pem
+  CLM_SUBSCRIPTION_SECRET=... clm-stratify serve --fhir-url http://127.0.0.1:8090/fhir --port 8765
+  CLM_SUBSCRIPTION_SECRET=... clm-stratify subscribe --fhir-url http://127.0.0.1:8090/fhir --endpoint http://127.0.0.1:8765/notify
+  clm-stratify inbox --inbox clm-inbox.sqlite
+  clm-stratify classify --bundle fixtures/05-borderline-size-50mm-exact.json
+  clm-stratify classify --bundle patient.json --format json
+  clm-stratify rules validate rules/resectability.yaml
+  clm-stratify rules validate --terminology rules/terminology.yaml
+"""
+
+# The commands in the order ``clm-stratify --help`` lists them.
+COMMANDS = (classify, run, demo, serve, subscribe, inbox, interop, rules)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clm-stratify",
+        description="Resectability of recurrent colorectal liver metastases (Kobayashi et al., "
+                    "Ann Surg Oncol 2024) from FHIR R4 data, fired by a declarative rule set.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"clm-stratify {VERSION}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.classify import RulesetInconsistentError
+    from engine.yamlfile import DeclarativeFileError
+    from fhir_adapters.sources.bundle import BundleError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return args.func(args)
+    except (BundleError, DeclarativeFileError, RulesetInconsistentError, UsageError) as exc:
+        output.err(f"error: {exc}")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        output.err("interrupted")
+        return 130

@@ -1,0 +1,75 @@
+"""``clm-stratify serve``: receive Subscription notifications and re-classify patients."""
+
+from __future__ import annotations
+
+import argparse
+
+from clm_stratify.cli import output
+from clm_stratify.cli.common import (UsageError, add_rules_options, add_server_options,
+                                     load_rules, make_client, subscription_secret)
+from fhir_adapters.project import EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    import uvicorn
+
+    from clm_stratify.service.inbox import Inbox
+    from clm_stratify.pipeline import Stratifier
+    from clm_stratify.service.receiver import ReceiverConfig, create_app
+    from clm_stratify.service.worker import Worker
+
+    secret = subscription_secret(args)
+    hmac_secret = os.environ.get(args.hmac_secret_env) if args.hmac_secret_env else None
+    if args.hmac_secret_env and not hmac_secret:
+        raise UsageError(f"--hmac-secret-env {args.hmac_secret_env}: the variable is not set")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        output.err(f"warning: listening on {args.host}, not only on loopback")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rules = load_rules(args)
+    client = make_client(args)
+    inbox = Inbox(args.inbox, max_attempts=args.max_attempts)
+    try:
+        inbox.claim()
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
+    stratifier = Stratifier(client, rules)
+    from clm_stratify.service.reload import Reloader
+    Reloader(stratifier, args.rules, args.terminology).install()   # SIGHUP: reload rules + terminology
+    worker = Worker(inbox, stratifier, evaluators=args.workers, coalesce=args.coalesce)
+    app = create_app(inbox, ReceiverConfig(secret=secret, hmac_secret=hmac_secret, hmac_header=args.hmac_header,
+                                           max_body=args.max_body))
+    output.err(f"clm-stratify receiver on http://{args.host}:{args.port}/notify (inbox {args.inbox}); "
+               f"FHIR server {client.base_url}")
+    worker.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        worker.stop()
+        client.close()
+    return EXIT_OK
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="receive Subscription notifications and re-classify patients",
+                              epilog="example:\n  CLM_SUBSCRIPTION_SECRET=$(openssl rand -hex 24) \\\n"
+                                     "    clm-stratify serve --fhir-url http://127.0.0.1:8090/fhir --port 8765",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fhir-url", required=True, metavar="URL")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--inbox", default="clm-inbox.sqlite", metavar="PATH", help="SQLite inbox file")
+    p.add_argument("--secret-env", default="CLM_SUBSCRIPTION_SECRET", metavar="VAR",
+                   help="environment variable with the subscription secret (required)")
+    p.add_argument("--hmac-secret-env", metavar="VAR", help="also require an HMAC-SHA256 body signature")
+    p.add_argument("--hmac-header", default="X-Signature")
+    p.add_argument("--max-body", type=int, default=1_000_000, metavar="BYTES")
+    p.add_argument("--workers", type=int, default=2, help="patients evaluated in parallel")
+    p.add_argument("--coalesce", type=float, default=0.15, metavar="S",
+                   help="wait this long to merge notifications for one patient")
+    p.add_argument("--max-attempts", type=int, default=6, help="tries before an item is dead-lettered")
+    add_server_options(p)
+    add_rules_options(p)
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,55 @@
+"""Imaging currency: whether the structured measurements are from the latest imaging,
+and the latest moment of imaging of the recurrence.
+
+A newer imaging report with text only (or one that cannot be read or attributed) may
+show what the measurements do not: the measurements may be stale and the result stays
+preliminary. The latest moment of imaging is what a technical judgement must not be
+older than (:mod:`fhir_adapters.features.technical`).
+"""
+
+from __future__ import annotations
+
+from engine.features import Fact
+from fhir_adapters.features.evidence import WITHDRAWN_REPORT, MappingContext
+from fhir_adapters.features.studies import Imaging, is_imaging_report
+from fhir_adapters.fhir.timeline import When
+
+
+def imaging_currency(ctx: MappingContext, imaging: Imaging) -> tuple[Fact[bool], When | None]:
+    """Whether the latest imaging report has the structured measurements used (False:
+    a newer report has text only), and the latest moment of imaging of the recurrence
+    (any measurement, its report, or a newer report): a technical judgement must not
+    be older than that."""
+    record, studies, uncertain = ctx.record, imaging.studies, imaging.uncertain
+    points = [m.when for s in studies for ms in s.lesions.values() for m in ms if m.when is not None]
+    points += [s.when for s in studies] + [m.when for m in uncertain if m.when is not None]
+    points += imaging.uncounted
+    if not studies:
+        return Fact[bool](value=True), max(points, key=lambda w: w.start, default=None)
+    latest = max((s.when for s in studies), key=lambda w: w.end)
+    measured = {record.canonical(m.ref) for s in studies for ms in s.lesions.values() for m in ms}
+    newer = []
+    for dr in record.diagnostic_reports:
+        if dr.status in WITHDRAWN_REPORT or not is_imaging_report(ctx.terminology, dr):
+            continue
+        when = When.of_element(dr, "effectiveDateTime", "effectivePeriod") or When.of(dr.issued)
+        if when is None or not when.after(latest):
+            continue
+        if any(record.canonical(r.reference) in measured for r in dr.result or []):
+            continue
+        newer.append(ctx.ref(dr))
+        points.append(when)
+        ctx.warnings.append(f"{ctx.ref(dr)}: imaging report of {when.text} is newer than the latest tumour "
+                            f"measurements ({latest.text}) and has no structured measurements; the "
+                            "measurements may be stale and the result stays preliminary")
+    # An imaging report that cannot be read or attributed may be the newest one.
+    for ref in ctx.distrusted_matching("DiagnosticReport", ctx.terminology.radiology_report_category):
+        newer.append(ref)
+        ctx.warnings.append(f"{ref}: an imaging report that cannot be read or attributed may be newer than the "
+                            "latest tumour measurements; the measurements may be stale and the result stays "
+                            "preliminary")
+    newest = max(points, key=lambda w: w.start)
+    if newer:
+        return Fact[bool](value=False, refs=tuple(newer),
+                          note=f"newer imaging report(s) without measurements: {', '.join(newer)}"), newest
+    return Fact[bool](value=True, note=f"latest measured study {latest.text}"), newest
