@@ -25,7 +25,22 @@ def imaging_currency(ctx: MappingContext, imaging: Imaging) -> tuple[Fact[bool],
     points += [s.when for s in studies] + [m.when for m in uncertain if m.when is not None]
     points += imaging.uncounted
     if not studies:
-        return Fact[bool](value=True), max(points, key=lambda w: w.start, default=None)
+        # No measured study: every imaging report still dates the latest imaging (a
+        # technical judgement older than it is stale), and one that cannot be read or
+        # attributed may be that newest imaging.
+        for dr in record.diagnostic_reports:
+            if dr.status not in WITHDRAWN_REPORT and is_imaging_report(ctx.terminology, dr):
+                when = When.of_element(dr, "effectiveDateTime", "effectivePeriod") or When.of(dr.issued)
+                if when is not None:
+                    points.append(when)
+        doubt = ctx.distrusted_matching("DiagnosticReport", ctx.terminology.radiology_report_category)
+        newest = max(points, key=lambda w: w.start, default=None)
+        if doubt:
+            ctx.warnings += [f"{ref}: an imaging report that cannot be read or attributed may be the newest imaging; "
+                             "the result stays preliminary" for ref in doubt]
+            return Fact[bool](value=False, refs=tuple(doubt),
+                              note=f"imaging report(s) that cannot be read or attributed: {', '.join(doubt)}"), newest
+        return Fact[bool](value=True), newest
     latest = max((s.when for s in studies), key=lambda w: w.end)
     measured = {record.canonical(m.ref) for s in studies for ms in s.lesions.values() for m in ms}
     newer = []

@@ -62,6 +62,11 @@ def size_mm(terminology: Terminology, quantity: Any, where: str) -> Reading:
     if bound in ("exact", "at-least") and not limits.minimum <= mm <= limits.maximum:
         return None, "exact", (f"{where}: size {value} {unit} is outside the plausible range "
                                f"{limits.minimum}-{limits.maximum} mm")
+    if bound in ("below", "at-most") and mm > limits.maximum:
+        # an upper bound beyond any plausible size says nothing (and must not reach the
+        # engine as a number it cannot compare exactly)
+        return None, "exact", (f"{where}: upper bound {quantity.comparator}{value} {unit} is beyond the plausible "
+                               f"range {limits.minimum}-{limits.maximum} mm; it says nothing about the size")
     return mm, bound, None
 
 

@@ -10,7 +10,8 @@ import pytest
 from engine.classify import Engine
 from fhir_adapters.sources.bundle import BundleError, record_from_bundle
 from fhir_adapters.features.mapping import map_features
-from tests.support.resources import (LOINC, body_structure, bundle, classify, classify_bundle, concept, hepatectomy,
+from tests.support.resources import (LOINC, body_structure, bundle, classify, classify_bundle, concept, extrahepatic,
+                                     hepatectomy,
                            liver_met, patient, technical, terminology, tumour_size)
 
 P = "p1"
@@ -152,3 +153,24 @@ def test_an_unattributable_technical_judgement_keeps_the_result_from_resectable(
     assert c.group == group and c.status == "preliminary"
     assert c.facts["technical_resectability"].state == state
     assert any("Observation/tech" in w for w in c.warnings)
+
+
+def test_an_upper_bound_beyond_any_plausible_size_proves_nothing_and_does_not_crash():
+    """Found in review (fuzz): ``< 1e11 mm`` reached the engine as a number it cannot
+    compare exactly (FactTypeError). It says nothing about the 5 cm boundary."""
+    obs = tumour_size(P, comparator="<", value=100000000000, id="huge")
+    c = classify_bundle(bundle(*base(), obs, technical(P, "resectable")))
+    assert c.criteria["largest_ge_50mm"].state == "unknown"
+    assert c.group != "resectable"
+    assert any("beyond the plausible range" in w for w in c.warnings)
+
+
+def test_without_measurements_a_newer_imaging_report_still_makes_a_judgement_stale():
+    """Found in review: with no measured study, imaging reports were not looked at, so a
+    technical judgement older than a newer text-only CT report stayed current (and with
+    extrahepatic disease present the result could be final)."""
+    res = [*base(), extrahepatic(P), technical(P, "resectable", "2024-05-20", id="old"),
+           report("ct-new", "2024-07-01", [])]
+    c = classify_bundle(bundle(*res))
+    assert c.facts["technical_resectability"].state == "not-assessed"
+    assert c.status == "preliminary"

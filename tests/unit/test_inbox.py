@@ -138,4 +138,4 @@ def test_parser_reads_r4b_and_r5_subscription_status():
         assert (n.style, n.kind, n.subscription, n.events_since_start) == (style, "event-notification",
                                                                           "Subscription/s1", 7)
         assert (n.events[0].number, n.events[0].focus, n.events[0].patient, n.events[0].version) == \
-            (7, "Observation/o1", "Patient/p1", "3")
+            (7, "Observation/o1", PatientRef("p1"), "3")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fhir_adapters.fhir.reference import PatientIdentity, Reference, patient_of
+from fhir_adapters.fhir.reference import PatientIdentity, PatientRef, Reference, patient_of
 
 MRN = "https://example.org/mrn"
 PATIENT = {"resourceType": "Patient", "id": "p1", "identifier": [{"system": MRN, "value": "A1"}]}
@@ -65,7 +65,7 @@ def test_shared_types_and_patients():
     (PATIENT, None, "Patient/p1"),
 ])
 def test_patient_of_groups_only_literal_references(resource, base, owner):
-    assert patient_of(resource, base) == owner
+    assert patient_of(resource, base) == (PatientRef.parse(owner) if owner else None)
 
 
 @pytest.mark.parametrize("text, kind, local", [
