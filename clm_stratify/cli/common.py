@@ -57,10 +57,15 @@ def load_rules(args: argparse.Namespace):
     return Rules(engine, load_terminology(args.terminology))
 
 
-def patient_ref(text: str):
-    """``--patient``: a logical id (or ``Patient/<id>``) as a :class:`PatientRef`."""
-    from fhir_adapters.fhir.reference import PatientRef
+def patient_ref(text: str, fhir_url: str):
+    """``--patient``: a logical id, ``Patient/<id>``, or a full URL on ``fhir_url`` as a
+    :class:`PatientRef`. A full URL of another server names another patient: refused."""
+    from fhir_adapters.fhir.reference import PatientRef, Reference, normalise_base
 
+    ref = Reference.parse(text)
+    if ref.kind == "absolute" and ref.base != normalise_base(fhir_url):
+        raise UsageError(f"--patient: {text} is on another server than --fhir-url {fhir_url}; "
+                         "give the patient's id on this server")
     try:
         return PatientRef.parse(text)
     except ValueError as exc:

@@ -21,7 +21,7 @@ def run_live(args: argparse.Namespace, client) -> int:
     rules = load_rules(args)
     stratifier = Stratifier(client, rules, dry_run=args.dry_run)
     if args.patient:
-        summary = RunSummary([stratifier.patient(patient_ref(args.patient))])
+        summary = RunSummary([stratifier.patient(patient_ref(args.patient, args.fhir_url))])
     else:
         summary = stratifier.population(progress=output.progress, bulk=False if args.no_bulk else None)
     output.print_run(summary, stratifier, client, args.format, one_patient=bool(args.patient))

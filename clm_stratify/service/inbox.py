@@ -246,15 +246,23 @@ class Inbox:
                        "WHERE state = 'running' AND lease_until < ? "
                        "AND NOT EXISTS (SELECT 1 FROM work w2 WHERE w2.patient = work.patient AND w2.state = 'pending')",
                        (now,))
-            row = db.execute(
-                "SELECT id, patient, attempts, notifications FROM work w WHERE state = 'pending' AND due_at <= ? "
-                "AND NOT EXISTS (SELECT 1 FROM work r WHERE r.patient = w.patient AND r.state = 'running' "
-                "AND r.lease_until >= ?) ORDER BY due_at, id LIMIT 1", (now, now)).fetchone()
-            if row is None:
-                return None
-            db.execute("UPDATE work SET state = 'running', lease_until = ?, updated_at = ? WHERE id = ?",
-                       (now + self.lease_seconds, now, row[0]))
-        return WorkItem(row[0], PatientRef(row[1]), row[2], row[3])
+            for _ in range(1000):  # bounded: each pass dead-letters one unusable row or returns
+                row = db.execute(
+                    "SELECT id, patient, attempts, notifications FROM work w WHERE state = 'pending' AND due_at <= ? "
+                    "AND NOT EXISTS (SELECT 1 FROM work r WHERE r.patient = w.patient AND r.state = 'running' "
+                    "AND r.lease_until >= ?) ORDER BY due_at, id LIMIT 1", (now, now)).fetchone()
+                if row is None:
+                    return None
+                try:
+                    patient = PatientRef(row[1])
+                except ValueError as exc:  # written by an older version: never evaluable, never retried
+                    db.execute("UPDATE work SET state = 'dead', updated_at = ?, last_error = ? WHERE id = ?",
+                               (now, f"stored patient is not usable: {exc}", row[0]))
+                    continue
+                db.execute("UPDATE work SET state = 'running', lease_until = ?, updated_at = ? WHERE id = ?",
+                           (now + self.lease_seconds, now, row[0]))
+                return WorkItem(row[0], patient, row[2], row[3])
+        return None
 
     def done(self, item: WorkItem, result: str) -> None:
         with self._tx() as db:

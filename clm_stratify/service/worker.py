@@ -141,6 +141,9 @@ class Worker:
         except FhirError as exc:
             log.warning("notification %s not resolved yet: %s", nid, redact(str(exc)))
             self.inbox.notification_failed(nid, str(exc))
+        except Exception as exc:  # a poison message: counted, retried with backoff, then dead-lettered
+            log.error("notification %s cannot be resolved: %s: %s", nid, type(exc).__name__, redact(str(exc)))
+            self.inbox.notification_failed(nid, f"{type(exc).__name__}: {exc}")
         return True
 
     # ------------------------------------------------------------------ evaluating

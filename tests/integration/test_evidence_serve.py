@@ -15,7 +15,7 @@ from clm_stratify.cli import main
 from engine.ruleset import load_ruleset
 from fhir_adapters.writeback.resources import assessment_id
 from fhir_adapters.fhir.client import dumps
-from fhir_adapters.fhir.reference import patient_of
+from fhir_adapters.fhir.reference import PatientRef, patient_of
 from fixtures import FIXTURES_DIR
 from tests.support.receiver_process import SECRET, Receiver
 
@@ -36,7 +36,7 @@ def notified_resource(bundle: dict) -> dict:
     patient = next(e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
     for e in bundle["entry"]:
         r = e["resource"]
-        if r["resourceType"] in ("Condition", "Observation") and patient_of(r) == f"Patient/{patient}":
+        if r["resourceType"] in ("Condition", "Observation") and patient_of(r) == PatientRef(patient):
             return r
     raise AssertionError("no notifiable resource")
 

@@ -64,3 +64,11 @@ def test_help_shows_examples_first(capsys):
         main(["--help"])
     assert info.value.code == 0
     assert "examples:" in capsys.readouterr().out
+
+
+def test_run_refuses_a_patient_url_of_another_server(capsys):
+    """Found in review: the base of --patient https://other/fhir/Patient/7 was dropped and
+    local Patient/7 was classified (and written). Refused before anything is sent."""
+    code = main(["run", "--fhir-url", "http://127.0.0.1:9/fhir", "--patient", "https://other.example/fhir/Patient/7"])
+    assert code == 2
+    assert "another server" in capsys.readouterr().err

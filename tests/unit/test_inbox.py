@@ -139,3 +139,38 @@ def test_parser_reads_r4b_and_r5_subscription_status():
                                                                           "Subscription/s1", 7)
         assert (n.events[0].number, n.events[0].focus, n.events[0].patient, n.events[0].version) == \
             (7, "Observation/o1", PatientRef("p1"), "3")
+
+
+def test_a_work_row_with_an_unusable_patient_is_dead_lettered_not_retried(tmp_path):
+    """Found in review: a row written by an older version (any string as the patient)
+    made take() raise after leasing it; the row came back after every lease."""
+    import sqlite3
+
+    box = inbox(tmp_path)
+    box.resolve(box.accept("{}"), {PatientRef("p1")})
+    with sqlite3.connect(tmp_path / "inbox.sqlite") as db:
+        db.execute("UPDATE work SET patient = 'a b', due_at = 0")
+    box.resolve(box.accept("{}"), {PatientRef("p2")})
+    assert box.take().patient == PatientRef("p2")
+    dead = [r for r in box.dead_letters() if r["kind"] == "patient"]
+    assert [(r["patient"], "not usable" in r["error"]) for r in dead] == [("a b", True)]
+
+
+def test_a_notification_that_cannot_be_read_back_does_not_block_the_next(tmp_path):
+    """Found in review: a stored notification that no longer validates (written by an
+    older version) raised out of resolve_one on every poll, ahead of every later one."""
+    from clm_stratify.pipeline import Rules, Stratifier
+    from clm_stratify.service.worker import Worker
+    from fhir_adapters.fhir.client import FhirClient
+
+    box = inbox(tmp_path, backoff=0.0, max_attempts=2)
+    bad = box.accept('{"style": "rest-hook", "kind": "resource", "events": [{"patient": "Patient/a b"}]}')
+    good = parse_notification({"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "x"},
+                               "subject": {"reference": "Patient/p7"}}, path="Observation/o1")
+    box.accept(good.model_dump_json())
+    with FhirClient("http://127.0.0.1:9/fhir") as client:   # never contacted: both name their patient
+        worker = Worker(box, Stratifier(client, Rules.load()), coalesce=0)
+        for _ in range(4):
+            worker.resolve_one()
+    assert box.take().patient == PatientRef("p7")
+    assert [r["id"] for r in box.dead_letters() if r["kind"] == "notification"] == [bad]

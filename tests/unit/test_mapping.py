@@ -1,4 +1,4 @@
-"""Unit tests of the FHIR -> Features mapping (fhir_adapters/features/mapping.py).
+"""Unit tests of the FHIR -> Features mapping (fhir_adapters/features/, through map_features).
 
 Each test builds a small patient record with tests/support/resources.py, reads it the way the CLI
 does (JSON numbers as Decimal), maps it, and classifies it with the default rule set
