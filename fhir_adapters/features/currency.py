@@ -9,10 +9,19 @@ older than (:mod:`fhir_adapters.features.technical`).
 
 from __future__ import annotations
 
+from typing import Any
+
 from engine.features import Fact
 from fhir_adapters.features.evidence import WITHDRAWN_REPORT, MappingContext
 from fhir_adapters.features.studies import Imaging, is_imaging_report
 from fhir_adapters.fhir.timeline import When
+
+
+def _imaging_reports(ctx: MappingContext) -> list[tuple[Any, When | None]]:
+    """The patient's imaging reports that are not withdrawn, each with its time."""
+    return [(dr, When.of_element(dr, "effectiveDateTime", "effectivePeriod") or When.of(dr.issued))
+            for dr in ctx.record.diagnostic_reports
+            if dr.status not in WITHDRAWN_REPORT and is_imaging_report(ctx.terminology, dr)]
 
 
 def imaging_currency(ctx: MappingContext, imaging: Imaging) -> tuple[Fact[bool], When | None]:
@@ -28,11 +37,7 @@ def imaging_currency(ctx: MappingContext, imaging: Imaging) -> tuple[Fact[bool],
         # No measured study: every imaging report still dates the latest imaging (a
         # technical judgement older than it is stale), and one that cannot be read or
         # attributed may be that newest imaging.
-        for dr in record.diagnostic_reports:
-            if dr.status not in WITHDRAWN_REPORT and is_imaging_report(ctx.terminology, dr):
-                when = When.of_element(dr, "effectiveDateTime", "effectivePeriod") or When.of(dr.issued)
-                if when is not None:
-                    points.append(when)
+        points += [when for _, when in _imaging_reports(ctx) if when is not None]
         doubt = ctx.distrusted_matching("DiagnosticReport", ctx.terminology.radiology_report_category)
         newest = max(points, key=lambda w: w.start, default=None)
         if doubt:
@@ -44,10 +49,7 @@ def imaging_currency(ctx: MappingContext, imaging: Imaging) -> tuple[Fact[bool],
     latest = max((s.when for s in studies), key=lambda w: w.end)
     measured = {record.canonical(m.ref) for s in studies for ms in s.lesions.values() for m in ms}
     newer = []
-    for dr in record.diagnostic_reports:
-        if dr.status in WITHDRAWN_REPORT or not is_imaging_report(ctx.terminology, dr):
-            continue
-        when = When.of_element(dr, "effectiveDateTime", "effectivePeriod") or When.of(dr.issued)
+    for dr, when in _imaging_reports(ctx):
         if when is None or not when.after(latest):
             continue
         if any(record.canonical(r.reference) in measured for r in dr.result or []):
