@@ -169,7 +169,7 @@ def assert_safe(c) -> None:
     all_clear = (all(v is False for v in values.values())
                  and c.facts["liver_recurrence"].state == "present"
                  and c.facts["prior_liver_resection"].state == "recorded"
-                 and c.facts["technical_resectability"].state != "unresectable")
+                 and c.facts["technical_resectability"].state not in ("unresectable", "in-doubt"))
     assert (c.group == RESECTABLE) == all_clear, (c.group, values, c.facts["liver_recurrence"].state,
                                                   c.facts["technical_resectability"].state)
 
