@@ -78,6 +78,32 @@ def make_server(request: pytest.FixtureRequest, tmp_path: Path):
         srv.close()
 
 
+@pytest.fixture(scope="session")
+def medplum_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Medplum's FHIR engine on 127.0.0.1 (empty), the second real FHIR server (tests/support/medplum_server.py)."""
+    _not_in_unit_tests(request)
+    from tests.support.medplum_server import MedplumServer
+
+    with MedplumServer(tmp_path_factory.mktemp("medplum")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def medplum_loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A Medplum server of its own loaded with the fixture patients (ids assigned by the
+    server: ``loaded.ids`` maps ``Patient/f01-pat`` to its id there), one per test module."""
+    _not_in_unit_tests(request)
+    from fhir_adapters.fhir.client import FhirClient
+    from fhir_adapters.fhir.load import fixture_bundles, load_bundles
+    from fixtures import FIXTURES_DIR
+    from tests.support.medplum_server import MedplumServer
+
+    with MedplumServer(tmp_path_factory.mktemp("medplum-loaded")) as srv:
+        with FhirClient(srv.base_url) as c:
+            srv.loaded = load_bundles(c, fixture_bundles(FIXTURES_DIR))
+        yield srv
+
+
 @pytest.fixture
 def client(server: LocalFhirServer):
     from fhir_adapters.fhir.client import FhirClient

@@ -29,7 +29,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_SERVER
     try:
         with FhirClient(server.base_url) as client:
-            n = load_bundles(client, fixture_bundles(FIXTURES_DIR))
+            n = load_bundles(client, fixture_bundles(FIXTURES_DIR)).count
             output.err(f"Loaded {n} resources of {len(fixture_bundles(FIXTURES_DIR))} synthetic patients "
                        f"into {server.base_url}")
             args.fhir_url, args.patient, args.dry_run, args.no_bulk = server.base_url, None, False, False
