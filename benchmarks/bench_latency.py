@@ -52,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, LocalFhirServer(data_dir=Path(tmp) / "fhir") as server:
         client = FhirClient(server.base_url)
         load(client, n)
-        engine_ids = {f"bench-{i}": assessment_id(f"Patient/bench-{i}", *RULESET) for i in range(n)}
+        engine_ids = {f"bench-{i}": assessment_id(f"Patient/bench-{i}", RULESET[0]) for i in range(n)}
         assert cli(["run", "--fhir-url", server.base_url, "--all"]) == 0  # current assessments first
         with Receiver(server.base_url, Path(tmp) / "inbox.sqlite") as receiver:
             assert cli(["subscribe", "--fhir-url", server.base_url, "--endpoint", receiver.endpoint]) == 0

@@ -37,7 +37,7 @@ from fhir_adapters.sources.pull import (fetch_patient, fetch_population, mention
                                         patients_with_liver_metastasis)
 from fhir_adapters.sources.record import PatientRecord
 from fhir_adapters.terminology import Terminology, load_terminology
-from fhir_adapters.writeback.writer import AssessmentWriter, WriteResult
+from fhir_adapters.writeback.writer import AssessmentWriter, WriteNotIdempotent, WriteResult
 
 __all__ = ["Rules", "evaluate", "Stratifier", "PatientResult", "RunSummary"]
 
@@ -134,6 +134,8 @@ class Stratifier:
                 if not result.assessed:
                     return _result(patient, result, None)
                 return _result(patient, result, self.writer.write(result, dry_run=self.dry_run))
+            except WriteNotIdempotent:
+                raise   # every later write would be a duplicate: stop, do not report it per patient
             except FhirError as exc:
                 return PatientResult(patient, "failed", error=str(exc))
 
@@ -181,6 +183,8 @@ class Stratifier:
             if to_write:
                 try:
                     written = self.writer.write_many([r for _, r in to_write], dry_run=self.dry_run)
+                except WriteNotIdempotent:
+                    raise
                 except FhirError as exc:
                     written = [WriteResult(r.patient, "failed", error=str(exc)) for _, r in to_write]
                 for (ref, result), w in zip(to_write, written):

@@ -26,7 +26,7 @@ class CleanupStep(RunState):
         # Every assessment the run may have written (the deterministic id of each loaded
         # patient too, in case the run stopped before it learnt the written ids).
         ras = dict.fromkeys(list(self.ra_refs.values()) + [
-            f"RiskAssessment/{assessment_id(p.patient.reference, rs.id, rs.version)}" for p in self.patients])
+            f"RiskAssessment/{assessment_id(p.patient.reference, rs.id)}" for p in self.patients])
         provenances: list[str] = [r for r in self.created if r.startswith("Provenance/")]
         if not provenances:
             for ref in self.ra_refs.values():

@@ -28,11 +28,13 @@ import requests
 
 from fhir_adapters.fhir.capabilities import ServerCapabilities
 from fhir_adapters.fhir.codec import dumps, loads
-from fhir_adapters.fhir.errors import FhirConflict, FhirError, FhirServerUnavailable, operation_outcome_text
+from fhir_adapters.fhir.errors import (FhirConflict, FhirError, FhirServerUnavailable, FhirTruncated,
+                                      operation_outcome_text)
+from fhir_adapters.fhir.search import MAX_OFFSET_PAGES, Completeness, count_of
 from fhir_adapters.fhir.transport import Transport, strip_query
 
 __all__ = [
-    "FhirClient", "FhirError", "FhirServerUnavailable", "FhirConflict",
+    "FhirClient", "FhirError", "FhirServerUnavailable", "FhirConflict", "FhirTruncated",
     "dumps", "loads", "operation_outcome_text",
 ]
 
@@ -94,38 +96,53 @@ class FhirClient(Transport):
                     yield entry["resource"]
 
     def search_pages(self, rtype: str, params: Mapping[str, str] | Sequence[tuple[str, str]] = (), *,
-                     strict: bool = False) -> Iterator[dict]:
-        """Yield the raw searchset Bundles of a search, page by page (see :meth:`search`)."""
+                     strict: bool = False, complete: bool = True) -> Iterator[dict]:
+        """Yield the raw searchset Bundles of a search, page by page (see :meth:`search`).
+
+        ``complete`` (default): when a page without a ``next`` link leaves results out
+        (:class:`~fhir_adapters.fhir.search.Completeness`), the search goes on with
+        ``_offset``, or raises :class:`FhirTruncated` naming what the server did.
+        ``complete=False`` yields exactly what the server sent (the interop probes).
+        """
         if not _RTYPE.fullmatch(rtype):
             raise ValueError(f"not a FHIR resource type: {rtype!r}")
         headers = {"Prefer": "handling=strict"} if strict else {}
         pairs = list(params.items()) if isinstance(params, Mapping) else list(params)
         self.last_search_warnings = []
         first = self._bundle(self.request("GET", rtype, params=pairs or None, headers=headers))
-        yield from self._pages(first, headers)
+        yield from self._pages(first, headers, (rtype, pairs) if complete else None, check=complete)
 
-    def follow_pages(self, bundle: dict) -> Iterator[dict]:
+    def follow_pages(self, bundle: dict, query: tuple[str, Sequence[tuple[str, str]]] | None = None) -> Iterator[dict]:
         """Yield ``bundle`` (a first searchset page, e.g. from a batch response) and the pages after it.
+
+        ``query`` (``(type, params)`` of the search that gave ``bundle``) lets a search the
+        server cut short go on with ``_offset``; without it such a search raises
+        :class:`FhirTruncated`.
 
         >>> first = fhir.batch([{"request": {"method": "GET", "url": "Observation?patient=p1"}}])[0]
         ... # doctest: +SKIP
-        >>> pages = list(fhir.follow_pages(first["resource"]))  # doctest: +SKIP
+        >>> pages = list(fhir.follow_pages(first["resource"], ("Observation", [("patient", "p1")])))  # doctest: +SKIP
         """
         self.last_search_warnings = []
-        yield from self._pages(bundle, {})
+        yield from self._pages(bundle, {}, (query[0], list(query[1])) if query else None, check=True)
 
-    def _pages(self, bundle: dict, headers: Mapping[str, str]) -> Iterator[dict]:
+    def _pages(self, bundle: dict, headers: Mapping[str, str], query: tuple[str, list[tuple[str, str]]] | None,
+               *, check: bool) -> Iterator[dict]:
         seen: set[str] = set()
+        completeness = Completeness(count_of(query[1]) if query else None)
         while True:
             for entry in bundle.get("entry") or []:
                 if (entry.get("search") or {}).get("mode") == "outcome":
                     text = operation_outcome_text(entry.get("resource"))
                     if text:
                         self.last_search_warnings.append(text)
-            yield bundle
+            page, matches, _ = completeness.add(bundle)
+            yield page if check else bundle
             nxt = next((link.get("url") for link in bundle.get("link") or []
                         if link.get("relation") == "next" and link.get("url")), None)
             if nxt is None:
+                if check:
+                    yield from self._continue_with_offset(completeness, matches, query, headers)
                 return
             if not nxt.lower().startswith(("http://", "https://")):
                 nxt = urljoin(self.base_url + "/", nxt)  # a relative link: resolve, do not rebuild
@@ -134,6 +151,36 @@ class FhirClient(Transport):
                                 url=strip_query(nxt), method="GET")
             seen.add(nxt)
             bundle = self._bundle(self.request("GET", nxt, headers=headers))
+
+    def _continue_with_offset(self, completeness: Completeness, last_matches: int,
+                              query: tuple[str, list[tuple[str, str]]] | None,
+                              headers: Mapping[str, str]) -> Iterator[dict]:
+        """The rest of a search the server cut short without a ``next`` link (see
+        :mod:`fhir_adapters.fhir.search`)."""
+        reason = completeness.shortfall(last_matches)
+        if reason is None:
+            return
+        url = f"{self.base_url}/{query[0]}" if query else self.base_url
+        if query is None:
+            raise FhirTruncated(f"search incomplete: {reason}", url=url, method="GET")
+        rtype, pairs = query
+        for _ in range(MAX_OFFSET_PAGES):
+            params = [(k, v) for k, v in pairs if k != "_offset"] + [("_offset", str(completeness.matched))]
+            page, matches, new = completeness.add(self._bundle(self.request("GET", rtype, params=params,
+                                                                            headers=headers)))
+            if new == 0:
+                if matches:
+                    raise FhirTruncated(f"{rtype} search incomplete: {reason}, and the server ignored _offset "
+                                        f"(it sent the same results again)", url=url, method="GET")
+                if completeness.total is not None and completeness.matched < completeness.total:
+                    raise FhirTruncated(f"{rtype} search incomplete: {reason}, and _offset={completeness.matched} "
+                                        f"returned nothing", url=url, method="GET")
+                return
+            yield page
+            if completeness.done(matches):
+                return
+        raise FhirTruncated(f"{rtype} search incomplete: more than {MAX_OFFSET_PAGES} _offset pages",
+                            url=url, method="GET")
 
     def _bundle(self, resp: requests.Response) -> dict:
         body = self._json(resp)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["FhirError", "FhirServerUnavailable", "FhirConflict", "operation_outcome_text"]
+__all__ = ["FhirError", "FhirServerUnavailable", "FhirConflict", "FhirTruncated", "operation_outcome_text"]
 
 
 class FhirError(Exception):
@@ -77,3 +77,9 @@ def operation_outcome_text(body: Any) -> str:
             if t not in texts:
                 texts.append(t)
     return "; ".join(texts)
+
+
+class FhirTruncated(FhirError):
+    """A search answered with fewer resources than exist and no way to get the rest
+    (no ``next`` link, and ``_offset`` not honoured): using the partial answer would
+    classify from a partial record, so the search fails instead."""

@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 from urllib.parse import urlencode
 
 from fhir_adapters.fhir.client import FhirClient, FhirError
+from fhir_adapters.fhir.search import token
 from fhir_adapters.sources.record import PatientRecord
 from fhir_adapters.fhir.reference import SHARED_TYPES, PatientIdentity, PatientRef, patient_of, plain_ref, subject_element
 from fhir_adapters.terminology import CodeList, Terminology
@@ -53,7 +54,7 @@ def token_list(*lists: CodeList) -> str | None:
         for c in cl.codes:
             if c.code is None:
                 return None
-            tokens.append(f"{c.system}|{c.code}")
+            tokens.append(token(c.system, c.code))
     return ",".join(dict.fromkeys(tokens))
 
 
@@ -70,7 +71,7 @@ class Searches:
         """The same searches for resources that name the patient only by identifier
         (``subject:identifier``): a patient search never returns them, and they must be
         seen to be distrusted."""
-        tokens = ",".join(sorted({f"{s}|{v}" if s else v for s, v in identifiers}))
+        tokens = ",".join(sorted({token(s, v) for s, v in identifiers}))
         return self._per_patient(tokens, ":identifier") if tokens else []
 
     def _per_patient(self, who: str, modifier: str) -> list[tuple[str, dict[str, str]]]:
@@ -120,8 +121,8 @@ def _url(rtype: str, params: dict[str, str]) -> str:
     return f"{rtype}?{urlencode(params, safe='|,:/')}"
 
 
-def _resources_of(client: FhirClient, page: dict) -> Iterator[dict]:
-    for bundle in client.follow_pages(page):
+def _resources_of(client: FhirClient, page: dict, query: tuple[str, dict[str, str]] | None) -> Iterator[dict]:
+    for bundle in client.follow_pages(page, (query[0], list(query[1].items())) if query else None):
         for entry in bundle.get("entry", []) or []:
             if (entry.get("search") or {}).get("mode") == "outcome":
                 continue
@@ -155,7 +156,8 @@ def _run_searches(client: FhirClient, searches: list[tuple[str, dict[str, str]]]
                 what = entries[i]["request"]["url"].split("?")[0]
                 raise FhirError(f"batch entry {i} ({what}) failed: {status}", status=None,
                                 url=client.base_url, outcome=str((response.get("response") or {}).get("outcome", "")))
-            items = _resources_of(client, resource) if resource.get("resourceType") == "Bundle" else [resource]
+            query = searches[i] if i < len(searches) else None
+            items = _resources_of(client, resource, query) if resource.get("resourceType") == "Bundle" else [resource]
             for res in items:
                 found[f"{res.get('resourceType')}/{res.get('id')}"] = res
         return list(found.values())

@@ -5,8 +5,11 @@ and checked against the invariants the models do not enforce (ras-2).
 
 Shape (README, "RiskAssessment written back"):
 
-* ``id``: deterministic per patient and rule-set version (``clmrs-`` + 40 hex chars),
-  so a re-run updates the same resource; ``identifier`` carries the same key readably.
+* ``id``: deterministic per patient and rule set (``clmrs-`` + 40 hex chars), so a
+  re-run, or a new rule-set version, updates the same resource (its history keeps the
+  earlier versions): exactly one current assessment per patient and rule set.
+  ``identifier`` carries the same key readably (:func:`assessment_key`), for servers
+  that assign ids.
 * ``status``: ``preliminary`` / ``final`` from the engine.
 * ``method``: the rule set (id, version); ``code``: what was assessed.
 * ``condition``: the liver-recurrence Condition; ``basis``: every resource behind a fact.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -34,18 +38,34 @@ from fhir_adapters.project import (ASSESSMENT_SYSTEM, GROUP_SYSTEM, IDENTIFIER_S
                                    RULESET_SYSTEM, TAG, TAG_SYSTEM, VERSION)
 UCUM = "http://unitsofmeasure.org"
 
-def assessment_key(patient: str, ruleset_id: str, ruleset_version: str) -> str:
-    """The readable identifier value: one RiskAssessment per patient and rule-set version."""
-    return f"{patient}|{ruleset_id}|{ruleset_version}"
+_KEY_CHARS = re.compile(r"[A-Za-z0-9\-./]{1,200}")
 
 
-def assessment_id(patient: str, ruleset_id: str, ruleset_version: str) -> str:
-    """Deterministic resource id (FHIR ids: ``[A-Za-z0-9-.]{1,64}``).
+def assessment_key(patient: str, ruleset_id: str) -> str:
+    """The identifier value: one current RiskAssessment per patient and rule set.
 
-    >>> assessment_id("Patient/p1", "clm-recurrence-resectability", "1.0.0")
-    'clmrs-df087ade13d73a76e5e85ec397b8c2ed11aa858d'
+    No rule-set version in it (a new version updates the same assessment; its history
+    keeps the old one) and none of the characters a token search treats specially
+    (``| , $ \\``: some servers split on ``|`` even when escaped), so the assessment is
+    found again on any conforming server.
+
+    >>> assessment_key("Patient/p1", "clm-recurrence-resectability")
+    'clm-recurrence-resectability/Patient/p1'
     """
-    digest = hashlib.sha256(assessment_key(patient, ruleset_id, ruleset_version).encode()).hexdigest()
+    key = f"{ruleset_id}/{patient}"
+    if not _KEY_CHARS.fullmatch(key):
+        raise ValueError(f"cannot build an assessment identifier from rule set {ruleset_id!r} and {patient!r}: "
+                         "only A-Z a-z 0-9 - . / are allowed")
+    return key
+
+
+def assessment_id(patient: str, ruleset_id: str) -> str:
+    """Deterministic resource id (FHIR ids: ``[A-Za-z0-9-.]{1,64}``), per patient and rule set.
+
+    >>> assessment_id("Patient/p1", "clm-recurrence-resectability")
+    'clmrs-cf284bb9a118c47d03deba37dc08076752f32dbb'
+    """
+    digest = hashlib.sha256(assessment_key(patient, ruleset_id).encode()).hexdigest()
     return f"clmrs-{digest[:40]}"
 
 
@@ -101,9 +121,9 @@ def build_risk_assessment(r: Classification, *, occurrence: str | None = None) -
     liver = r.facts["liver_recurrence"]
     ra: dict[str, Any] = {
         "resourceType": "RiskAssessment",
-        "id": assessment_id(r.patient, rs.id, rs.version),
+        "id": assessment_id(r.patient, rs.id),
         "meta": {"tag": [{"system": TAG_SYSTEM, "code": TAG}]},
-        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": assessment_key(r.patient, rs.id, rs.version)}],
+        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": assessment_key(r.patient, rs.id)}],
         "status": r.status,
         "method": {"coding": [{"system": RULESET_SYSTEM, "code": rs.id, "version": rs.version, "display": rs.title}],
                    "text": f"{rs.title}, rule set {rs.id} {rs.version} (doi:{rs.doi})"},

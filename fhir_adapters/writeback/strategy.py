@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fhir_adapters.fhir.capabilities import ServerCapabilities
+from urllib.parse import quote
+
 from fhir_adapters.fhir.client import FhirClient, FhirConflict
+from fhir_adapters.fhir.search import token
 from fhir_adapters.project import IDENTIFIER_SYSTEM
 
 __all__ = ["WriteStrategy", "UpdateAsCreate", "ConditionalUpdate", "ConditionalCreate", "StrategyChoice",
@@ -31,8 +34,23 @@ __all__ = ["WriteStrategy", "UpdateAsCreate", "ConditionalUpdate", "ConditionalC
 
 
 def identifier_token(ra: dict) -> str:
-    """``system|value`` of the assessment's identifier (the conditional-write key)."""
-    return f"{IDENTIFIER_SYSTEM}|{ra['identifier'][0]['value']}"
+    """``system|value`` of the assessment's identifier (the conditional-write key), escaped."""
+    return token(IDENTIFIER_SYSTEM, ra["identifier"][0]["value"])
+
+
+def identifier_query(ra: dict) -> str:
+    """``identifier=<token>``, URL-encoded, for a conditional write's URL or ``ifNoneExist``."""
+    return f"identifier={quote(identifier_token(ra), safe='|:/')}"
+
+
+def is_ours(found: dict, ra: dict) -> bool:
+    """``found`` (a search result) really is ``ra``'s assessment: same identifier and subject
+    (a server that ignores the identifier parameter returns every assessment)."""
+    wanted = ra["identifier"][0]["value"]
+    idents = found.get("identifier") if isinstance(found.get("identifier"), list) else []
+    same_key = any(isinstance(i, dict) and i.get("system") == IDENTIFIER_SYSTEM and i.get("value") == wanted
+                   for i in idents)
+    return same_key and (found.get("subject") or {}).get("reference") == ra["subject"]["reference"]
 
 
 class WriteStrategy:
@@ -50,6 +68,10 @@ class WriteStrategy:
     def find_current_many(self, ras: Sequence[dict]) -> list[dict | None]:
         """:meth:`find_current` for many (one round trip each unless a strategy can batch)."""
         return [self.find_current(ra) for ra in ras]
+
+    def how_found(self, ra: dict) -> str:
+        """How :meth:`find_current` looks for ``ra`` (for error messages)."""
+        raise NotImplementedError
 
     def request(self, ra: dict, current: dict | None) -> tuple[dict, dict]:
         """(the RiskAssessment to send, the transaction entry's ``request``) that writes ``ra``."""
@@ -77,6 +99,9 @@ class UpdateAsCreate(WriteStrategy):
     def find_current(self, ra: dict) -> dict | None:
         return self.client.read("RiskAssessment", ra["id"])
 
+    def how_found(self, ra: dict) -> str:
+        return f"a read of RiskAssessment/{ra['id']}"
+
     def find_current_many(self, ras: Sequence[dict]) -> list[dict | None]:
         if not ras or not self.client.capabilities().batch:
             return super().find_current_many(ras)
@@ -90,13 +115,32 @@ class UpdateAsCreate(WriteStrategy):
 
 
 class _ByIdentifier(WriteStrategy):
-    """Finds the current assessment by its identifier (the server assigns ids)."""
+    """Finds the current assessment by its identifier (the server assigns ids); only
+    results that really carry the identifier and subject count."""
+
+    chunk = 50   # identifiers per OR search in find_current_many
 
     def find_current(self, ra: dict) -> dict | None:
-        token = identifier_token(ra)
-        matches = list(self.client.search("RiskAssessment", {"identifier": token}, strict=True))
+        found = self.client.search("RiskAssessment", {"identifier": identifier_token(ra)}, strict=True)
+        return self._one([r for r in found if is_ours(r, ra)], ra)
+
+    def find_current_many(self, ras: Sequence[dict]) -> list[dict | None]:
+        out: list[dict | None] = []
+        for start in range(0, len(ras), self.chunk):
+            part = ras[start:start + self.chunk]
+            params = {"identifier": ",".join(identifier_token(ra) for ra in part), "_count": str(2 * len(part))}
+            found = list(self.client.search("RiskAssessment", params, strict=True))
+            out += [self._one([r for r in found if is_ours(r, ra)], ra) for ra in part]
+        return out
+
+    def how_found(self, ra: dict) -> str:
+        return f"the search RiskAssessment?identifier={identifier_token(ra)}"
+
+    def _one(self, matches: list[dict], ra: dict) -> dict | None:
         if len(matches) > 1:
-            raise FhirConflict(f"{len(matches)} RiskAssessments share identifier {token}",
+            ids = ", ".join(f"RiskAssessment/{m.get('id')}" for m in matches[:5])
+            raise FhirConflict(f"{len(matches)} RiskAssessments share identifier {identifier_token(ra)} ({ids}): "
+                               "duplicates are already on the server; keep one and delete the others",
                                status=412, url=self.client.base_url)
         return matches[0] if matches else None
 
@@ -108,7 +152,7 @@ class ConditionalUpdate(_ByIdentifier):
 
     def _create(self, ra: dict) -> tuple[dict, dict]:
         ra = {k: v for k, v in ra.items() if k != "id"}
-        return ra, {"method": "PUT", "url": f"RiskAssessment?identifier={identifier_token(ra)}"}
+        return ra, {"method": "PUT", "url": f"RiskAssessment?{identifier_query(ra)}"}
 
 
 class ConditionalCreate(_ByIdentifier):
@@ -118,7 +162,7 @@ class ConditionalCreate(_ByIdentifier):
 
     def _create(self, ra: dict) -> tuple[dict, dict]:
         ra = {k: v for k, v in ra.items() if k != "id"}
-        return ra, {"method": "POST", "url": "RiskAssessment", "ifNoneExist": f"identifier={identifier_token(ra)}"}
+        return ra, {"method": "POST", "url": "RiskAssessment", "ifNoneExist": identifier_query(ra)}
 
 
 BY_NAME: dict[str, type[WriteStrategy]] = {s.name: s for s in (UpdateAsCreate, ConditionalUpdate, ConditionalCreate)}

@@ -9,6 +9,12 @@ assessment is read first: when it already says the same thing, nothing is writte
 (a re-run on unchanged data adds no version and no Provenance). An existing one is
 updated with ``If-Match`` on its version, so a concurrent writer is detected (409 or
 412) and the write is retried once on fresh data.
+
+The first assessment a writer creates is looked for again the way the next run will look
+for it (:meth:`WriteStrategy.find_current`). A server that does not find it (a token
+search that does not match the identifier, a PUT that did not keep the id) would get a
+duplicate on every run: :class:`WriteNotIdempotent` stops the run instead, naming what
+the server did.
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ from engine.classify import Classification
 from fhir_adapters.fhir.client import FhirClient, FhirConflict, FhirError, FhirServerUnavailable
 from fhir_adapters.writeback.resources import build_provenance, build_risk_assessment, same_assessment
 from fhir_adapters.writeback.strategy import StrategyChoice, WriteStrategy, choose
+
+
+class WriteNotIdempotent(FhirError):
+    """An assessment this program wrote is not found again the way the next run looks for
+    it: writing on would duplicate assessments on every run. Stops the run."""
 
 
 @dataclass
@@ -39,6 +50,8 @@ class AssessmentWriter:
         self.client = client
         self._choice = choice
         self._strategy: WriteStrategy | None = None
+        self._verified = False   # a created assessment was found again (once per writer)
+        self._refused: WriteNotIdempotent | None = None   # once raised, every later write is refused
 
     @property
     def choice(self) -> StrategyChoice:
@@ -66,6 +79,7 @@ class AssessmentWriter:
     # ------------------------------------------------------------------ writing
     def write(self, r: Classification, *, dry_run: bool = False) -> WriteResult:
         """Write one patient's assessment (retrying once on a concurrent change)."""
+        self._refuse_if_unsafe()
         ra = build_risk_assessment(r)
         for attempt in (1, 2):
             current = self.strategy.find_current(ra)
@@ -82,8 +96,41 @@ class AssessmentWriter:
                 if attempt == 2:
                     raise
                 continue
-            return _result(r.patient, response, current, entries)
+            return self._verify(_result(r.patient, response, current, entries), entries)
         raise AssertionError("unreachable")
+
+    def _refuse_if_unsafe(self) -> None:
+        """After :class:`WriteNotIdempotent`, this writer writes nothing more (a receiver
+        retrying a notification would otherwise add a duplicate per attempt)."""
+        if self._refused is not None:
+            raise WriteNotIdempotent(f"writing is stopped on this server: {self._refused}",
+                                     url=self.client.base_url)
+
+    def _verify(self, written: WriteResult, entries: list[dict]) -> WriteResult:
+        """The first created assessment must be found again (see the module docstring)."""
+        if self._verified or written.action != "created":
+            return written
+        sent = entries[0]["resource"]
+        try:
+            found = self.strategy.find_current(sent)
+        except FhirServerUnavailable:
+            return written   # the write happened; the next created one is checked instead
+        except FhirError as exc:
+            self._refused = WriteNotIdempotent(
+                f"{written.risk_assessment} was written, but looking for it again with "
+                f"{self.strategy.how_found(sent)} failed ({exc}): a re-run could not find it and would write a "
+                f"duplicate; stopping", url=self.client.base_url, status=exc.status)
+            raise self._refused from exc
+        written_id = (written.risk_assessment or "").split("/")[1] if written.risk_assessment else None
+        if found is None or (written_id and found.get("id") != written_id):
+            what = "found nothing" if found is None else f"found RiskAssessment/{found.get('id')} instead"
+            self._refused = WriteNotIdempotent(
+                f"{written.risk_assessment} was written, but {self.strategy.how_found(sent)} {what} "
+                f"(write strategy {self.strategy.name}): this server does not find an assessment the way the next "
+                f"run looks for it, so every run would write a duplicate; stopping", url=self.client.base_url)
+            raise self._refused
+        self._verified = True
+        return written
 
     def write_many(self, results: Sequence[Classification], *, dry_run: bool = False) -> list[WriteResult]:
         """Write many patients' assessments: one read batch and one transaction for all.
@@ -91,6 +138,7 @@ class AssessmentWriter:
         When the shared transaction fails, each patient is written on its own, so one
         bad record cannot block the others; their failures are reported per patient.
         """
+        self._refuse_if_unsafe()
         ras = [build_risk_assessment(r) for r in results]
         try:
             currents = self.strategy.find_current_many(ras)
@@ -128,16 +176,23 @@ class AssessmentWriter:
                         continue
                     try:
                         out[i] = self.write(results[i], dry_run=dry_run)
+                    except WriteNotIdempotent:
+                        raise
                     except FhirServerUnavailable as alone:
                         down = alone
                         out[i] = WriteResult(results[i].patient, "failed", error=str(alone))
                     except FhirError as alone:
                         out[i] = WriteResult(results[i].patient, "failed", error=str(alone))
+            created = next(((i, entries) for i, entries in pending if out[i].action == "created"), None)
+            if created is not None:
+                self._verify(out[created[0]], created[1])
         return [w for w in out if w is not None]
 
     def _write_alone(self, r: Classification, dry_run: bool) -> WriteResult:
         try:
             return self.write(r, dry_run=dry_run)
+        except WriteNotIdempotent:
+            raise
         except FhirError as exc:
             return WriteResult(r.patient, "failed", error=str(exc))
 

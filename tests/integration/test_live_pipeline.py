@@ -45,7 +45,7 @@ FILE_RESULTS = file_results()
 
 
 def ra_of(client: FhirClient, pid: str) -> dict | None:
-    return client.read("RiskAssessment", assessment_id(f"Patient/{pid}", *RULESET))
+    return client.read("RiskAssessment", assessment_id(f"Patient/{pid}", RULESET[0]))
 
 
 def all_ras(client: FhirClient) -> list[dict]:

@@ -68,7 +68,7 @@ SEARCH = _no_bulk()
 def ra_versions(client: FhirClient, pids: set[str]) -> dict[str, int | None]:
     out = {}
     for pid in pids:
-        ra = client.read("RiskAssessment", assessment_id(f"Patient/{pid}", *RULESET))
+        ra = client.read("RiskAssessment", assessment_id(f"Patient/{pid}", RULESET[0]))
         out[pid] = int(ra["meta"]["versionId"]) if ra else None
     return out
 
@@ -86,7 +86,7 @@ def assert_exactly_one_current_ra(client: FhirClient, pids: set[str], *, version
         for t in prov.get("target", []):
             provenances[t["reference"].split("/_history/")[0].split("/fhir/")[-1]] += 1
     for pid, v in versions.items():
-        rid = f"RiskAssessment/{assessment_id(f'Patient/{pid}', *RULESET)}"
+        rid = f"RiskAssessment/{assessment_id(f'Patient/{pid}', RULESET[0])}"
         assert provenances[rid] == v, (pid, v, provenances[rid])
         if version is not None:
             assert v == version, (pid, v)
@@ -395,8 +395,11 @@ def _wait_log(receiver: Receiver, text: str, timeout: float = 30) -> str:
 
 
 def group_for(client: FhirClient, pid: str, version: str) -> str | None:
-    ra = client.read("RiskAssessment", assessment_id(f"Patient/{pid}", RULESET[0], version))
-    return ra["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] if ra else None
+    """The group of the patient's one current assessment, when it was made by rule-set ``version``."""
+    ra = client.read("RiskAssessment", assessment_id(f"Patient/{pid}", RULESET[0]))
+    if not ra or ra["method"]["coding"][0]["version"] != version:
+        return None
+    return ra["prediction"][0]["qualitativeRisk"]["coding"][0]["code"]
 
 
 def test_serve_refuses_an_invalid_rule_set_at_start(make_server, tmp_path):

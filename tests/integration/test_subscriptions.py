@@ -34,7 +34,7 @@ def secret_env(monkeypatch):
 
 
 def group_of(client: FhirClient, pid: str) -> str | None:
-    ra = client.read("RiskAssessment", assessment_id(f"Patient/{pid}", *RULESET))
+    ra = client.read("RiskAssessment", assessment_id(f"Patient/{pid}", RULESET[0]))
     return ra["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] if ra else None
 
 
@@ -119,10 +119,10 @@ def test_same_notification_twice_leaves_one_assessment_version(server, client, r
     assert post(receiver, f"/notify/Observation/{obs['id']}", body, method="PUT").status_code == 200
     wait_for_group(client, pid, "borderline-resectable")
     receiver.wait_idle()
-    first = client.read("RiskAssessment", assessment_id(f"Patient/{pid}", *RULESET))
+    first = client.read("RiskAssessment", assessment_id(f"Patient/{pid}", RULESET[0]))
     assert post(receiver, f"/notify/Observation/{obs['id']}", body, method="PUT").status_code == 200
     receiver.wait_idle()
-    again = client.read("RiskAssessment", assessment_id(f"Patient/{pid}", *RULESET))
+    again = client.read("RiskAssessment", assessment_id(f"Patient/{pid}", RULESET[0]))
     assert again["meta"]["versionId"] == first["meta"]["versionId"]
     assert receiver.health()["last_processed"]["result"].startswith("unchanged")
     ras = list(client.search("RiskAssessment", {"_tag": "https://clm-stratify.org/fhir/CodeSystem/tag|clm-stratify",

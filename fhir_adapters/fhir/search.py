@@ -1,0 +1,126 @@
+r"""Search syntax and completeness: values escaped per the FHIR search specification, and
+a search that returned everything or says why not.
+
+**Escaping.** In a search value ``\``, ``|``, ``,`` and ``$`` are special (R4 search,
+"Escaping Search Parameters"): a literal one is written ``\|`` etc. :func:`escape` and
+:func:`token` do it, so an identifier value with a ``|`` or ``,`` is not split into
+system and code or into an OR list. (Some servers split on every ``|`` even when escaped:
+values this project writes contain none.)
+
+**Completeness.** :class:`Completeness` follows one search across its pages and decides,
+at the last page (no ``next`` link), whether everything came back:
+
+* ``Bundle.total`` present and more than the distinct matches received: the server
+  stopped early without a ``next`` link (seen on Medplum, which never pages);
+* no total, and the last page is full (as many matches as ``_count`` asked for): the
+  server may have stopped early; checked rather than assumed.
+
+In both cases the client continues with ``_offset`` (see
+:meth:`fhir_adapters.fhir.client.FhirClient.search_pages`); a server that ignores
+``_offset`` (sends the same resources again) or returns nothing while its total says more
+exist makes the search fail with :class:`~fhir_adapters.fhir.errors.FhirTruncated`,
+naming what the server did. A server that caps ``_count`` silently with neither a
+``next`` link nor a total cannot be told apart from a complete answer.
+
+>>> token("http://example.org/ids", "A|B,C")
+'http://example.org/ids|A\\|B\\,C'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["escape", "token", "Completeness", "count_of", "MAX_OFFSET_PAGES"]
+
+# At most this many _offset continuations of one search (a bound, not a page size).
+MAX_OFFSET_PAGES = 10_000
+
+
+def escape(value: str) -> str:
+    r"""A search value with ``\``, ``|``, ``,`` and ``$`` escaped.
+
+    >>> escape(r"a|b,c$d\e")
+    'a\\|b\\,c\\$d\\\\e'
+    """
+    return value.replace("\\", "\\\\").replace("|", "\\|").replace(",", "\\,").replace("$", "\\$")
+
+
+def token(system: str | None, code: str) -> str:
+    """``system|code`` (both escaped); just the code when there is no system (any system)."""
+    return f"{escape(system)}|{escape(code)}" if system else escape(code)
+
+
+def count_of(pairs: Sequence[tuple[str, str]]) -> int | None:
+    """The ``_count`` a search asked for, or None."""
+    for key, value in reversed(list(pairs)):
+        if key == "_count":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _key(entry: dict) -> str | None:
+    r = entry.get("resource")
+    if not isinstance(r, dict):
+        return None
+    return f"{r.get('resourceType')}/{r.get('id')}" if r.get("id") else None
+
+
+def _is_match(entry: dict) -> bool:
+    mode = (entry.get("search") or {}).get("mode") if isinstance(entry.get("search"), dict) else None
+    return mode in (None, "match") and isinstance(entry.get("resource"), dict)
+
+
+class Completeness:
+    """The distinct matches of one search so far, and its ``Bundle.total`` (first page)."""
+
+    def __init__(self, requested_count: int | None = None) -> None:
+        self.requested_count = requested_count
+        self.total: int | None = None
+        self.matched = 0
+        self.pages = 0
+        self._keys: set[str] = set()
+
+    def add(self, bundle: dict) -> tuple[dict, int, int]:
+        """Count a page; returns (the page without matches already seen, its matches,
+        how many of them were new)."""
+        if self.pages == 0 and isinstance(bundle.get("total"), int) and not isinstance(bundle.get("total"), bool):
+            self.total = bundle["total"]
+        self.pages += 1
+        entries = [e for e in bundle.get("entry") or [] if isinstance(e, dict)]
+        kept, matches, new = [], 0, 0
+        for entry in entries:
+            if not _is_match(entry):
+                kept.append(entry)
+                continue
+            matches += 1
+            key = _key(entry)
+            if key is not None and key in self._keys:
+                continue
+            if key is not None:
+                self._keys.add(key)
+            new += 1
+            kept.append(entry)
+        self.matched += new
+        page = bundle if len(kept) == len(entries) else {**bundle, "entry": kept}
+        return page, matches, new
+
+    def shortfall(self, last_page_matches: int) -> str | None:
+        """Why the search may be incomplete at a page without a ``next`` link, or None."""
+        if self.total is not None:
+            if self.matched < self.total:
+                return (f"the server returned {self.matched} of {self.total} results (Bundle.total) "
+                        f"with no next link")
+            return None
+        if self.requested_count and last_page_matches >= self.requested_count:
+            return (f"the last page is full ({last_page_matches} results for _count={self.requested_count}) "
+                    f"with no next link and no Bundle.total")
+        return None
+
+    def done(self, page_matches: int) -> bool:
+        """After an ``_offset`` page: nothing more to fetch."""
+        if self.total is not None:
+            return self.matched >= self.total
+        return not (self.requested_count and page_matches >= self.requested_count)
