@@ -1,8 +1,12 @@
-"""``clm-stratify subscribe``: create (or ``--remove``) this tool's Subscriptions on a FHIR server."""
+"""``clm-stratify subscribe``: create or update (or ``--remove``) this tool's Subscriptions on a
+FHIR server. Idempotent: run again with the same arguments, nothing changes (each
+Subscription is reported ``unchanged``); a changed secret or payload updates them in place
+(see :func:`clm_stratify.service.subscriptions.sync`)."""
 
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 from clm_stratify.cli import output
 from clm_stratify.cli.common import (UsageError, add_rules_options, add_server_options,
@@ -23,15 +27,27 @@ def _topics(args: argparse.Namespace) -> list[tuple[str, str]]:
     return topics
 
 
+def _report(states) -> None:
+    """One line per Subscription: its status, what was done to it, its criteria."""
+    for st in states:
+        what = st.action + (f" ({st.note})" if st.note else "")
+        output.out(f"Subscription/{st.id}: {st.status}  {st.criteria}  [{what}]"
+                   + (f"  error: {st.error}" if st.error else ""))
+    counts = Counter(st.action for st in states)
+    output.out(", ".join(f"{a} {counts[a]}" for a in ("created", "updated", "unchanged", "removed") if counts[a]))
+
+
 def cmd_subscribe(args: argparse.Namespace) -> int:
     from clm_stratify.service.receiver import SECRET_HEADER
     from clm_stratify.service import subscriptions as subs
     from fhir_adapters.fhir.client import FhirError
 
+    if args.wait < 0 or args.wait > 600:
+        raise UsageError(f"--wait {args.wait}: give 0 to 600 seconds")
     with make_client(args) as client:
         try:
             if args.remove:
-                removed = subs.remove(client)
+                removed = subs.remove(client, args.endpoint)
                 output.out(f"removed {len(removed)} Subscription(s)" + (f": {', '.join(removed)}" if removed else ""))
                 return EXIT_OK
             if not args.endpoint:
@@ -44,17 +60,22 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
             else:
                 wanted = subs.backport_subscriptions(terminology, args.endpoint, SECRET_HEADER, secret, _topics(args),
                                                      content=args.payload_content, heartbeat=args.heartbeat)
-            statuses = subs.create(client, wanted)
+            states = subs.sync(client, wanted, wait=args.wait)
         except FhirError as exc:
             output.err(f"error: {exc}" + (f" ({exc.outcome})" if exc.outcome else ""))
             return EXIT_SERVER
-    output.print_subscriptions(statuses)
-    return EXIT_OK if all(st.status == "active" for st in statuses) else EXIT_FAILED
+    _report(states)
+    inactive = [st for st in states if st.action != "removed" and st.status != "active"]
+    if inactive:
+        output.err(f"{len(inactive)} Subscription(s) not active after {args.wait:g} s (status "
+                   f"{', '.join(sorted({st.status for st in inactive}))}): the server has not activated them; "
+                   "it may do so later, or never notify")
+    return EXIT_FAILED if inactive else EXIT_OK
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "subscribe", help="create (or --remove) this tool's Subscriptions on a FHIR server",
+        "subscribe", help="create or update (or --remove) this tool's Subscriptions on a FHIR server",
         epilog="examples:\n  clm-stratify subscribe --fhir-url URL --endpoint http://127.0.0.1:8765/notify\n"
                "  clm-stratify subscribe --fhir-url URL --endpoint E --style backport \\\n"
                "    --topic http://example.org/SubscriptionTopic/tumor-size=Observation\n"
@@ -70,7 +91,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--payload-content", choices=("full-resource", "id-only", "empty"), default="full-resource")
     p.add_argument("--heartbeat", type=int, metavar="S", help="backport heartbeat period")
     p.add_argument("--secret-env", default="CLM_SUBSCRIPTION_SECRET", metavar="VAR")
-    p.add_argument("--remove", action="store_true", help="delete the Subscriptions this tool created")
+    p.add_argument("--wait", type=float, default=5.0, metavar="S",
+                   help="seconds to wait for the server to activate the Subscriptions (default 5)")
+    p.add_argument("--remove", action="store_true",
+                   help="delete the Subscriptions this tool created (only those for --endpoint, when given)")
     add_server_options(p)
     add_rules_options(p)
     p.set_defaults(func=cmd_subscribe)

@@ -10,7 +10,9 @@ One run, five steps, each timed (the JSON report has the figures):
    :func:`fhir_adapters.writeback.strategy.choose`; batch or parallel searches).
 2. **load**: the synthetic patients of ``fixtures/``, each resource tagged with the run
    (:data:`~clm_stratify.interop.probes.RUN_TAG_SYSTEM` | run id) and its id suffixed
-   with the run id (references rewritten), so runs never collide on a shared sandbox.
+   with the run id (references rewritten), so runs never collide on a shared sandbox; on
+   a server that assigns ids, POSTed with ``urn:uuid`` fullUrls and known by the ids the
+   server gave (:mod:`.load_step`).
 3. **read-back**: every patient through :func:`fhir_adapters.sources.pull.fetch_patient`
    (the pipeline's own searches), compared with what a correct server must return;
    paging with ``_count=2``; then behaviour probes (unknown parameter with and without
@@ -19,13 +21,15 @@ One run, five steps, each timed (the JSON report has the figures):
 4. **write**: classify (:class:`~clm_stratify.pipeline.Stratifier`, as ``run --all``),
    compare with ``fixtures/expected.yaml``, write the RiskAssessments, read them back
    (valid R4B, group, status), write again (must be ``unchanged``; still one
-   RiskAssessment and one Provenance per patient); does ``RiskAssessment?patient=``
-   filter?
+   RiskAssessment and one Provenance per patient); do ``RiskAssessment?patient=`` and
+   ``?identifier=`` find the assessment just written?
 5. **cleanup**: delete everything the run created (unless ``keep``) and say what could
    not be deleted.
 
-Quirks met on the way are named in the report (:data:`QUIRKS`). Exit code: 0 when no
-check failed, 1 when one did, 3 when the CapabilityStatement cannot be read.
+Quirks met on the way are named in the report (:data:`QUIRKS`), each only when the server
+did it. No check passes on an empty or absent answer: a pass needs positive evidence
+(the resource, the result, the status code). Exit code: 0 when no check failed, 1 when
+one did, 3 when the CapabilityStatement cannot be read.
 
 The package, one module per concern: :mod:`.checks` (check and report types, the text
 table), :mod:`.run_state` (what a run holds, its bookkeeping), one module per step

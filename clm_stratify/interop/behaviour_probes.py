@@ -14,32 +14,7 @@ class BehaviourProbes(RunState):
     """The ``probe.*`` checks."""
 
     def behaviour_probes(self) -> None:
-        # unknown parameter, with and without Prefer: handling=strict
-        with self.timed() as t:
-            u = probes.probe_unknown_parameter(self.client, self.tag)
-        warn_text = "; ".join(dict.fromkeys(u.lenient_warnings))
-        if u.lenient_status == 200 and u.lenient_count and not warn_text:
-            self.check("probe.unknown-parameter", "unknown search parameter", WARN,
-                       "ignored silently: results came back and the searchset holds no warning", seconds=t[0])
-            self.quirk("search-parameter-ignored", "an unknown parameter is ignored silently (no warning)",
-                       "pull drops resources of other patients; RiskAssessments are read by id")
-        elif u.lenient_status == 200:
-            self.check("probe.unknown-parameter", "unknown search parameter", PASS,
-                       ("ignored with a warning (lenient handling): " + warn_text) if warn_text else
-                       "no results for the run's tag (cannot tell whether it was ignored)", seconds=t[0])
-        else:
-            self.check("probe.unknown-parameter", "unknown search parameter", PASS,
-                       f"rejected even without Prefer: handling=strict (HTTP {u.lenient_status})",
-                       u.lenient_outcome, t[0])
-        if u.strict_status is not None and 400 <= u.strict_status < 500:
-            self.check("probe.handling-strict", "Prefer: handling=strict", PASS,
-                       f"supported: an unknown parameter gives HTTP {u.strict_status}: {u.strict_outcome}")
-        else:
-            self.check("probe.handling-strict", "Prefer: handling=strict", WARN,
-                       f"not supported: the unknown parameter was still ignored (HTTP {u.strict_status})")
-            self.quirk("handling-strict-ignored", f"a search with an unknown parameter and Prefer: handling=strict "
-                       f"gave HTTP {u.strict_status}",
-                       "the project does not depend on it: results are checked (subject, tag) on the client side")
+        self.unknown_parameter()
 
         with self.timed() as t:
             v = probes.probe_version_conflict(self.client, self.tag)
@@ -63,7 +38,9 @@ class BehaviourProbes(RunState):
         title = "conditional create, several matches"
         relies = self.choice is not None and ConditionalCreate in (self.choice.strategy,
                                                                               *self.choice.fallbacks)
-        if c.status == 412:
+        if c.status is None:
+            self.check("probe.conditional-create", title, WARN, c.note or "no answer", c.outcome, t[0])
+        elif c.status == 412:
             self.check("probe.conditional-create", title, PASS, "412 Precondition Failed", c.outcome, t[0])
             self.quirk("412-on-multiple-match-conditional-create", "If-None-Exist matching two resources gave 412",
                        "the writer never creates a duplicate: 412 is a FhirConflict (re-read, retry once, "
@@ -77,3 +54,41 @@ class BehaviourProbes(RunState):
                        f"HTTP {c.status}" + (f" ({c.note})" if c.note and c.status and c.status < 300 else ""),
                        "not used by the chosen write strategy" if not relies else
                        "the writer reads the current assessment first", c.outcome)
+
+    def unknown_parameter(self) -> None:
+        """``probe.unknown-parameter`` and ``probe.handling-strict``: what an unknown search
+        parameter did without and with ``Prefer: handling=strict``, compared with the same
+        search without it (a server may ignore it, reject it, or match nothing)."""
+        with self.timed() as t:
+            u = probes.probe_unknown_parameter(self.client, self.tag)
+        search = f"Patient?_tag=<run tag>&{u.parameter}=1"
+        lenient, strict = u.effect(u.lenient), u.effect(u.strict)
+        detail = f"{search}: {u.describe(u.lenient)}"
+        title = "unknown search parameter"
+        if lenient == "ignored" and not u.lenient.warnings:
+            self.check("probe.unknown-parameter", title, WARN, detail, seconds=t[0])
+            self.quirk("search-parameter-ignored", "an unknown parameter is ignored silently (no warning)",
+                       "pull drops resources of other patients; RiskAssessments are checked to be ours")
+        elif lenient in ("ignored", "rejected"):
+            self.check("probe.unknown-parameter", title, PASS, detail + (" (lenient handling)" if lenient ==
+                                                                        "ignored" else ""), u.lenient.outcome, t[0])
+        elif lenient == "matched-nothing":
+            self.check("probe.unknown-parameter", title, WARN, detail, seconds=t[0])
+            self.quirk("unknown-parameter-matches-nothing", f"{search} gave HTTP 200 and no results; "
+                       f"{u.control.count} without the parameter",
+                       "no error to catch: cap.searches names the parameters the server does not declare, and "
+                       "read-back compares every patient with what a correct server returns (an unsupported "
+                       "parameter shows there as missing data)")
+        else:
+            self.check("probe.unknown-parameter", title, WARN, detail + ": the probe shows nothing certain",
+                       u.lenient.outcome, t[0])
+        title = "Prefer: handling=strict"
+        both = (f"without Prefer: {u.describe(u.lenient)}; with Prefer: handling=strict: "
+                f"{u.describe(u.strict)}")
+        if strict == "rejected" and u.strict.status is not None and 400 <= u.strict.status < 500:
+            self.check("probe.handling-strict", title, PASS, f"supported: {both}", u.strict.outcome)
+        else:
+            self.check("probe.handling-strict", title, WARN, f"not supported: {both}", u.strict.outcome)
+            self.quirk("handling-strict-ignored", f"{search} with Prefer: handling=strict: {u.describe(u.strict)}",
+                       "the project does not depend on it: results are checked (subject, tag, identifier) "
+                       "on the client side")

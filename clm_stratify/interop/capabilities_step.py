@@ -3,9 +3,10 @@ relies on; what is missing is a ``warn`` naming the fallback the project uses th
 
 from __future__ import annotations
 
-from clm_stratify.interop.checks import FAIL, PASS, WARN
+from clm_stratify.interop.checks import FAIL, PASS, WARN, short_list
 from clm_stratify.interop.run_state import RunState
 from fhir_adapters.fhir.client import FhirError
+from fhir_adapters.fhir.load import PUT_BY_ID, load_method
 from fhir_adapters.sources.pull import Searches
 from fhir_adapters.writeback.strategy import UpdateAsCreate, choose
 
@@ -21,6 +22,9 @@ class CapabilitiesStep(RunState):
                 self.check("cap.read", "CapabilityStatement", FAIL, str(exc), exc.outcome)
                 return False
         self.report.info["server"] = {"fhir_version": caps.fhir_version, "software": caps.software}
+        if caps.problems:
+            self.check("cap.statement", "CapabilityStatement well-formed", WARN,
+                       f"{len(caps.problems)} malformed parts ignored: {short_list(list(caps.problems), 4)}")
         r4 = caps.fhir_version.startswith("4.0")
         self.check("cap.version", "FHIR version", PASS if r4 else WARN,
                    f"{caps.fhir_version} ({caps.software})"
@@ -50,10 +54,20 @@ class CapabilitiesStep(RunState):
 
         types = sorted({e["resource"]["resourceType"] for b in self._bundles() for e in b.get("entry", [])})
         self._types = types
-        no_uc = [t for t in types if not (caps.resource(t) and caps.resource(t).update_create)]
-        self.check("cap.update-create", "update-as-create (client-assigned ids)", WARN if no_uc else PASS,
-                   f"not declared for {', '.join(no_uc)}: the test data is loaded with PUT by id (tested below)"
-                   if no_uc else f"declared for {', '.join(types)}")
+        refused = [t for t in types if caps.resource(t) and not caps.resource(t).update_create]
+        unlisted = [t for t in types if caps.resource(t) is None]
+        if load_method(caps, types) == PUT_BY_ID:
+            self.check("cap.update-create", "update-as-create (client-assigned ids)", WARN if unlisted else PASS,
+                       (f"declared for {', '.join(t for t in types if t not in unlisted) or 'no type'}; "
+                        f"{', '.join(unlisted)} not in the CapabilityStatement: assumed like the others; "
+                        "the test data is loaded with PUT by id (the load step shows whether it works)")
+                       if unlisted else f"declared for {', '.join(types)}: the test data is loaded with PUT by id")
+        else:
+            used = "POST with urn:uuid fullUrls in a transaction, ids read from response.location"
+            self.fallback("update-as-create (client-assigned ids)", used)
+            self.check("cap.update-create", "update-as-create (client-assigned ids)", WARN,
+                       f"not allowed (updateCreate false or absent) for {', '.join(refused or unlisted)}: the server "
+                       f"assigns ids; fallback: {used}")
 
         self.choice = choice = choose(caps)
         ra = caps.resource("RiskAssessment")

@@ -15,12 +15,11 @@ clinical content, and every FHIR server supports them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from fhir_adapters.fhir.client import FhirClient, FhirError
 from clm_stratify.interop.cleanup import delete_levels, deletion_levels, deletion_order, still_present, tagged
 from fhir_adapters.project import RUN_TAG_SYSTEM
-from clm_stratify.interop.run_data import (has_tag, local_search, new_run_id, owner_of, ref_of,
+from clm_stratify.interop.run_data import (as_stored, has_tag, local_search, new_run_id, owner_of, ref_of,
                                             references_in, run_scoped_bundle, tag_token, token_matches)
 from clm_stratify.interop.search import FHIR_JSON, LONG_LINK_CHARS, ReplyRecorder, SearchPages, search_pages
 
@@ -75,6 +74,10 @@ def probe_conditional_create_multiple(client: FhirClient, tag: tuple[str, str]) 
         _, body = client.create(probe_patient(tag, value))
         if body and body.get("id"):
             result.created.append(ref_of(body))
+    if len(result.created) < 2:
+        result.note = (f"the create replies named {len(result.created)} of the 2 resources sharing the identifier "
+                       "(no body?): not probed")
+        return result
     try:
         status, body = client.create(probe_patient(tag, value),
                                      if_none_exist=f"identifier={PROBE_IDENTIFIER_SYSTEM}|{value}")
@@ -90,33 +93,77 @@ def probe_conditional_create_multiple(client: FhirClient, tag: tuple[str, str]) 
 
 
 @dataclass
+class SearchAttempt:
+    """One search of the unknown-parameter probe: HTTP status (200 when it answered), how
+    many of the run's tagged resources came back, the searchset's warnings, the server's
+    error text."""
+
+    status: int | None
+    count: int = 0
+    warnings: list[str] = field(default_factory=list)
+    outcome: str = ""
+
+
+@dataclass
 class UnknownParamProbe:
-    lenient_status: int | None
-    lenient_count: int
-    lenient_warnings: list[str]
-    lenient_outcome: str
-    strict_status: int | None
-    strict_outcome: str
+    """The run's tagged resources searched three times: without the made-up parameter
+    (``control``), with it (``lenient``), with it and ``Prefer: handling=strict``."""
+
+    parameter: str
+    control: SearchAttempt
+    lenient: SearchAttempt
+    strict: SearchAttempt
+
+    def effect(self, a: SearchAttempt) -> str:
+        """What the parameter did to the search ``a``: ``rejected`` (an HTTP error),
+        ``ignored`` (as many results as without it), ``matched-nothing`` (none, where the
+        control found some), ``filtered`` (fewer), or ``unknown`` (the control found none)."""
+        if a.status != 200:
+            return "rejected"
+        if not self.control.count:
+            return "unknown"
+        if a.count == 0:
+            return "matched-nothing"
+        return "ignored" if a.count >= self.control.count else "filtered"
+
+    def describe(self, a: SearchAttempt) -> str:
+        """What happened, in words, e.g. ``HTTP 200: matched nothing (0 results; 10 without it)``."""
+        warning = "; ".join(dict.fromkeys(a.warnings))
+        said = f"; warning: {warning}" if warning else "; no warning"
+        effect = self.effect(a)
+        if effect == "rejected":
+            return f"HTTP {a.status if a.status is not None else '(no answer)'}: rejected" + \
+                (f" ({a.outcome})" if a.outcome else "")
+        if effect == "unknown":
+            return (f"HTTP 200, {a.count} of the run's resources (effect unknown: the search without the "
+                    f"parameter found none of them either){said}")
+        if effect == "matched-nothing":
+            return (f"HTTP 200: matched nothing (0 results, {self.control.count} without the parameter; "
+                    f"neither ignored nor rejected){said}")
+        if effect == "ignored":
+            return f"HTTP 200: ignored ({a.count} results, as without the parameter){said}"
+        return f"HTTP 200: filtered ({a.count} results, {self.control.count} without the parameter){said}"
 
 
 def probe_unknown_parameter(client: FhirClient, tag: tuple[str, str], rtype: str = "Patient") -> UnknownParamProbe:
-    """Search the run's tagged resources with a made-up parameter, without and with
-    ``Prefer: handling=strict``."""
-    params = {"_tag": tag_token(tag), f"clm-interop-unknown-{tag[1]}": "1", "_count": "10"}
-    results: list[Any] = []
-    for strict in (False, True):
+    """Search the run's tagged resources without a made-up parameter, with it, and with it
+    and ``Prefer: handling=strict`` (first page of each, exactly as the server sent it;
+    only resources that really carry the run tag are counted)."""
+    unknown = f"clm-interop-unknown-{tag[1]}"
+    base = {"_tag": tag_token(tag), "_count": "10"}
+    attempts: list[SearchAttempt] = []
+    for params, strict in ((base, False), ({**base, unknown: "1"}, False), ({**base, unknown: "1"}, True)):
         try:
-            page = search_pages(client, rtype, params, max_pages=1, strict=strict)
-            results.append((200, len(page.resources), page.warnings, ""))
+            page = search_pages(client, rtype, params, max_pages=1, strict=strict, complete=False)
+            attempts.append(SearchAttempt(200, sum(has_tag(r, tag) for r in page.resources), page.warnings))
         except FhirError as exc:
-            results.append((exc.status, 0, [], exc.outcome))
-    (ls, lc, lw, lo), (ss, _, _, so) = results
-    return UnknownParamProbe(ls, lc, lw, lo, ss, so)
+            attempts.append(SearchAttempt(exc.status, 0, [], exc.outcome or str(exc)))
+    return UnknownParamProbe(unknown, *attempts)
 
 __all__ = [
-    "RUN_TAG_SYSTEM", "PROBE_IDENTIFIER_SYSTEM", "LONG_LINK_CHARS", "FHIR_JSON", 
+    "RUN_TAG_SYSTEM", "PROBE_IDENTIFIER_SYSTEM", "LONG_LINK_CHARS", "FHIR_JSON",
     "new_run_id", "tag_token", "has_tag", "ref_of", "run_scoped_bundle", "references_in", "token_matches",
     "local_search", "ReplyRecorder", "SearchPages", "search_pages", "owner_of", "ProbeResult",
-    "probe_version_conflict", "probe_conditional_create_multiple", "UnknownParamProbe",
+    "probe_version_conflict", "probe_conditional_create_multiple", "UnknownParamProbe", "SearchAttempt", "as_stored",
     "probe_unknown_parameter", "deletion_levels", "deletion_order", "delete_levels", "tagged", "still_present",
 ]

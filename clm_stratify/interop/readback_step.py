@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from collections import Counter
 
-from clm_stratify.interop.checks import FAIL, PASS, WARN, short_list
+from clm_stratify.interop.checks import FAIL, PASS, SKIP, WARN, Check, short_list
 from clm_stratify.interop.run_state import FixturePatient, RunState
 from clm_stratify.interop import probes
 from clm_stratify.interop.probes import ref_of
 from fhir_adapters.sources.pull import Searches, fetch_patient, referenced_searches, subject_identifier
+from fhir_adapters.fhir.client import FhirError, FhirTruncated
 from fhir_adapters.fhir.reference import PatientIdentity
+
+_FILTER_TITLE = "search filter by patient (Observation)"
 
 
 class ReadBackStep(RunState):
@@ -40,8 +43,12 @@ class ReadBackStep(RunState):
         before = self.client.round_trips
         with self.timed() as t:
             for p in self.patients:
-                got = {ref_of(r) for r in fetch_patient(self.client, p.patient, self.rules.terminology)}
                 want = self.expected_read(p)
+                try:
+                    got = {ref_of(r) for r in fetch_patient(self.client, p.patient, self.rules.terminology)}
+                except FhirError as exc:
+                    problems.append(f"{p.fixture}: {exc}")
+                    continue
                 total += len(got)
                 if got != want:
                     problems.append(f"{p.fixture}: missing {sorted(want - got) or 'none'}, "
@@ -58,51 +65,87 @@ class ReadBackStep(RunState):
         patient = p.patient.reference
         want = probes.local_search(p.resources, "Observation", {}, patient)
         query = f"Observation?patient={p.patient.id}&_count=2"
+        title = "paging (_count=2, next links)"
         with self.timed() as t:
-            res = probes.search_pages(self.client, "Observation", {"patient": p.patient.id, "_count": "2"},
-                                      max_pages=50)
+            try:
+                res = probes.search_pages(self.client, "Observation", {"patient": p.patient.id, "_count": "2"},
+                                          max_pages=50)
+            except FhirError as exc:
+                self.check("read.paging", title, FAIL, f"{query}: the search failed: {exc}", exc.outcome, t[0])
+                if isinstance(exc, FhirTruncated):
+                    self.quirk("paging-absent", f"{query}: {exc}", "none possible: the search fails "
+                               "(FhirTruncated) rather than classify from a partial record")
+                self.report.checks.append(Check("read.patient-filter", self._step, _FILTER_TITLE, SKIP,
+                                                f"not run: {query} failed"))
+                return
         foreign = [r for r in res.resources if probes.owner_of(r) != patient]
         mine = [ref_of(r) for r in res.resources if probes.owner_of(r) == patient]
         dups = sorted(k for k, n in Counter(mine).items() if n > 1)
         missing = sorted(want - set(mine))
+        cut = res.cut_short()
+        links = sum(res.has_next)
+        how = (f"{res.pages} pages: {links} next links followed"
+               + (f", then _offset from page {cut[0] + 1} (page {cut[0]} had no next link)"
+                  if cut and cut[0] < res.pages else ""))
         if len(want) < 3:
-            self.check("read.paging", "paging (_count=2, next links)", WARN, f"{query}: only {len(want)} "
-                       "Observations in the chosen fixtures: paging not exercised", seconds=t[0])
+            self.check("read.paging", title, WARN, f"{query}: only {len(want)} Observations in the chosen fixtures: "
+                       "paging not exercised", seconds=t[0])
         elif foreign and res.truncated:
-            self.check("read.paging", "paging (_count=2, next links)", WARN, f"{query}: the patient filter was "
-                       f"ignored and the pages never ended ({res.pages} pages read): paging not checked",
-                       seconds=t[0])
+            self.check("read.paging", title, WARN, f"{query}: the patient filter was ignored and the pages never "
+                       f"ended ({res.pages} pages read): paging not checked", seconds=t[0])
         else:
             bad = missing or dups
-            detail = (f"{query}: {len(want)} Observations in {res.pages} pages"
-                      + (f"; missing {missing}" if missing else "") + (f"; repeated {dups}" if dups else "")
-                      + ("" if bad else ", all came back once"))
-            self.check("read.paging", "paging (_count=2, next links)", FAIL if bad else PASS, detail,
-                       seconds=t[0])
-        if res.page_sizes and res.page_sizes[0] > 2:
-            self.quirk("count-ignored", f"{query} gave {res.page_sizes[0]} resources on the first page",
-                       "pages are followed whatever their size")
-        if res.totals and all(x is None for x in res.totals):
-            self.quirk("bundle-total-absent", f"{query}: no Bundle.total on any of {res.pages} pages",
-                       "Bundle.total is never used: pages are followed until there is no next link")
-        elif res.totals and res.totals[0] is not None and res.totals[0] != len(res.resources) and not res.truncated:
-            self.quirk("bundle-total-absent", f"{query}: Bundle.total says {res.totals[0]}, "
-                       f"{len(res.resources)} came back", "Bundle.total is never used")
-        if res.next_link_lengths and max(res.next_link_lengths) > probes.LONG_LINK_CHARS:
-            self.quirk("long-next-links", f"{query}: next links of up to {max(res.next_link_lengths)} characters",
-                       "next links are followed verbatim (never rebuilt); all pages came back"
-                       if not missing else "next links are followed verbatim")
+            self.check("read.paging", title, FAIL if bad else PASS,
+                       f"{query}: {len(set(mine))} of the patient's {len(want)} Observations in {how}"
+                       + (f"; missing {missing}" if missing else "") + (f"; repeated {dups}" if dups else "")
+                       + ("" if bad else "; all came back once"), seconds=t[0])
+        self._paging_quirks(query, res, cut, missing)
         text = "; ".join(dict.fromkeys(res.warnings))
-        self.check("read.patient-filter", "search filter by patient (Observation)", WARN if foreign else PASS,
-                   (f"{query} returned {len(foreign)} Observations of other patients"
-                    + (f" (server: {text})" if text else " with no warning")
-                    + "; fallback: pull drops resources whose subject is another patient")
-                   if foreign else f"{query} returned only that patient's Observations")
+        if not mine:
+            self.check("read.patient-filter", _FILTER_TITLE, FAIL,
+                       f"{query} returned none of the patient's {len(want)} Observations"
+                       + (f" ({len(foreign)} of other patients)" if foreign else "") + ": the filter is not "
+                       "shown to work")
+        else:
+            self.check("read.patient-filter", _FILTER_TITLE, WARN if foreign else PASS,
+                       (f"{query} returned {len(foreign)} Observations of other patients"
+                        + (f" (server: {text})" if text else " with no warning")
+                        + "; fallback: pull drops resources whose subject is another patient")
+                       if foreign else f"{query} returned {len(set(mine))} Observations, all the patient's")
         if foreign:
             self.quirk("search-parameter-ignored",
                        "Observation?patient= returned other patients' Observations"
                        + ("" if text else " (silently: no warning in the searchset)"),
                        "pull drops every resource whose subject is another patient", text)
+
+    def _paging_quirks(self, query: str, res: probes.SearchPages, cut: tuple[int, int] | None,
+                       missing: list[str]) -> None:
+        """Name what the server did with paging: each quirk only when it happened."""
+        if any(size > 2 for size in res.page_sizes):
+            self.quirk("count-not-honoured", f"{query} gave pages of {', '.join(map(str, res.page_sizes))} "
+                       "resources", "pages are followed whatever their size")
+        if res.totals and all(x is None for x in res.totals):
+            self.quirk("bundle-total-absent", f"{query}: no Bundle.total on any of {res.pages} pages",
+                       "Bundle.total is not needed while next links come; without them a full last page "
+                       "is checked with _offset")
+        if cut:
+            page, received = cut
+            said = (f"Bundle.total {res.total}" if res.total is not None else
+                    "no Bundle.total, and the page was full")
+            continued = page < res.pages
+            self.quirk("paging-absent", f"{query}: page {page} had no next link after {received} resources "
+                       f"({said})",
+                       (f"the client went on with _offset: {len(res.resources)} resources in {res.pages} requests"
+                        + ("" if not missing else f", still missing {len(missing)}")) if continued else
+                       "none: the search stopped there (results left out)")
+        elif res.total is not None and res.total != len(res.resources) and not res.truncated:
+            self.quirk("bundle-total-inaccurate", f"{query}: Bundle.total says {res.total}, "
+                       f"{len(res.resources)} came back (all pages, next links followed)",
+                       "Bundle.total is only used to notice a search cut short")
+        if res.next_link_lengths and max(res.next_link_lengths) > probes.LONG_LINK_CHARS:
+            self.quirk("long-next-links", f"{query}: next links of up to {max(res.next_link_lengths)} characters",
+                       "next links are followed verbatim (never rebuilt); all pages came back"
+                       if not missing else "next links are followed verbatim")
 
     def media_types(self, recorder: probes.ReplyRecorder) -> None:
         types = dict(recorder.media_types)

@@ -14,13 +14,15 @@ from clm_stratify.interop.checks import SKIPPED_WITHOUT_DATA, STEPS, InteropRepo
 from clm_stratify.interop.cleanup_step import CleanupStep
 from clm_stratify.interop.load_step import LoadStep
 from clm_stratify.interop.readback_step import ReadBackStep
+from clm_stratify.interop.subscription_step import SubscriptionOptions, SubscriptionStep
 from clm_stratify.interop.write_step import WriteStep
 from clm_stratify.interop import probes
 from clm_stratify.pipeline import Rules
 from fhir_adapters.fhir.client import FhirClient
 
 
-class InteropRun(CapabilitiesStep, LoadStep, ReadBackStep, BehaviourProbes, WriteStep, CleanupStep):
+class InteropRun(CapabilitiesStep, LoadStep, ReadBackStep, BehaviourProbes, WriteStep, SubscriptionStep,
+                 CleanupStep):
     """One interop run against one server (see :mod:`clm_stratify.interop`)."""
 
     def run(self) -> InteropReport:
@@ -46,6 +48,8 @@ class InteropRun(CapabilitiesStep, LoadStep, ReadBackStep, BehaviourProbes, Writ
                         self.classify_and_write()
                 else:
                     self.skip(SKIPPED_WITHOUT_DATA, "no patient could be loaded")
+                with self.step("subscription"):
+                    self.subscription_check()
             finally:
                 with self.step("cleanup"):
                     self.cleanup()
@@ -60,12 +64,12 @@ class InteropRun(CapabilitiesStep, LoadStep, ReadBackStep, BehaviourProbes, Writ
 
 
 def run_command(client: FhirClient, rules: Rules, *, report_path: str | None = None,
-                keep: bool = False, out=None) -> int:
+                keep: bool = False, out=None, subscription: SubscriptionOptions | None = None) -> int:
     """What ``clm-stratify interop`` does: run, print the table, write the JSON report."""
     import sys
 
     out = out or sys.stdout
-    report = InteropRun(client, rules, keep=keep).run()
+    report = InteropRun(client, rules, keep=keep, subscription=subscription).run()
     print(table(report), file=out)
     if report_path:
         Path(report_path).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False, default=str) + "\n")

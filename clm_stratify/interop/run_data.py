@@ -63,26 +63,43 @@ def run_scoped_bundle(bundle: Mapping, run_id: str) -> tuple[dict, dict[str, str
             raise ValueError(f"{ref_of(r)}: id too long for a run suffix (FHIR ids are at most 64 characters)")
         ids[ref_of(r)] = f"{r['resourceType']}/{new}"
 
-    def rewrite(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "reference" and isinstance(value, str) and (m := _REF.match(value)):
-                    target = ids.get(f"{m['type']}/{m['id']}")
-                    if target:
-                        node[key] = target + (m["hist"] or "")
-                else:
-                    rewrite(value)
-        elif isinstance(node, list):
-            for item in node:
-                rewrite(item)
-
     for entry in out.get("entry") or []:
         r = entry["resource"]
         new_ref = ids[ref_of(r)]
         r["id"] = new_ref.split("/", 1)[1]
-        rewrite(r)
+        _rewrite_references(r, ids)
         entry["fullUrl"] = new_ref
     return out, ids
+
+
+def _rewrite_references(node: Any, ids: Mapping[str, str]) -> None:
+    """Point every reference to a key of ``ids`` (``Type/id``) at its value, in place."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str) and (m := _REF.match(value)):
+                target = ids.get(f"{m['type']}/{m['id']}")
+                if target:
+                    node[key] = target + (m["hist"] or "")
+            else:
+                _rewrite_references(value, ids)
+    elif isinstance(node, list):
+        for item in node:
+            _rewrite_references(item, ids)
+
+
+def as_stored(resource: Mapping, ids: Mapping[str, str]) -> dict:
+    """A copy of a loaded resource as the server holds it: its id and its references to
+    the other loaded resources replaced by the ids the server gave them (``ids``: Bundle
+    ``Type/id`` -> server ``Type/id``; the identity when the ids were the client's).
+
+    >>> r = {"resourceType": "Observation", "id": "o-ab12", "subject": {"reference": "Patient/p-ab12"}}
+    >>> as_stored(r, {"Observation/o-ab12": "Observation/9f1c", "Patient/p-ab12": "Patient/77d0"})
+    {'resourceType': 'Observation', 'id': '9f1c', 'subject': {'reference': 'Patient/77d0'}}
+    """
+    out = copy.deepcopy(dict(resource))
+    out["id"] = ids[ref_of(resource)].split("/", 1)[1]
+    _rewrite_references(out, ids)
+    return out
 
 
 def references_in(resource: Any) -> set[str]:

@@ -22,7 +22,9 @@ from fhir_adapters.writeback.strategy import UpdateAsCreate
 
 @dataclass
 class FixturePatient:
-    """A fixture patient as loaded (run-suffixed id) and what ``expected.yaml`` says of it."""
+    """A fixture patient as loaded and what ``expected.yaml`` says of it: ``patient`` is its
+    id on the server (run-suffixed, or the server's own when it assigns ids) and
+    ``resources`` are as the server holds them (server ids, references rewritten)."""
 
     fixture: str
     original_id: str
@@ -57,7 +59,8 @@ class RunState:
         self.patients: list[FixturePatient] = []
         self.loaded: list[dict] = []          # every resource sent (for clean-up)
         self.created: list[str] = []          # probe resources, Provenances found
-        self.ra_refs: dict[PatientRef, str] = {}   # patient -> RiskAssessment/<id>
+        self.ra_refs: dict[PatientRef, str] = {}   # patient -> RiskAssessment/<id> (the first write)
+        self.assessments: set[str] = set()         # every RiskAssessment/<id> met of the run's patients
         self._step = ""
 
     # ------------------------------------------------------------------ bookkeeping
@@ -121,3 +124,23 @@ class RunState:
         return [ref_of(r) for r in page.resources if r.get("resourceType") == "Provenance"
                 and any((t.get("reference") or "").split("/_history/")[0].endswith(ra_ref)
                         for t in r.get("target") or [])]
+
+    def _assessments_on_server(self) -> list[str] | None:
+        """``RiskAssessment/<id>`` of every assessment the server holds for the run's
+        patients (their ids are the run's own), when RiskAssessment can be searched by
+        patient; None when it cannot (then they are known by id only)."""
+        ra = self.caps.resource("RiskAssessment") if self.caps else None
+        if ra is None or "patient" not in ra.search_params or not self.patients:
+            return None
+        mine = {p.patient.reference for p in self.patients}
+        ids = sorted(p.patient.id for p in self.patients)
+        found: list[str] = []
+        try:
+            for i in range(0, len(ids), 50):
+                res = probes.search_pages(self.client, "RiskAssessment",
+                                          {"patient": ",".join(ids[i:i + 50]), "_count": "100"}, max_pages=10)
+                found += [probes.ref_of(r) for r in res.resources
+                          if r.get("resourceType") == "RiskAssessment" and probes.owner_of(r) in mine]
+        except FhirError:
+            return None
+        return sorted(set(found))

@@ -59,6 +59,7 @@ class SearchPages:
     pages: int = 0
     page_sizes: list[int] = field(default_factory=list)
     totals: list[int | None] = field(default_factory=list)
+    has_next: list[bool] = field(default_factory=list)      # per page: did it carry a next link?
     next_link_lengths: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     truncated: bool = False
@@ -67,12 +68,36 @@ class SearchPages:
     def ids(self) -> list[str]:
         return [ref_of(r) for r in self.resources]
 
+    @property
+    def total(self) -> int | None:
+        """``Bundle.total`` of the first page (None when absent)."""
+        return self.totals[0] if self.totals else None
+
+    def cut_short(self) -> tuple[int, int] | None:
+        """(page number, resources received so far) of the first page that had no ``next``
+        link although more followed: ``Bundle.total`` said more exist (or the page was full),
+        and the client went on with ``_offset``; or, on the last page, ``Bundle.total`` says
+        more exist than came back. None when the server paged properly."""
+        received = 0
+        for i, (size, nxt) in enumerate(zip(self.page_sizes, self.has_next)):
+            received += size
+            if nxt:
+                continue
+            if i + 1 < self.pages or (isinstance(self.total, int) and received < self.total):
+                return i + 1, received
+        return None
+
 
 def search_pages(client: FhirClient, rtype: str, params: Mapping[str, str], *, max_pages: int = 100,
-                 strict: bool = False) -> SearchPages:
-    """Run a search following ``next`` links verbatim, recording what each page looked like."""
+                 strict: bool = False, complete: bool = True) -> SearchPages:
+    """Run a search following ``next`` links verbatim, recording what each page looked like.
+
+    ``complete`` (default) is how the project searches: a page without a ``next`` link
+    that leaves results out is followed by ``_offset`` pages, or the search raises
+    :class:`~fhir_adapters.fhir.errors.FhirTruncated`; ``complete=False`` takes exactly
+    what the server sent."""
     out = SearchPages()
-    pages = client.search_pages(rtype, dict(params), strict=strict)
+    pages = client.search_pages(rtype, dict(params), strict=strict, complete=complete)
     try:
         for bundle in pages:
             out.pages += 1
@@ -80,13 +105,15 @@ def search_pages(client: FhirClient, rtype: str, params: Mapping[str, str], *, m
                        if (e.get("search") or {}).get("mode") != "outcome" and isinstance(e.get("resource"), dict)]
             out.resources += [e["resource"] for e in entries]
             out.page_sizes.append(len(entries))
-            out.totals.append(bundle.get("total"))
+            total = bundle.get("total")
+            out.totals.append(total if isinstance(total, int) and not isinstance(total, bool) else None)
             nxt = next((link.get("url") for link in bundle.get("link") or []
                         if link.get("relation") == "next" and link.get("url")), None)
+            out.has_next.append(bool(nxt))
             if nxt:
                 out.next_link_lengths.append(len(nxt))
-            if out.pages >= max_pages and nxt:
-                out.truncated = True
+            if out.pages >= max_pages:     # a bound (next links, or the client's _offset pages)
+                out.truncated = bool(nxt) or (isinstance(out.total, int) and len(out.resources) < out.total)
                 break
     finally:
         pages.close()

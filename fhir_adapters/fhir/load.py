@@ -122,23 +122,36 @@ def _location_ref(response: dict, rtype: str) -> str:
                     method="POST")
 
 
+def load_method(caps: ServerCapabilities, types: Iterable[str]) -> str:
+    """:data:`PUT_BY_ID` when the server lets clients choose ids for ``types``, else
+    :data:`POST_URN_UUID`."""
+    return PUT_BY_ID if client_ids_allowed(caps, types) else POST_URN_UUID
+
+
+def load_bundle(client: FhirClient, bundle: dict, loaded: Loaded, tag: tuple[str, str] | None = None) -> list[dict]:
+    """Load one Bundle in one transaction, the way ``loaded.method`` says; its ids go into
+    ``loaded.ids`` (references to Bundles loaded before through ``loaded`` are resolved).
+    Returns the transaction-response entries, in the order of the Bundle's entries."""
+    if loaded.method == PUT_BY_ID:
+        entries = as_transaction_entries(bundle, tag)
+        responses = client.transaction(entries)
+        loaded.ids.update({e["fullUrl"]: e["fullUrl"] for e in entries})
+    else:
+        entries, refs = as_create_entries(bundle, tag, loaded.ids)
+        responses = client.transaction(entries)
+        for entry, ref, response in zip(entries, refs, responses):
+            loaded.ids[ref] = _location_ref(response, entry["resource"]["resourceType"])
+    loaded.count += len(entries)
+    return responses
+
+
 def load_bundles(client: FhirClient, bundles: Iterable[dict], tag: tuple[str, str] | None = None) -> Loaded:
     """Load every resource of ``bundles`` (one transaction per Bundle); see the module docstring."""
     bundles = list(bundles)
     types = {e["resource"]["resourceType"] for b in bundles for e in b.get("entry", [])}
-    caps = client.capabilities()
-    loaded = Loaded(method=PUT_BY_ID if client_ids_allowed(caps, types) else POST_URN_UUID)
+    loaded = Loaded(method=load_method(client.capabilities(), types))
     for bundle in bundles:
-        if loaded.method == PUT_BY_ID:
-            entries = as_transaction_entries(bundle, tag)
-            client.transaction(entries)
-            loaded.ids.update({e["fullUrl"]: e["fullUrl"] for e in entries})
-        else:
-            entries, refs = as_create_entries(bundle, tag, loaded.ids)
-            responses = client.transaction(entries)
-            for entry, ref, response in zip(entries, refs, responses):
-                loaded.ids[ref] = _location_ref(response, entry["resource"]["resourceType"])
-        loaded.count += len(entries)
+        load_bundle(client, bundle, loaded, tag)
     return loaded
 
 

@@ -25,9 +25,9 @@ from typing import ClassVar
 from fhir_adapters.fhir.capabilities import ServerCapabilities
 from urllib.parse import quote
 
-from fhir_adapters.fhir.client import FhirClient, FhirConflict
+from fhir_adapters.fhir.client import FhirClient, FhirConflict, FhirError
 from fhir_adapters.fhir.search import token
-from fhir_adapters.project import IDENTIFIER_SYSTEM
+from fhir_adapters.project import IDENTIFIER_SYSTEM, TAG, TAG_SYSTEM
 
 __all__ = ["WriteStrategy", "UpdateAsCreate", "ConditionalUpdate", "ConditionalCreate", "StrategyChoice",
            "choose", "BY_NAME"]
@@ -38,9 +38,8 @@ def identifier_token(ra: dict) -> str:
     return token(IDENTIFIER_SYSTEM, ra["identifier"][0]["value"])
 
 
-def identifier_query(ra: dict) -> str:
-    """``identifier=<token>``, URL-encoded, for a conditional write's URL or ``ifNoneExist``."""
-    return f"identifier={quote(identifier_token(ra), safe='|:/')}"
+def _query(pairs: Sequence[tuple[str, str]]) -> str:
+    return "&".join(f"{k}={quote(v, safe='|:/')}" for k, v in pairs)
 
 
 def is_ours(found: dict, ra: dict) -> bool:
@@ -72,6 +71,12 @@ class WriteStrategy:
     def how_found(self, ra: dict) -> str:
         """How :meth:`find_current` looks for ``ra`` (for error messages)."""
         raise NotImplementedError
+
+    def found_otherwise(self, ra: dict) -> dict | None:
+        """``ra``'s assessment found another way than :meth:`find_current` (asked before a
+        writer's first create: a server whose search misses what is there is caught before
+        it gets a duplicate). None when there is no other way, or it finds nothing."""
+        return None
 
     def request(self, ra: dict, current: dict | None) -> tuple[dict, dict]:
         """(the RiskAssessment to send, the transaction entry's ``request``) that writes ``ra``."""
@@ -116,25 +121,52 @@ class UpdateAsCreate(WriteStrategy):
 
 class _ByIdentifier(WriteStrategy):
     """Finds the current assessment by its identifier (the server assigns ids); only
-    results that really carry the identifier and subject count."""
+    results that really carry the identifier and subject count.
 
-    chunk = 50   # identifiers per OR search in find_current_many
+    When the server can search RiskAssessment by ``subject`` (or ``patient``), the
+    patient comes first in every search and conditional write, with the identifier:
+    the same match, but a server that filters in order looks at one patient's
+    assessments instead of scanning every identifier (Medplum's engine: 0.02 s instead
+    of 0.5 s per search at 300 assessments, growing with their number)."""
+
+    chunk = 50   # patients per OR search in find_current_many
+
+    def _patient_param(self) -> str | None:
+        caps = self.client.capabilities().resource("RiskAssessment")
+        return next((p for p in ("subject", "patient") if caps and p in caps.search_params), None)
+
+    def criteria(self, ras: Sequence[dict]) -> list[tuple[str, str]]:
+        """The search for these assessments (OR lists): patient first, then identifier."""
+        param = self._patient_param()
+        pairs = [(param, ",".join(ra["subject"]["reference"] for ra in ras))] if param else []
+        return pairs + [("identifier", ",".join(identifier_token(ra) for ra in ras))]
 
     def find_current(self, ra: dict) -> dict | None:
-        found = self.client.search("RiskAssessment", {"identifier": identifier_token(ra)}, strict=True)
+        found = self.client.search("RiskAssessment", self.criteria([ra]), strict=True)
         return self._one([r for r in found if is_ours(r, ra)], ra)
 
     def find_current_many(self, ras: Sequence[dict]) -> list[dict | None]:
         out: list[dict | None] = []
         for start in range(0, len(ras), self.chunk):
             part = ras[start:start + self.chunk]
-            params = {"identifier": ",".join(identifier_token(ra) for ra in part), "_count": str(2 * len(part))}
+            params = self.criteria(part) + [("_count", str(2 * len(part)))]
             found = list(self.client.search("RiskAssessment", params, strict=True))
             out += [self._one([r for r in found if is_ours(r, ra)], ra) for ra in part]
         return out
 
     def how_found(self, ra: dict) -> str:
-        return f"the search RiskAssessment?identifier={identifier_token(ra)}"
+        return f"the search RiskAssessment?{'&'.join(f'{k}={v}' for k, v in self.criteria([ra]))}"
+
+    def found_otherwise(self, ra: dict) -> dict | None:
+        param = self._patient_param()
+        if param is None:
+            return None
+        try:
+            found = self.client.search("RiskAssessment", {param: ra["subject"]["reference"],
+                                                          "_tag": token(TAG_SYSTEM, TAG)})
+            return next((r for r in found if is_ours(r, ra)), None)
+        except FhirError:
+            return None   # no second way on this server
 
     def _one(self, matches: list[dict], ra: dict) -> dict | None:
         if len(matches) > 1:
@@ -146,23 +178,23 @@ class _ByIdentifier(WriteStrategy):
 
 
 class ConditionalUpdate(_ByIdentifier):
-    """``PUT RiskAssessment?identifier=<system>|<key>``."""
+    """``PUT RiskAssessment?[subject=<patient>&]identifier=<system>|<key>``."""
 
     name = "conditional-update"
 
     def _create(self, ra: dict) -> tuple[dict, dict]:
         ra = {k: v for k, v in ra.items() if k != "id"}
-        return ra, {"method": "PUT", "url": f"RiskAssessment?{identifier_query(ra)}"}
+        return ra, {"method": "PUT", "url": f"RiskAssessment?{_query(self.criteria([ra]))}"}
 
 
 class ConditionalCreate(_ByIdentifier):
-    """``POST RiskAssessment`` with ``If-None-Exist: identifier=<system>|<key>``."""
+    """``POST RiskAssessment`` with ``If-None-Exist: [subject=<patient>&]identifier=<system>|<key>``."""
 
     name = "conditional-create"
 
     def _create(self, ra: dict) -> tuple[dict, dict]:
         ra = {k: v for k, v in ra.items() if k != "id"}
-        return ra, {"method": "POST", "url": "RiskAssessment", "ifNoneExist": identifier_query(ra)}
+        return ra, {"method": "POST", "url": "RiskAssessment", "ifNoneExist": _query(self.criteria([ra]))}
 
 
 BY_NAME: dict[str, type[WriteStrategy]] = {s.name: s for s in (UpdateAsCreate, ConditionalUpdate, ConditionalCreate)}

@@ -85,6 +85,8 @@ class AssessmentWriter:
             current = self.strategy.find_current(ra)
             if same_assessment(current, ra):
                 return WriteResult(r.patient, "unchanged", _ref(current))
+            if current is None and not self._verified and not dry_run:
+                self._check_not_hidden(ra)
             entries = self.entries(r, ra, current)
             if dry_run:
                 return WriteResult(r.patient, "would-update" if current else "would-create",
@@ -105,6 +107,18 @@ class AssessmentWriter:
         if self._refused is not None:
             raise WriteNotIdempotent(f"writing is stopped on this server: {self._refused}",
                                      url=self.client.base_url)
+
+    def _check_not_hidden(self, ra: dict) -> None:
+        """Before the first create: the server must not hold ``ra``'s assessment where
+        :meth:`WriteStrategy.find_current` cannot see it (a re-run would duplicate it)."""
+        hidden = self.strategy.found_otherwise(ra)
+        if hidden is not None:
+            self._refused = WriteNotIdempotent(
+                f"{self.strategy.how_found(ra)} found nothing, but RiskAssessment/{hidden.get('id')} with that "
+                f"identifier is on the server (found by subject and tag): this server's search does not find "
+                f"assessments the way this program looks for them, so writing would duplicate them; stopping",
+                url=self.client.base_url)
+            raise self._refused
 
     def _verify(self, written: WriteResult, entries: list[dict]) -> WriteResult:
         """The first created assessment must be found again (see the module docstring)."""
@@ -159,6 +173,12 @@ class AssessmentWriter:
                                      resources=[e["resource"] for e in entries])
             else:
                 pending.append((i, entries))
+        first_create = next((k for k, (i, _) in enumerate(pending) if currents[i] is None), None)
+        if first_create is not None and not self._verified:
+            # The first assessment this writer creates is written and found again alone,
+            # before the others: a server that cannot find it gets one assessment, not a chunk.
+            i, _ = pending.pop(first_create)
+            out[i] = self._write_alone(results[i], dry_run)
         if pending:
             try:
                 response = self.client.transaction([e for _, entries in pending for e in entries])

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from clm_stratify.cli import main
-from clm_stratify.interop import InteropRun
+from clm_stratify.interop import STEPS, InteropRun
 from clm_stratify.pipeline import Rules
 from engine.classify import Engine
 from clm_stratify.interop import probes
@@ -20,6 +20,7 @@ from fhir_adapters.fhir.local_server import free_port
 from fhir_adapters.terminology import load_terminology
 from fixtures import FIXTURES_DIR
 from tests.support.quirky_fhir_server import QuirkyFhirServer
+from tests.support.rewrite_proxy import RewriteProxy
 
 # A borderline patient with 5+ Observations (paging with _count=2), a resectable one,
 # and one without liver recurrence (classified, no RiskAssessment).
@@ -43,7 +44,24 @@ def statuses(run: InteropRun) -> dict[str, str]:
 def left_on_server(base_url: str, tag: tuple[str, str]) -> list[str]:
     with FhirClient(base_url) as c:
         return [r for t in ("Patient", "Observation", "Condition", "Procedure", "MedicationAdministration",
-                            "BodyStructure", "Specimen") for r in probes.tagged(c, t, tag)]
+                            "MedicationStatement", "DiagnosticReport", "BodyStructure", "Specimen", "Subscription")
+                for r in probes.tagged(c, t, tag)]
+
+
+def assessments_left(base_url: str, run: InteropRun) -> list[str]:
+    """RiskAssessments and Provenances of the run still on the server: every one the run
+    met, read by id, and (where the server can) any RiskAssessment of its patients."""
+    with FhirClient(base_url) as c:
+        refs = set(run.assessments) | set(run.ra_refs.values()) | {r for r in run.created
+                                                                   if r.startswith("Provenance/")}
+        left = [r for r in sorted(refs) if c.read(*r.split("/", 1)) is not None]
+        ra = c.capabilities().resource("RiskAssessment")
+        if ra is not None and "patient" in ra.search_params and run.patients:
+            ids = ",".join(p.patient.id for p in run.patients)
+            left += [probes.ref_of(r) for r in c.search("RiskAssessment", {"patient": ids, "_count": "100"})]
+            for ref in refs:
+                left += [probes.ref_of(p) for p in c.search("Provenance", {"target": ref})]
+        return left
 
 
 # --------------------------------------------------------------------------- no server
@@ -118,7 +136,10 @@ def test_cli_against_sekmet_passes_and_names_the_riskassessment_gap(fhir_server,
     assert checks["probe.handling-strict"]["status"] == "pass"
     assert not {"409-on-version-conflict", "bundle-total-absent", "long-next-links", "handling-strict-ignored",
                 "application-json-content-type"} & set(quirks)
-    assert [s["step"] for s in report["steps"]] == ["capabilities", "load", "read-back", "write", "cleanup"]
+    steps = [s["step"] for s in report["steps"]]
+    assert steps == [s for s in STEPS if s in steps]          # in order (another step may sit between)
+    assert {"capabilities", "load", "read-back", "write", "cleanup"} <= set(steps) and steps[-1] == "cleanup"
+    assert "PUT by id" in checks["load.fixtures"]["detail"]
     assert all(s["seconds"] >= 0 for s in report["steps"])
     # The table, and nothing of the run left on the server.
     assert "update-as-create" in out and "Quirks met:" in out and "FAIL" not in out
@@ -164,6 +185,147 @@ def test_two_concurrent_runs_on_one_server_do_not_collide_and_keep_leaves_the_da
         assert (run.report.checks[-1].id, run.report.checks[-1].status) == ("cleanup", "pass")
         run.client.close()
         assert left_on_server(fhir_server.base_url, run.tag) == []
+
+
+# --------------------------------------------------------------------------- two real servers
+
+@pytest.fixture(params=["sekmet", "medplum"])
+def real_server(request):
+    """(kind, server): SEKMET (clients choose ids, pages with next links, no RiskAssessment
+    search) and Medplum's engine (assigns ids, never pages, unknown parameters match nothing)."""
+    return request.param, request.getfixturevalue("fhir_server" if request.param == "sekmet" else "medplum_server")
+
+
+def checks_of(run: InteropRun) -> dict:
+    return {c.id: c for c in run.report.checks}
+
+
+@pytest.mark.integration
+def test_interop_on_both_real_servers_says_what_each_did_and_leaves_nothing(real_server):
+    kind, srv = real_server
+    run = interop(srv.base_url, keep=True)
+    with FhirClient(srv.base_url) as c:     # FixturePatient.patient is the id on the server
+        for p in run.patients:
+            assert probes.has_tag(c.read("Patient", p.patient.id), run.tag)
+    run.keep, run.client = False, FhirClient(srv.base_url)
+    run.cleanup()                            # the run's own clean-up, as without --keep
+    run.client.close()
+    checks, quirks = checks_of(run), run.report.quirks
+    assert not run.report.failed, [(c.id, c.detail) for c in run.report.checks if c.status == "fail"]
+    # Positive evidence: every patient was loaded, read back, classified; the written
+    # assessment was found by the searches the project relies on.
+    assert len(run.patients) == 3 and len(run.ra_refs) == 2
+    for cid in ("load.fixtures", "read.fetch-patient", "read.paging", "read.patient-filter", "write.classify",
+                "write.first", "write.read-back", "write.second", "write.no-duplicates"):
+        assert checks[cid].status == "pass", (cid, checks[cid].detail)
+    assert run.report.checks[-1].status == "pass"
+    assert "5 of the patient's 5 Observations" in checks["read.paging"].detail
+    assert "returned 5 Observations, all the patient's" in checks["read.patient-filter"].detail
+    assert "no new version (meta.versionId read before and after)" in checks["write.second"].detail
+    search = checks["write.riskassessment-search"]
+    assert f"{run.ra_refs[run.patients[1].patient]} among them" in search.detail or \
+        f"{run.ra_refs[run.patients[0].patient]} among them" in search.detail
+    assert run.report.checks[-1].id == "cleanup" and "nothing left" in run.report.checks[-1].detail
+    assert run.report.not_deleted == []
+    assert left_on_server(srv.base_url, run.tag) == []
+    assert assessments_left(srv.base_url, run) == []
+    if kind == "sekmet":
+        assert "PUT by id (client-assigned ids ending in" in checks["load.fixtures"].detail
+        assert run.report.info["load_method"] == "PUT by id"
+        assert all(p.patient.id.endswith(f"-{run.run_id}") for p in run.patients)
+        assert all(probes.ref_of(r).endswith(f"-{run.run_id}") for r in run.loaded)
+        assert "2 next links followed" in checks["read.paging"].detail and "_offset" not in checks["read.paging"].detail
+        assert not {"paging-absent", "bundle-total-absent", "bundle-total-inaccurate", "count-not-honoured",
+                    "unknown-parameter-matches-nothing", "handling-strict-ignored", "identifier-search-misses"} & set(quirks)
+        strict = checks["probe.handling-strict"]
+        assert strict.status == "pass"
+        assert "without Prefer: HTTP 200: ignored (3 results, as without the parameter); warning: Unknown search " \
+               "parameter" in strict.detail
+        assert "with Prefer: handling=strict: HTTP 400: rejected (Unknown search parameter" in strict.detail
+        assert checks["probe.unknown-parameter"].status == "pass"
+        # RiskAssessment search is not declared and ignored: a warn (not relied on), own assessment found
+        assert search.status == "warn" and "not relied on: update-as-create" in search.detail
+        assert "of other patients/identifiers" in search.detail and "search-parameter-ignored" in quirks
+    else:
+        load = checks["load.fixtures"]
+        assert "POST with urn:uuid fullUrls (the server assigns ids" in load.detail
+        assert run.report.info["load_method"].startswith("POST with urn:uuid")
+        assert checks["cap.update-create"].status == "warn" and "server assigns ids" in checks["cap.update-create"].detail
+        assert any(f["missing"] == "update-as-create (client-assigned ids)" for f in run.report.info["fallbacks"])
+        assert not any(p.patient.id.endswith(run.run_id) for p in run.patients)     # the server's own ids
+        ids = {probes.ref_of(r) for r in run.loaded}
+        assert all(probes.owner_of(r) in {p.patient.reference for p in run.patients} | {None}
+                   for r in run.loaded if r["resourceType"] != "Patient")
+        assert all(ref in ids for r in run.loaded for ref in probes.references_in(r))    # references rewritten
+        # Medplum never pages: the quirk says what it did; the client went on with _offset
+        paging = checks["read.paging"].detail
+        assert "0 next links followed, then _offset from page 2 (page 1 had no next link)" in paging
+        assert "page 1 had no next link after 2 resources (Bundle.total 5)" in quirks["paging-absent"].detail
+        assert "went on with _offset" in quirks["paging-absent"].handling
+        assert "bundle-total-absent" not in quirks and "count-not-honoured" not in quirks
+        # an unknown parameter matches nothing, with or without Prefer: handling=strict
+        strict = checks["probe.handling-strict"]
+        assert strict.status == "warn"
+        assert ("without Prefer: HTTP 200: matched nothing (0 results, 3 without the parameter; neither ignored "
+                "nor rejected); no warning; with Prefer: handling=strict: HTTP 200: matched nothing") in strict.detail
+        assert checks["probe.unknown-parameter"].status == "warn"
+        assert "unknown-parameter-matches-nothing" in quirks and "handling-strict-ignored" in quirks
+        assert "search-parameter-ignored" not in quirks
+        # the identifier (no '|' any more) finds the assessment: conditional writes work
+        assert search.status == "pass" and "each search found the patient's assessment and nothing else" in \
+            search.detail
+        assert checks["write.first"].detail.endswith("(strategy conditional-update)")
+
+
+def _identifier_never_matches(method: str, pq: str, status: int, body: object) -> tuple[int, object]:
+    """Every RiskAssessment?identifier= search answers an empty Bundle (as Medplum did while
+    the identifier value held a '|')."""
+    if method == "GET" and "/RiskAssessment?" in pq and "identifier=" in pq:
+        return 200, {"resourceType": "Bundle", "type": "searchset", "total": 0}
+    return status, body
+
+
+def _without_offset(method: str, pq: str) -> str:
+    path, _, query = pq.partition("?")
+    kept = "&".join(p for p in query.split("&") if p and not p.startswith("_offset="))
+    return f"{path}?{kept}" if kept else path
+
+
+@pytest.mark.integration
+def test_an_identifier_search_that_misses_fails_the_search_check_not_passes_it(medplum_server):
+    """Proxy in front of Medplum: RiskAssessment?identifier= finds nothing (no real server
+    here does that any more). The writer stops after its first write; the report says so
+    and write.riskassessment-search FAILs (the conditional writer relies on it); the one
+    assessment written is found by patient and cleaned up."""
+    with RewriteProxy(medplum_server.base_url, reply=_identifier_never_matches) as proxy:
+        run = interop(proxy.base_url)
+    checks = checks_of(run)
+    assert run.report.exit_code == 1
+    assert checks["write.first"].status == "fail" and "found nothing" in checks["write.first"].detail
+    search = checks["write.riskassessment-search"]
+    assert search.status == "fail", search.detail
+    assert "0 results, not RiskAssessment/" in search.detail and "a re-run would write a duplicate" in search.detail
+    assert "1 result, RiskAssessment/" in search.detail       # found by patient: the evidence it exists
+    assert "identifier-search-misses" in run.report.quirks
+    assert checks["write.second"].status == "skip" and checks["cleanup"].status == "pass"
+    assert left_on_server(medplum_server.base_url, run.tag) == []
+    assert assessments_left(medplum_server.base_url, run) == []
+
+
+@pytest.mark.integration
+def test_a_server_that_neither_pages_nor_honours_offset_fails_paging_naming_it(medplum_server):
+    """Proxy in front of Medplum drops _offset: the search cannot be completed; paging
+    FAILs with the client's FhirTruncated text and the quirk says nothing could be done."""
+    with RewriteProxy(medplum_server.base_url, request=_without_offset) as proxy:
+        run = interop(proxy.base_url)
+    checks = checks_of(run)
+    paging = checks["read.paging"]
+    assert paging.status == "fail" and "returned 2 of 5 results (Bundle.total) with no next link" in paging.detail
+    assert "ignored _offset" in paging.detail
+    assert "FhirTruncated" in run.report.quirks["paging-absent"].handling
+    assert checks["read.patient-filter"].status == "skip"
+    assert checks["cleanup"].status == "pass"
+    assert left_on_server(medplum_server.base_url, run.tag) == []
 
 
 # --------------------------------------------------------------------------- quirks, for real

@@ -1,0 +1,183 @@
+"""The live pipeline and write-back on two real FHIR servers: SEKMET (clients choose ids,
+pages with next links) and Medplum's engine (assigns ids, never pages, splits token
+values on ``|``). Issue 12: no duplicate assessments, no silent truncation.
+
+Two server behaviours no real server here shows are made by a loopback proxy in front of
+Medplum (tests/support/rewrite_proxy.py), and the tests say so: a server that ignores
+``_offset``, and one whose identifier search never matches.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clm_stratify.cli import main
+from fhir_adapters.fhir.client import FhirClient
+from fhir_adapters.fhir.load import fixture_bundles, load_bundles
+from fhir_adapters.fhir.local_server import LocalFhirServer
+from fhir_adapters.project import TAG, TAG_SYSTEM
+from fixtures import FIXTURES_DIR
+from tests.support.fixture_data import bundles
+from tests.support.medplum_server import MedplumServer
+from tests.support.rewrite_proxy import RewriteProxy
+
+SERVERS = ("sekmet", "medplum")
+TAGGED = {"_tag": f"{TAG_SYSTEM}|{TAG}", "_count": "1000"}
+
+
+@pytest.fixture
+def start_peer(tmp_path):
+    """Start a server of a kind loaded with fixture copies; all stopped at the end."""
+    started = []
+
+    def start(kind: str, prefixes: tuple[str, ...] = ("f",)):
+        srv = (LocalFhirServer(data_dir=tmp_path / f"sekmet{len(started)}") if kind == "sekmet"
+               else MedplumServer(tmp_path / f"medplum{len(started)}"))
+        started.append(srv)
+        srv.start()
+        with FhirClient(srv.base_url) as c:
+            srv.loaded = load_bundles(c, bundles(prefixes) if prefixes != ("f",) else fixture_bundles(FIXTURES_DIR))
+        return srv
+
+    yield start
+    for srv in started:
+        srv.close()
+
+
+def run_all(base_url: str, capsys, *extra: str) -> tuple[int, dict, str]:
+    code = main(["run", "--fhir-url", base_url, "--all", "--format", "json", *extra])
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if out.out.strip().startswith("{") else {}), out.err
+
+
+def ours(client: FhirClient) -> tuple[list[dict], list[dict]]:
+    """Every RiskAssessment and Provenance this project wrote on the server."""
+    return list(client.search("RiskAssessment", TAGGED)), list(client.search("Provenance", TAGGED))
+
+
+def groups_by_fixture(report: dict, loaded) -> dict[str, str]:
+    """Patient group per fixture patient id (server ids mapped back through the loader)."""
+    back = {v: k for k, v in loaded.ids.items()}
+    return {back.get(p["patient"], p["patient"]): p.get("group") for p in report["patients"]}
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_run_all_twice_writes_one_assessment_per_patient_and_nothing_the_second_time(kind, start_peer, capsys):
+    srv = start_peer(kind)
+    code, first, err = run_all(srv.base_url, capsys)
+    assert code == 0, err
+    assert first["actions"] == {"created": 56, "no-recurrence": 4}, first["actions"]
+    with FhirClient(srv.base_url) as c:
+        ras, provs = ours(c)
+        assert len(ras) == 56 and len({r["subject"]["reference"] for r in ras}) == 56
+        assert len(provs) == 56
+        versions = {r["id"]: r["meta"]["versionId"] for r in ras}
+        code, second, err = run_all(srv.base_url, capsys)
+        assert code == 0, err
+        assert second["actions"] == {"unchanged": 56, "no-recurrence": 4}, second["actions"]
+        ras2, provs2 = ours(c)
+        assert {r["id"]: r["meta"]["versionId"] for r in ras2} == versions   # nothing written
+        assert len(provs2) == 56
+    expected = yaml.safe_load((FIXTURES_DIR / "expected.yaml").read_text())
+    got = groups_by_fixture(first, srv.loaded)
+    for name, want in expected.items():
+        pid = f"Patient/f{name[:2]}-pat"
+        if pid in got and want.get("group"):
+            assert got[pid] == want["group"], (kind, name)
+
+
+def _bumped_rules(tmp_path: Path) -> Path:
+    from rules import DEFAULT_RULESET
+
+    data = yaml.safe_load(DEFAULT_RULESET.read_text())
+    major, minor, patch = data["version"].split(".")
+    data["version"] = f"{major}.{minor}.{int(patch) + 1}"
+    path = tmp_path / "bumped.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_a_rule_set_version_bump_updates_the_one_current_assessment(kind, start_peer, capsys, tmp_path):
+    srv = start_peer(kind)
+    assert run_all(srv.base_url, capsys)[0] == 0
+    bumped = _bumped_rules(tmp_path)
+    new_version = yaml.safe_load(bumped.read_text())["version"]
+    code, report, err = run_all(srv.base_url, capsys, "--rules", str(bumped))
+    assert code == 0, err
+    assert report["actions"] == {"updated": 56, "no-recurrence": 4}, report["actions"]
+    with FhirClient(srv.base_url) as c:
+        ras, provs = ours(c)
+        per_patient = Counter(r["subject"]["reference"] for r in ras)
+        assert len(per_patient) == 56 and set(per_patient.values()) == {1}
+        assert {r["method"]["coding"][0]["version"] for r in ras} == {new_version}
+        assert len(provs) == 112                                   # one per write
+        history = c.request("GET", f"RiskAssessment/{ras[0]['id']}/_history")
+        assert len(history.json().get("entry", [])) == 2           # the old assessment is kept as history
+    assert run_all(srv.base_url, capsys, "--rules", str(bumped))[1]["actions"] == {"unchanged": 56,
+                                                                                 "no-recurrence": 4}
+
+
+def test_600_patients_on_a_server_that_never_pages_are_all_classified(start_peer, capsys):
+    """Medplum answers every search in one page with Bundle.total and no next link; the
+    cohort search (_count=500) is continued with _offset, so nobody is left out."""
+    prefixes = tuple("fghjkmnpqr")
+    srv = start_peer("medplum", prefixes)
+    code, report, err = run_all(srv.base_url, capsys)
+    assert code == 0, err
+    assert sum(report["groups"].values()) == 600, report["groups"]
+    assert report["actions"] == {"created": 560, "no-recurrence": 40}, report["actions"]
+    with FhirClient(srv.base_url) as c:
+        assert len(ours(c)[0]) == 560
+
+
+def _without_offset(method: str, pq: str) -> str:
+    """A server that ignores _offset (the proxy drops it before Medplum sees it)."""
+    path, _, query = pq.partition("?")
+    kept = "&".join(p for p in query.split("&") if p and not p.startswith("_offset="))
+    return f"{path}?{kept}" if kept else path
+
+
+def test_a_population_cut_short_without_a_way_to_the_rest_fails_the_run_naming_it(start_peer, capsys):
+    """Proxy: Medplum never pages; here it also ignores _offset (no real server on this
+    machine does both). 610 patients, cohort search _count=500: the run must fail, say
+    why, and write nothing rather than classify 500 of 600."""
+    srv = start_peer("medplum", tuple("fghjkmnpqr"))
+    with RewriteProxy(srv.base_url, request=_without_offset) as proxy:
+        code, report, err = run_all(proxy.base_url, capsys)
+    assert code == 3, err
+    assert "no next link" in err and "ignored _offset" in err and "Condition" in err, err
+    assert "Traceback" not in err
+    with FhirClient(srv.base_url) as c:
+        assert ours(c) == ([], [])
+
+
+def _identifier_never_matches(method: str, pq: str, status: int, body: object) -> tuple[int, object]:
+    """A server whose token search never matches our identifier (as Medplum did with a '|'
+    inside the value): every RiskAssessment?identifier= search answers an empty Bundle."""
+    if method == "GET" and pq.startswith("/fhir/R4/RiskAssessment?") and "identifier=" in pq:
+        return 200, {"resourceType": "Bundle", "type": "searchset", "total": 0}
+    return status, body
+
+
+def test_a_server_that_cannot_find_what_was_written_stops_the_run_after_one(start_peer, capsys):
+    """Proxy: identifier searches on RiskAssessment match nothing. The writer must notice
+    after its first write, stop naming the server behaviour, and not write the rest."""
+    srv = start_peer("medplum")
+    with RewriteProxy(srv.base_url, reply=_identifier_never_matches) as proxy:
+        code, _, err = run_all(proxy.base_url, capsys)
+        assert code == 3, err
+        assert "found nothing" in err and "&identifier=" in err and "duplicate" in err, err
+        assert "Traceback" not in err
+        with FhirClient(srv.base_url) as c:
+            assert len(ours(c)[0]) == 1          # the one that revealed it, no more
+        code, _, err = run_all(proxy.base_url, capsys)   # a re-run sees the hidden one and writes nothing
+        assert code == 3, err
+        assert "found by subject and tag" in err, err
+    with FhirClient(srv.base_url) as c:
+        assert len(ours(c)[0]) == 1
