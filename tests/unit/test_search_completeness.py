@@ -1,0 +1,119 @@
+"""Search values escaped per the spec, and when a search is complete (issue 12).
+
+Pure logic; the behaviour against real servers (Medplum never pages; a proxy that drops
+``_offset``) is in tests/integration/test_two_servers.py."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from fhir_adapters.fhir.search import Completeness, count_of, escape, token
+from fhir_adapters.writeback.resources import assessment_id, assessment_key
+from fhir_adapters.writeback.strategy import is_ours
+from fhir_adapters.project import IDENTIFIER_SYSTEM
+
+
+def page(ids, total=None, include=(), outcome=False):
+    entries = [{"search": {"mode": "match"}, "resource": {"resourceType": "Observation", "id": i}} for i in ids]
+    entries += [{"search": {"mode": "include"}, "resource": {"resourceType": "Patient", "id": i}} for i in include]
+    if outcome:
+        entries.append({"search": {"mode": "outcome"}, "resource": {"resourceType": "OperationOutcome"}})
+    b = {"resourceType": "Bundle", "type": "searchset", "entry": entries}
+    if total is not None:
+        b["total"] = total
+    return b
+
+
+def _unescape_split(text: str, sep: str, keep_escapes: bool = False) -> list[str]:
+    """How a conforming server splits an escaped value on ``sep``."""
+    parts, cur, i = [], "", 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            cur += text[i:i + 2] if keep_escapes else text[i + 1]
+            i += 2
+            continue
+        if text[i] == sep:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += text[i]
+        i += 1
+    return parts + [cur]
+
+
+@settings(max_examples=200, deadline=None)
+@given(system=st.text(min_size=1, max_size=20), code=st.text(min_size=1, max_size=20))
+def test_a_token_splits_back_into_its_system_and_code(system, code):
+    assert _unescape_split(token(system, code), "|") == [system, code]
+    one = token(system, code)
+    assert _unescape_split(",".join([one, one]), ",", keep_escapes=True) == [one, one]
+
+
+def test_escape_names_every_special_character():
+    assert escape("a|b,c$d\\e") == "a\\|b\\,c\\$d\\\\e"
+    assert token(None, "x|y") == "x\\|y"
+
+
+def test_count_of():
+    assert count_of([("_count", "500"), ("patient", "a")]) == 500
+    assert count_of([("patient", "a")]) is None
+    assert count_of([("_count", "many")]) is None
+
+
+def test_a_page_without_next_that_leaves_results_out_is_a_shortfall():
+    c = Completeness(500)
+    _, matches, new = c.add(page(["a", "b"], total=3, include=["p"], outcome=True))
+    assert (matches, new, c.total, c.matched) == (2, 2, 3, 2)
+    assert "2 of 3" in c.shortfall(matches)
+
+
+def test_total_reached_or_a_short_last_page_is_complete():
+    c = Completeness(2)
+    c.add(page(["a", "b"], total=2))
+    assert c.shortfall(2) is None
+    c = Completeness(10)
+    c.add(page(["a", "b"]))
+    assert c.shortfall(2) is None
+
+
+def test_a_full_last_page_without_total_is_checked_not_assumed():
+    c = Completeness(2)
+    c.add(page(["a", "b"]))
+    assert "full" in c.shortfall(2)
+
+
+def test_repeated_results_are_not_counted_twice():
+    c = Completeness(2)
+    c.add(page(["a", "b"], total=4))
+    shown, matches, new = c.add(page(["a", "b"]))     # a server that ignored _offset
+    assert (matches, new, c.matched) == (2, 0, 2)
+    assert shown["entry"] == []
+    shown, matches, new = c.add(page(["b", "c"]))
+    assert (new, c.matched, [e["resource"]["id"] for e in shown["entry"]]) == (1, 3, ["c"])
+
+
+def test_a_boolean_or_text_total_is_not_a_total():
+    for bad in (True, "3", 2.5):
+        c = Completeness()
+        c.add({**page(["a"]), "total": bad})
+        assert c.total is None
+
+
+def test_the_assessment_key_has_no_version_and_no_token_separators():
+    key = assessment_key("Patient/p-1.x", "clm-recurrence-resectability")
+    assert key == "clm-recurrence-resectability/Patient/p-1.x"
+    assert not set(key) & set("|,$\\")
+    assert assessment_id("Patient/p1", "rs") == assessment_id("Patient/p1", "rs")
+    assert assessment_id("Patient/p1", "rs") != assessment_id("Patient/p2", "rs")
+    with pytest.raises(ValueError, match="only A-Z"):
+        assessment_key("Patient/p1", "rule|set")
+
+
+def test_only_an_assessment_with_our_identifier_and_subject_is_ours():
+    ra = {"identifier": [{"system": IDENTIFIER_SYSTEM, "value": "rs/Patient/p1"}],
+          "subject": {"reference": "Patient/p1"}}
+    assert is_ours(dict(ra), ra)
+    assert not is_ours({**ra, "subject": {"reference": "Patient/p2"}}, ra)
+    assert not is_ours({**ra, "identifier": [{"system": "other", "value": "rs/Patient/p1"}]}, ra)
+    assert not is_ours({"subject": {"reference": "Patient/p1"}, "identifier": "junk"}, ra)
