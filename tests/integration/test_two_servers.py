@@ -181,3 +181,34 @@ def test_a_server_that_cannot_find_what_was_written_stops_the_run_after_one(star
         assert "found by subject and tag" in err, err
     with FhirClient(srv.base_url) as c:
         assert len(ours(c)[0]) == 1
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_one_patient_with_more_results_than_a_page_is_read_whole(kind, start_peer, capsys):
+    """501 tumour-size Observations for one patient (_count=500 per search): the newest
+    study comes last, after 499 measurements entered in error. SEKMET pages with next links; Medplum answers one page with
+    Bundle.total and no next link, so the search must go on with _offset. A record cut
+    at 500 would miss the newest study (60 mm) and say resectable."""
+    srv = start_peer(kind)
+    pid = srv.loaded.ids["Patient/f01-pat"]
+    template = next(e["resource"] for e in fixture_bundles(FIXTURES_DIR)[0]["entry"]
+                    if e["resource"]["resourceType"] == "Observation" and "21889-1" in json.dumps(e["resource"]))
+
+    def obs(day: str, mm: int, status: str = "final") -> dict:
+        o = json.loads(json.dumps(template))
+        o.pop("id", None)
+        o["status"] = status
+        o["subject"] = {"reference": pid}
+        o["effectiveDateTime"] = day
+        o["component"][0]["valueQuantity"]["value"] = mm
+        return {"resource": o, "request": {"method": "POST", "url": "Observation"}}
+
+    with FhirClient(srv.base_url) as c:
+        # 499 withdrawn measurements (found by the search, ignored by the mapping), then the newest study
+        c.transaction([obs("2023-05-20", 80, "entered-in-error") for _ in range(499)])
+        c.transaction([obs("2023-07-01", 60)])
+    code = main(["run", "--fhir-url", srv.base_url, "--patient", pid.split("/")[1], "--format", "json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    [patient] = report["patients"]
+    assert patient["group"] == "borderline-resectable", patient["classification"]["reason"]
