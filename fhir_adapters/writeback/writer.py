@@ -178,7 +178,16 @@ class AssessmentWriter:
             # The first assessment this writer creates is written and found again alone,
             # before the others: a server that cannot find it gets one assessment, not a chunk.
             i, _ = pending.pop(first_create)
-            out[i] = self._write_alone(results[i], dry_run)
+            try:
+                out[i] = self.write(results[i], dry_run=dry_run)
+            except FhirServerUnavailable:
+                # Unknown outcome (a lost reply): once more, re-reading first, as the
+                # per-patient fallback below does; the write is never repeated blindly.
+                out[i] = self._write_alone(results[i], dry_run)
+            except WriteNotIdempotent:
+                raise
+            except FhirError as exc:
+                out[i] = WriteResult(results[i].patient, "failed", error=str(exc))
         if pending:
             try:
                 response = self.client.transaction([e for _, entries in pending for e in entries])
