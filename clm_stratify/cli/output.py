@@ -169,12 +169,6 @@ def print_run(summary, stratifier, client, fmt: str, one_patient: bool) -> None:
 
 
 # --------------------------------------------------------------------------- subscriptions and inbox
-def print_subscriptions(statuses) -> None:
-    """``subscribe``: one line per Subscription with its status."""
-    for st in statuses:
-        print(f"Subscription/{st.id}: {st.status}  {st.criteria}" + (f"  error: {st.error}" if st.error else ""))
-
-
 def print_inbox(inbox) -> None:
     """``inbox``: the items per state, then the dead letters."""
     depth = inbox.depth()

@@ -51,7 +51,12 @@ class ReadBackStep(RunState):
                     continue
                 total += len(got)
                 if got != want:
-                    problems.append(f"{p.fixture}: missing {sorted(want - got) or 'none'}, "
+                    by_id = {ref_of(r) for r in p.resources if "subject" in r and not (r["subject"] or {}).get(
+                        "reference") and subject_identifier(r)}
+                    missing = [m + (" (its subject names the patient by identifier only: the "
+                                    "subject:identifier / patient:identifier search did not find it)"
+                                    if m in by_id else "") for m in sorted(want - got)]
+                    problems.append(f"{p.fixture}: missing {missing or 'none'}, "
                                     f"unexpected {sorted(got - want) or 'none'}")
         trips = self.client.round_trips - before
         mode = "batch" if self.client.capabilities().batch else "parallel searches"

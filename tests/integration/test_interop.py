@@ -277,6 +277,27 @@ def test_interop_on_both_real_servers_says_what_each_did_and_leaves_nothing(real
         assert checks["write.first"].detail.endswith("(strategy conditional-update)")
 
 
+@pytest.mark.integration
+def test_read_back_on_medplum_names_what_its_identifier_search_misses(medplum_server):
+    """Medplum's engine does not match subject:identifier / patient:identifier for a subject
+    given by identifier only (measured): read-back FAILs naming the resource and why,
+    rather than passing on what came back."""
+    client = FhirClient(medplum_server.base_url)
+    run = InteropRun(client, RULES, fixtures=["38-identifier-only-subject-technical.json"])
+    try:
+        assert run.capabilities()
+        run.load()
+        run.read_back()
+    finally:
+        run.cleanup()
+        client.close()
+    check = checks_of(run)["read.fetch-patient"]
+    assert check.status == "fail"
+    assert "its subject names the patient by identifier only: the subject:identifier / patient:identifier " \
+           "search did not find it" in check.detail
+    assert checks_of(run)["cleanup"].status == "pass" and left_on_server(medplum_server.base_url, run.tag) == []
+
+
 def _identifier_never_matches(method: str, pq: str, status: int, body: object) -> tuple[int, object]:
     """Every RiskAssessment?identifier= search answers an empty Bundle (as Medplum did while
     the identifier value held a '|')."""
@@ -356,6 +377,9 @@ def test_each_quirk_is_met_handled_and_named(fhir_server, quirk, named, check, s
             assert "characters" in report.quirks[named].detail
         if quirk == "silent-ignore-patient":
             assert "no warning" in report.quirks[named].detail
+        if quirk == "no-total":       # no total, next links to the end: nothing else is claimed
+            assert not {"paging-absent", "bundle-total-inaccurate"} & set(report.quirks)
+            assert "all came back once" in next(c.detail for c in report.checks if c.id == "read.paging")
         if quirk == "409-for-412":
             assert "If-Match" in report.quirks[named].evidence or "conflict" in report.quirks[named].evidence.lower()
     assert left_on_server(fhir_server.base_url, run.tag) == []

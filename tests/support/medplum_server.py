@@ -24,7 +24,9 @@ from types import TracebackType
 
 import requests
 
-from fhir_adapters.fhir.local_server import free_port
+import sys
+
+from fhir_adapters.fhir.local_server import _die_with_parent, free_port
 
 PEER_DIR = Path(__file__).resolve().parent / "medplum"
 _INSTALLED_MARK = PEER_DIR / "node_modules" / "@medplum" / "fhir-router" / "package.json"
@@ -83,7 +85,9 @@ class MedplumServer:
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(cmd, cwd=PEER_DIR, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True,
-                                          env={**os.environ, "NODE_NO_WARNINGS": "1"})
+                                          env={**os.environ, "NODE_NO_WARNINGS": "1"},
+                                          # SIGTERM the server if the process that started it dies
+                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
