@@ -299,7 +299,7 @@ class Transport:
             status = resp.status_code
             log.debug("%s %s -> %d in %.1f ms", method, path, status, (time.monotonic() - started) * 1e3)
             if 200 <= status < 300:
-                self._check_content_type(resp, hdrs.get("Accept", ""), method, safe_url)
+                self._check_content_type(resp, hdrs.get("Accept", ""), method, safe_url, stream)
                 return resp
             if status == 401 and not refreshed and callable(getattr(self.auth, "invalidate", None)):
                 refreshed = True
@@ -345,14 +345,21 @@ class Transport:
         return _body_excerpt(resp) if resp.content else ""
 
     @staticmethod
-    def _check_content_type(resp: requests.Response, accept: str, method: str, safe_url: str) -> None:
-        if not resp.content:
+    def _check_content_type(resp: requests.Response, accept: str, method: str, safe_url: str,
+                            stream: bool = False) -> None:
+        # A streamed body is not read here (it may be large): its headers decide.
+        if resp.headers.get("Content-Length") == "0" if stream else not resp.content:
             return
         mime = _media_type(resp)
         wanted = [a.split(";")[0].strip().lower() for a in accept.split(",") if a.strip()]
         wants_json = any(_is_json_type(w) for w in wanted) or not wanted
         if (wants_json and _is_json_type(mime)) or mime in wanted or "*/*" in wanted:
             return
+        if stream:
+            resp.close()
+            raise FhirError(f"{method} {safe_url} -> HTTP {resp.status_code} with content type "
+                            f"{mime or '(none)'!r}, expected {accept or FHIR_JSON}",
+                            status=resp.status_code, url=safe_url, method=method)
         raise FhirError(
             f"{method} {safe_url} -> HTTP {resp.status_code} with content type {mime or '(none)'!r}, "
             f"expected application/fhir+json: {_body_excerpt(resp, 120)}",

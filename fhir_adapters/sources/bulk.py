@@ -2,13 +2,21 @@
 
 ``Patient/$export`` (``_type`` limited to what the mapping reads, ``_typeFilter`` to
 the watched codes where the terminology allows) is kicked off once, polled at the
-server's ``Retry-After``, and each NDJSON file is streamed line by line into a
-temporary SQLite spool keyed by patient. The pipeline then reads the spool a chunk of
-patients at a time, so memory does not grow with the number of patients.
+server's ``Retry-After`` (at least :data:`MIN_POLL_INTERVAL` apart), and each NDJSON file
+is streamed line by line into a temporary SQLite spool keyed by patient.
+
+A partial download fails the run rather than classifying from partial records: a file
+with fewer resources than the manifest's ``count`` raises :class:`FhirTruncated`, a line
+that is not a JSON object (a cut last line, say) raises :class:`FhirError` naming the
+file and line, and a connection lost mid-file raises :class:`FhirServerUnavailable`.
+
+The pipeline then reads the spool a chunk of patients at a time, so memory does not grow
+with the number of patients.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import tempfile
 import time
@@ -16,14 +24,20 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlencode
 
+import requests
+
 from fhir_adapters.fhir.codec import loads
-from fhir_adapters.fhir.client import FhirClient, FhirError, dumps
-from fhir_adapters.fhir.transport import retry_after
+from fhir_adapters.fhir.client import FhirClient, dumps
+from fhir_adapters.fhir.errors import FhirError, FhirServerUnavailable, FhirTruncated
+from fhir_adapters.fhir.transport import retry_after, strip_query
 from fhir_adapters.fhir.reference import PatientIdentity, PatientRef, patient_of, plain_ref
 from fhir_adapters.sources.record import MAPPED_TYPES, PatientRecord
 from fhir_adapters.terminology import Terminology
 
+log = logging.getLogger("clm_stratify.bulk")
 
+#: seconds between status polls at least, whatever ``Retry-After`` says (``0`` would spin).
+MIN_POLL_INTERVAL = 1.0
 
 class Spool:
     """Resources on disk, by patient (a temporary SQLite file, removed on close)."""
@@ -112,21 +126,17 @@ def export_to_spool(client: FhirClient, terminology: Terminology, spool: Spool, 
         while True:
             poll = client.request("GET", status_url, headers={"Accept": "application/json"})
             if poll.status_code == 200:
-                manifest = loads(poll.content)
+                manifest = _manifest(poll)
                 break
             if time.monotonic() > deadline:
                 raise FhirError(f"$export not complete after {max_wait:.0f} s", url=client.base_url)
             wait = retry_after(poll.headers)
-            time.sleep(min(max_poll_interval, 1.0 if wait is None else wait))
+            time.sleep(max(MIN_POLL_INTERVAL, min(max_poll_interval, MIN_POLL_INTERVAL if wait is None else wait)))
         if manifest.get("error"):
             errors = ", ".join(e.get("url", "?") for e in manifest["error"])
             raise FhirError(f"$export reported errors ({errors})", url=client.base_url)
-        for output in manifest.get("output", []):
-            with client.request("GET", output["url"], headers={"Accept": "application/fhir+ndjson"},
-                                stream=True) as resp:
-                for line in resp.iter_lines():
-                    if line.strip():
-                        spool.add(loads(line))
+        for output in manifest.get("output") or []:
+            _download(client, output, spool)
         missing = spool.missing_references()
         for start in range(0, len(missing), 100):  # e.g. BodyStructure is not in every export
             by_type: dict[str, list[str]] = {}
@@ -143,3 +153,68 @@ def export_to_spool(client: FhirClient, terminology: Terminology, spool: Spool, 
             client.request("DELETE", status_url, headers={"Accept": "application/json"})
         except FhirError:
             pass  # the server cleans up expired jobs itself
+
+
+def _manifest(poll: requests.Response) -> dict:
+    try:
+        manifest = loads(poll.content)
+    except ValueError as exc:
+        raise FhirError(f"$export status {strip_query(poll.url)}: the manifest is not JSON ({exc})",
+                        url=strip_query(poll.url), method="GET") from None
+    if not isinstance(manifest, dict):
+        raise FhirError(f"$export status {strip_query(poll.url)}: the manifest is not a JSON object",
+                        url=strip_query(poll.url), method="GET")
+    return manifest
+
+
+def _download(client: FhirClient, output: object, spool: Spool) -> None:
+    """Stream one manifest ``output`` file into ``spool``, checking it arrived whole."""
+    url = output.get("url") if isinstance(output, dict) else None
+    if not isinstance(url, str) or not url:
+        raise FhirError(f"$export manifest output without a url: {output!r:.200}", url=client.base_url)
+    name = strip_query(url)
+    expected = output.get("count")
+    received = 0
+    with client.request("GET", url, headers={"Accept": "application/fhir+ndjson"}, stream=True) as resp:
+        try:
+            for lineno, line, terminated in _ndjson_lines(resp):
+                if not line.strip():
+                    continue
+                try:
+                    resource = loads(line)
+                except ValueError as exc:
+                    what = "incomplete last line (no newline; the file was cut?)" if not terminated \
+                        else "invalid JSON"
+                    raise FhirError(f"$export file {name}: line {lineno}: {what}: {exc}", url=name,
+                                    method="GET") from None
+                if not isinstance(resource, dict) or not resource.get("resourceType"):
+                    raise FhirError(f"$export file {name}: line {lineno}: not a FHIR resource", url=name,
+                                    method="GET")
+                spool.add(resource)
+                received += 1
+        except requests.RequestException as exc:
+            raise FhirServerUnavailable(
+                f"FHIR server {client.base_url}: $export file {name}: connection lost after {received} "
+                f"resources ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
+                url=name, method="GET") from None
+    if isinstance(expected, int) and not isinstance(expected, bool):
+        if received < expected:
+            raise FhirTruncated(f"$export file {name} is incomplete: the manifest says {expected} resources, "
+                                f"received {received}", url=name, method="GET")
+        if received > expected:
+            log.warning("$export file %s: %d resources received, the manifest says %d", name, received, expected)
+
+
+def _ndjson_lines(resp: requests.Response, chunk_size: int = 1 << 16) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, line, ended by a newline) for each line of a streamed body."""
+    lineno, pending = 0, []  # pending: the pieces of a line not yet ended
+    for chunk in resp.iter_content(chunk_size):
+        *ended, rest = chunk.split(b"\n")
+        for piece in ended:
+            lineno += 1
+            yield lineno, b"".join(pending) + piece, True
+            pending = []
+        if rest:
+            pending.append(rest)
+    if pending:
+        yield lineno + 1, b"".join(pending), False

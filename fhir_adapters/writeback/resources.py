@@ -69,6 +69,29 @@ def assessment_id(patient: str, ruleset_id: str) -> str:
     return f"clmrs-{digest[:40]}"
 
 
+def legacy_key(patient: str, ruleset_id: str, ruleset_version: str) -> str:
+    """The identifier value releases before 0.2 wrote (``Patient/<id>|<rule set>|<version>``):
+    read only, to take over an assessment they left (see :func:`is_legacy_of`)."""
+    return f"{patient}|{ruleset_id}|{ruleset_version}"
+
+
+def legacy_id(patient: str, ruleset_id: str, ruleset_version: str) -> str:
+    """The resource id those releases wrote for ``legacy_key``."""
+    return "clmrs-" + hashlib.sha256(legacy_key(patient, ruleset_id, ruleset_version).encode()).hexdigest()[:40]
+
+
+def is_legacy_of(found: dict, ra: dict) -> bool:
+    """``found`` is an assessment an earlier release wrote for ``ra``'s patient and rule set
+    (any version): it is taken over (updated, or replaced by ``ra``'s id) so that one
+    assessment stays current after an upgrade."""
+    subject = ra["subject"]["reference"]
+    prefix = f"{subject}|{ra['method']['coding'][0]['code']}|"
+    idents = found.get("identifier") if isinstance(found.get("identifier"), list) else []
+    return (any(isinstance(i, dict) and i.get("system") == IDENTIFIER_SYSTEM and str(i.get("value", "")).startswith(prefix)
+                for i in idents)
+            and (found.get("subject") or {}).get("reference") == subject)
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 

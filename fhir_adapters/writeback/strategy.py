@@ -28,6 +28,7 @@ from urllib.parse import quote
 from fhir_adapters.fhir.client import FhirClient, FhirConflict, FhirError
 from fhir_adapters.fhir.search import token
 from fhir_adapters.project import IDENTIFIER_SYSTEM, TAG, TAG_SYSTEM
+from fhir_adapters.writeback.resources import is_legacy_of, legacy_id
 
 __all__ = ["WriteStrategy", "UpdateAsCreate", "ConditionalUpdate", "ConditionalCreate", "StrategyChoice",
            "choose", "BY_NAME"]
@@ -92,8 +93,20 @@ class WriteStrategy:
     def _create(self, ra: dict) -> tuple[dict, dict]:
         raise NotImplementedError
 
+    def retire(self, ra: dict, current: dict | None) -> list[dict]:
+        """Transaction entries that retire ``current`` when ``ra`` replaces it under another
+        id (an earlier release's assessment); none otherwise."""
+        return []
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.client.base_url!r})"
+
+
+def _ok(response: dict) -> dict | None:
+    """The resource of a batch response entry that succeeded."""
+    resource = response.get("resource")
+    ok = str((response.get("response") or {}).get("status", "")).startswith("2")
+    return resource if ok and isinstance(resource, dict) else None
 
 
 class UpdateAsCreate(WriteStrategy):
@@ -102,7 +115,25 @@ class UpdateAsCreate(WriteStrategy):
     name = "update-as-create"
 
     def find_current(self, ra: dict) -> dict | None:
-        return self.client.read("RiskAssessment", ra["id"])
+        return self.client.read("RiskAssessment", ra["id"]) or self._legacy(ra)
+
+    def _legacy(self, ra: dict) -> dict | None:
+        """An assessment an earlier release wrote for this rule-set version (its id hashed the
+        version in): replaced by ``ra``'s id in the same transaction (:meth:`request`)."""
+        coding = ra["method"]["coding"][0]
+        found = self.client.read("RiskAssessment", legacy_id(ra["subject"]["reference"], coding["code"],
+                                                             coding["version"]))
+        return found if found is not None and is_legacy_of(found, ra) else None
+
+    def request(self, ra: dict, current: dict | None) -> tuple[dict, dict]:
+        if current is not None and current.get("id") != ra["id"]:
+            return self._create(ra)   # a legacy assessment: ours is written under its own id
+        return super().request(ra, current)
+
+    def retire(self, ra: dict, current: dict | None) -> list[dict]:
+        if current is not None and current.get("id") != ra["id"]:
+            return [{"request": {"method": "DELETE", "url": f"RiskAssessment/{current['id']}"}}]
+        return []
 
     def how_found(self, ra: dict) -> str:
         return f"a read of RiskAssessment/{ra['id']}"
@@ -112,8 +143,16 @@ class UpdateAsCreate(WriteStrategy):
             return super().find_current_many(ras)
         responses = self.client.batch([{"request": {"method": "GET", "url": f"RiskAssessment/{ra['id']}"}}
                                        for ra in ras])
-        return [r.get("resource") if str((r.get("response") or {}).get("status", "")).startswith("2") else None
-                for r in responses]
+        found = [_ok(r) for r in responses]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:   # first run after an upgrade, or new patients: an earlier release's assessment?
+            legacy = self.client.batch([{"request": {"method": "GET", "url": "RiskAssessment/" + legacy_id(
+                ras[i]["subject"]["reference"], ras[i]["method"]["coding"][0]["code"],
+                ras[i]["method"]["coding"][0]["version"])}} for i in missing])
+            for i, r in zip(missing, legacy):
+                old = _ok(r)
+                found[i] = old if old is not None and is_legacy_of(old, ras[i]) else None
+        return found
 
     def _create(self, ra: dict) -> tuple[dict, dict]:
         return ra, {"method": "PUT", "url": f"RiskAssessment/{ra['id']}"}
@@ -143,7 +182,19 @@ class _ByIdentifier(WriteStrategy):
 
     def find_current(self, ra: dict) -> dict | None:
         found = self.client.search("RiskAssessment", self.criteria([ra]), strict=True)
-        return self._one([r for r in found if is_ours(r, ra)], ra)
+        return self._one([r for r in found if is_ours(r, ra)], ra) or self._legacy([ra])[0]
+
+    def _legacy(self, ras: Sequence[dict]) -> list[dict | None]:
+        """Assessments an earlier release wrote for these patients and rule set (identifier
+        ``Patient/<id>|<rule set>|<version>``), found by patient and tag: updated in place
+        (the new identifier replaces the old), so one stays current after an upgrade."""
+        param = self._patient_param()
+        if param is None or not ras:
+            return [None] * len(ras)
+        params = [(param, ",".join(ra["subject"]["reference"] for ra in ras)), ("_tag", token(TAG_SYSTEM, TAG)),
+                  ("_count", str(4 * len(ras)))]
+        found = list(self.client.search("RiskAssessment", params))
+        return [self._one([r for r in found if is_legacy_of(r, ra)], ra) for ra in ras]
 
     def find_current_many(self, ras: Sequence[dict]) -> list[dict | None]:
         out: list[dict | None] = []
@@ -151,7 +202,11 @@ class _ByIdentifier(WriteStrategy):
             part = ras[start:start + self.chunk]
             params = self.criteria(part) + [("_count", str(2 * len(part)))]
             found = list(self.client.search("RiskAssessment", params, strict=True))
-            out += [self._one([r for r in found if is_ours(r, ra)], ra) for ra in part]
+            current = [self._one([r for r in found if is_ours(r, ra)], ra) for ra in part]
+            missing = [i for i, c in enumerate(current) if c is None]
+            for i, old in zip(missing, self._legacy([part[i] for i in missing])):
+                current[i] = old
+            out += current
         return out
 
     def how_found(self, ra: dict) -> str:

@@ -74,7 +74,7 @@ class AssessmentWriter:
         provenance = build_provenance(ra, r, activity="UPDATE" if current else "CREATE", target=ra_url)
         return [{"fullUrl": ra_url, "resource": ra, "request": request},
                 {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": provenance,
-                 "request": {"method": "POST", "url": "Provenance"}}]
+                 "request": {"method": "POST", "url": "Provenance"}}, *self.strategy.retire(ra, current)]
 
     # ------------------------------------------------------------------ writing
     def write(self, r: Classification, *, dry_run: bool = False) -> WriteResult:
@@ -91,7 +91,7 @@ class AssessmentWriter:
             if dry_run:
                 return WriteResult(r.patient, "would-update" if current else "would-create",
                                    f"RiskAssessment/{entries[0]['resource'].get('id', '(new)')}",
-                                   resources=[e["resource"] for e in entries])
+                                   resources=[e["resource"] for e in entries if "resource" in e])
             try:
                 response = self.client.transaction(entries)
             except FhirConflict:
@@ -170,7 +170,7 @@ class AssessmentWriter:
             if dry_run:
                 out[i] = WriteResult(r.patient, "would-update" if current else "would-create",
                                      f"RiskAssessment/{entries[0]['resource'].get('id', '(new)')}",
-                                     resources=[e["resource"] for e in entries])
+                                     resources=[e["resource"] for e in entries if "resource" in e])
             else:
                 pending.append((i, entries))
         first_create = next((k for k, (i, _) in enumerate(pending) if currents[i] is None), None)
@@ -191,8 +191,10 @@ class AssessmentWriter:
         if pending:
             try:
                 response = self.client.transaction([e for _, entries in pending for e in entries])
-                for k, (i, entries) in enumerate(pending):
-                    out[i] = _result(results[i].patient, response[2 * k:2 * k + 2], currents[i], entries)
+                at = 0
+                for i, entries in pending:
+                    out[i] = _result(results[i].patient, response[at:at + len(entries)], currents[i], entries)
+                    at += len(entries)
             except FhirError:
                 # One bad entry fails the whole transaction, or its reply was lost: write
                 # each patient alone (each re-reads first, so nothing is written twice).
@@ -240,6 +242,8 @@ def _result(patient: str, response: list[dict], current: dict | None, entries: l
     ref = location.split("/fhir/")[-1] if location else None
     if ref and "RiskAssessment/" in ref:
         ref = ref[ref.index("RiskAssessment/"):]
-    action = "created" if status.startswith("201") or current is None else "updated"
+    # 201 with nothing there before: created. An assessment found before (or, with nothing
+    # found, a 200: a concurrent writer's, matched by the conditional write): updated.
+    action = "created" if current is None and not status.startswith("200") else "updated"
     return WriteResult(patient, action, ref or f"RiskAssessment/{entries[0]['resource'].get('id')}",
-                       resources=[e["resource"] for e in entries])
+                       resources=[e["resource"] for e in entries if "resource" in e])

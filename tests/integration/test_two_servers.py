@@ -212,3 +212,41 @@ def test_one_patient_with_more_results_than_a_page_is_read_whole(kind, start_pee
     assert code == 0, report
     [patient] = report["patients"]
     assert patient["group"] == "borderline-resectable", patient["classification"]["reason"]
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_assessments_of_an_earlier_release_are_taken_over_not_duplicated(kind, start_peer, capsys):
+    """Releases before 0.2 wrote identifier ``Patient/<id>|<rule set>|<version>`` (and, where
+    clients choose ids, an id hashed from it). After an upgrade each patient must still
+    have exactly one current assessment: updated in place (server-assigned ids) or
+    replaced by the new id in the same transaction (client ids)."""
+    from engine.ruleset import load_ruleset
+    from fhir_adapters.writeback.resources import legacy_id, legacy_key
+
+    srv = start_peer(kind)
+    assert run_all(srv.base_url, capsys, "--dry-run")[0] == 0
+    rs = load_ruleset()
+    with FhirClient(srv.base_url) as c:
+        # What the earlier release left: one assessment per candidate, old identifier and id.
+        patients = [p["patient"] for p in run_all(srv.base_url, capsys, "--dry-run")[1]["patients"]
+                    if p["action"] == "would-create"]
+        entries = []
+        for pid in patients:
+            ra = {"resourceType": "RiskAssessment", "status": "final", "subject": {"reference": pid},
+                  "meta": {"tag": [{"system": TAG_SYSTEM, "code": TAG}]},
+                  "identifier": [{"system": "https://clm-stratify.org/fhir/NamingSystem/risk-assessment",
+                                  "value": legacy_key(pid, rs.id, rs.version)}]}
+            if kind == "sekmet":
+                rid = legacy_id(pid, rs.id, rs.version)
+                entries.append({"resource": {**ra, "id": rid}, "request": {"method": "PUT",
+                                                                         "url": f"RiskAssessment/{rid}"}})
+            else:
+                entries.append({"resource": ra, "request": {"method": "POST", "url": "RiskAssessment"}})
+        c.transaction(entries)
+        assert len(ours(c)[0]) == len(patients) == 56
+        code, report, err = run_all(srv.base_url, capsys)
+        assert code == 0, err
+        ras = ours(c)[0]
+        assert Counter(r["subject"]["reference"] for r in ras) == Counter(patients)   # one each, no more
+        assert all("|" not in r["identifier"][0]["value"] for r in ras)
+        assert run_all(srv.base_url, capsys)[1]["actions"] == {"unchanged": 56, "no-recurrence": 4}
