@@ -223,7 +223,8 @@ class RuleSet(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # Written to FHIR servers (RiskAssessment.method, identifier value): at most 64 characters.
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
     title: str = Field(min_length=1)
     citation: Citation

@@ -30,7 +30,7 @@ from fhir_adapters.fhir.capabilities import ServerCapabilities
 from fhir_adapters.fhir.codec import dumps, loads
 from fhir_adapters.fhir.errors import (FhirConflict, FhirError, FhirServerUnavailable, FhirTruncated,
                                       operation_outcome_text)
-from fhir_adapters.fhir.search import MAX_OFFSET_PAGES, Completeness, count_of
+from fhir_adapters.fhir.search import MAX_OFFSET_PAGES, MAX_PAGES, MAX_STALE_PAGES, Completeness, count_of
 from fhir_adapters.fhir.transport import Transport, strip_query
 
 __all__ = [
@@ -130,13 +130,22 @@ class FhirClient(Transport):
                *, check: bool) -> Iterator[dict]:
         seen: set[str] = set()
         completeness = Completeness(count_of(query[1]) if query else None)
+        stale = 0
         while True:
             for entry in bundle.get("entry") or []:
                 if (entry.get("search") or {}).get("mode") == "outcome":
                     text = operation_outcome_text(entry.get("resource"))
                     if text:
                         self.last_search_warnings.append(text)
-            page, matches, _ = completeness.add(bundle)
+            page, matches, new = completeness.add(bundle)
+            stale = stale + 1 if new == 0 else 0
+            if stale > MAX_STALE_PAGES:
+                raise FhirError(f"the server keeps sending next links with nothing new ({stale} pages in a row "
+                                f"repeat earlier results or are empty): stopped following them", url=self.base_url,
+                                method="GET")
+            if completeness.pages > MAX_PAGES:
+                raise FhirError(f"a search ran past {MAX_PAGES} pages: stopped following next links",
+                                url=self.base_url, method="GET")
             yield page if check else bundle
             nxt = next((link.get("url") for link in bundle.get("link") or []
                         if link.get("relation") == "next" and link.get("url")), None)

@@ -30,10 +30,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["escape", "token", "Completeness", "count_of", "MAX_OFFSET_PAGES"]
+__all__ = ["escape", "token", "Completeness", "count_of", "MAX_OFFSET_PAGES", "MAX_PAGES", "MAX_STALE_PAGES"]
 
 # At most this many _offset continuations of one search (a bound, not a page size).
 MAX_OFFSET_PAGES = 10_000
+# At most this many pages of one search by next links, and at most this many pages in a
+# row that bring nothing new (a server whose next links never end).
+MAX_PAGES = 100_000
+MAX_STALE_PAGES = 3
 
 
 def escape(value: str) -> str:

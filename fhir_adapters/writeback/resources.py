@@ -38,7 +38,7 @@ from fhir_adapters.project import (ASSESSMENT_SYSTEM, GROUP_SYSTEM, IDENTIFIER_S
                                    RULESET_SYSTEM, TAG, TAG_SYSTEM, VERSION)
 UCUM = "http://unitsofmeasure.org"
 
-_KEY_CHARS = re.compile(r"[A-Za-z0-9\-./]{1,200}")
+_KEY_CHARS = re.compile(r"[A-Za-z0-9\-._/]{1,200}")
 
 
 def assessment_key(patient: str, ruleset_id: str) -> str:
@@ -55,7 +55,7 @@ def assessment_key(patient: str, ruleset_id: str) -> str:
     key = f"{ruleset_id}/{patient}"
     if not _KEY_CHARS.fullmatch(key):
         raise ValueError(f"cannot build an assessment identifier from rule set {ruleset_id!r} and {patient!r}: "
-                         "only A-Z a-z 0-9 - . / are allowed")
+                         "only A-Z a-z 0-9 - . _ / are allowed")
     return key
 
 

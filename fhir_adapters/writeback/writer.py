@@ -135,11 +135,12 @@ class AssessmentWriter:
                 f"{self.strategy.how_found(sent)} failed ({exc}): a re-run could not find it and would write a "
                 f"duplicate; stopping", url=self.client.base_url, status=exc.status)
             raise self._refused from exc
+        # The id the server gave (Location, or the returned resource); unknown when it named neither.
         written_id = (written.risk_assessment or "").split("/")[1] if written.risk_assessment else None
         if found is None or (written_id and found.get("id") != written_id):
             what = "found nothing" if found is None else f"found RiskAssessment/{found.get('id')} instead"
             self._refused = WriteNotIdempotent(
-                f"{written.risk_assessment} was written, but {self.strategy.how_found(sent)} {what} "
+                f"{written.risk_assessment or 'A RiskAssessment'} was written, but {self.strategy.how_found(sent)} {what} "
                 f"(write strategy {self.strategy.name}): this server does not find an assessment the way the next "
                 f"run looks for it, so every run would write a duplicate; stopping", url=self.client.base_url)
             raise self._refused
@@ -245,5 +246,8 @@ def _result(patient: str, response: list[dict], current: dict | None, entries: l
     # 201 with nothing there before: created. An assessment found before (or, with nothing
     # found, a 200: a concurrent writer's, matched by the conditional write): updated.
     action = "created" if current is None and not status.startswith("200") else "updated"
-    return WriteResult(patient, action, ref or f"RiskAssessment/{entries[0]['resource'].get('id')}",
+    sent_id = entries[0]["resource"].get("id") or (current or {}).get("id")
+    if not ref and isinstance(response[0].get("resource") if response else None, dict):
+        ref = f"RiskAssessment/{response[0]['resource'].get('id')}"   # no Location: the returned resource
+    return WriteResult(patient, action, ref or (f"RiskAssessment/{sent_id}" if sent_id else None),
                        resources=[e["resource"] for e in entries if "resource" in e])

@@ -250,3 +250,28 @@ def test_assessments_of_an_earlier_release_are_taken_over_not_duplicated(kind, s
         assert Counter(r["subject"]["reference"] for r in ras) == Counter(patients)   # one each, no more
         assert all("|" not in r["identifier"][0]["value"] for r in ras)
         assert run_all(srv.base_url, capsys)[1]["actions"] == {"unchanged": 56, "no-recurrence": 4}
+
+
+def test_next_links_that_never_end_stop_with_a_clear_error():
+    """A scripted server (no real server here does this) whose every page repeats the same
+    result with a new next link: the search stops after a few pages, naming why."""
+    from itertools import count
+
+    from fhir_adapters.fhir.client import FhirError
+    from tests.support.http import LoopbackServer, send
+
+    pages = count()
+
+    def handle(h):
+        n = next(pages)
+        send(h, 200, {"resourceType": "Bundle", "type": "searchset",
+                      "entry": [{"search": {"mode": "match"}, "resource": {"resourceType": "Observation", "id": "o1"}}],
+                      "link": [{"relation": "next", "url": f"{srv.url}/fhir/Observation?page={n + 1}"}]})
+
+    srv = LoopbackServer(handle)
+    try:
+        with FhirClient(f"{srv.url}/fhir") as c, pytest.raises(FhirError, match="nothing new"):
+            list(c.search("Observation", {"patient": "p1"}))
+        assert next(pages) < 10
+    finally:
+        srv.close()

@@ -106,7 +106,7 @@ def test_the_assessment_key_has_no_version_and_no_token_separators():
     assert not set(key) & set("|,$\\")
     assert assessment_id("Patient/p1", "rs") == assessment_id("Patient/p1", "rs")
     assert assessment_id("Patient/p1", "rs") != assessment_id("Patient/p2", "rs")
-    with pytest.raises(ValueError, match="only A-Z"):
+    with pytest.raises(ValueError, match="only A-Z"):  # a rule-set id the schema refuses
         assessment_key("Patient/p1", "rule|set")
 
 
