@@ -42,6 +42,23 @@ _RTYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
 _RID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
+def _malformed(bundle: dict) -> str | None:
+    """What makes a Bundle unusable (its parts of the wrong JSON type), or None. Such a
+    Bundle is an error, never read in part."""
+    if not isinstance(bundle.get("link", []), list) or not all(isinstance(x, dict) for x in bundle.get("link", [])):
+        return "link is not a list of objects"
+    entries = bundle.get("entry", [])
+    if not isinstance(entries, list):
+        return "entry is not a list"
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            return f"entry[{i}] is not an object"
+        for key in ("resource", "search", "response", "request"):
+            if key in entry and not isinstance(entry[key], dict):
+                return f"entry[{i}].{key} is not an object"
+    return None
+
+
 class FhirClient(Transport):
     """FHIR R4 REST client (see :class:`~fhir_adapters.fhir.transport.Transport` for the arguments).
 
@@ -132,6 +149,9 @@ class FhirClient(Transport):
         completeness = Completeness(count_of(query[1]) if query else None)
         stale = 0
         while True:
+            problem = _malformed(bundle) if isinstance(bundle, dict) else "not a JSON object"
+            if problem:   # a searchset inside a batch reply is not checked by _bundle
+                raise FhirError(f"malformed searchset Bundle: {problem}", url=self.base_url, method="GET")
             for entry in bundle.get("entry") or []:
                 if (entry.get("search") or {}).get("mode") == "outcome":
                     text = operation_outcome_text(entry.get("resource"))
@@ -198,6 +218,10 @@ class FhirClient(Transport):
             raise FhirError(f"{resp.request.method} {strip_query(resp.url)}: expected a Bundle, got {kind}",
                             status=resp.status_code, url=strip_query(resp.url),
                             outcome=operation_outcome_text(body), method=resp.request.method or "")
+        problem = _malformed(body)
+        if problem:
+            raise FhirError(f"{resp.request.method} {strip_query(resp.url)}: malformed Bundle: {problem}",
+                            status=resp.status_code, url=strip_query(resp.url), method=resp.request.method or "")
         return body
 
     def batch(self, requests: Sequence[dict]) -> list[dict]:

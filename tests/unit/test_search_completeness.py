@@ -117,3 +117,18 @@ def test_only_an_assessment_with_our_identifier_and_subject_is_ours():
     assert not is_ours({**ra, "subject": {"reference": "Patient/p2"}}, ra)
     assert not is_ours({**ra, "identifier": [{"system": "other", "value": "rs/Patient/p1"}]}, ra)
     assert not is_ours({"subject": {"reference": "Patient/p1"}, "identifier": "junk"}, ra)
+
+
+@pytest.mark.parametrize("bundle, problem", [
+    ({"entry": [5]}, "entry[0] is not an object"),
+    ({"entry": {"a": 1}}, "entry is not a list"),
+    ({"entry": [{"resource": "x"}]}, "entry[0].resource is not an object"),
+    ({"entry": [{"search": "match"}]}, "entry[0].search is not an object"),
+    ({"link": {"relation": "next"}}, "link is not a list of objects"),
+    ({"link": ["next"]}, "link is not a list of objects"),
+    ({"entry": [{"resource": {"resourceType": "Patient"}}], "link": []}, None),
+])
+def test_a_malformed_bundle_is_named_not_read_in_part(bundle, problem):
+    from fhir_adapters.fhir.client import _malformed
+
+    assert _malformed({"resourceType": "Bundle", **bundle}) == problem
