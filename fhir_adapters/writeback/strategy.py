@@ -102,6 +102,12 @@ class WriteStrategy:
         return f"{type(self).__name__}({self.client.base_url!r})"
 
 
+def _legacy_id_of(ra: dict) -> str:
+    """The id an earlier release gave ``ra``'s assessment (its rule-set version hashed in)."""
+    coding = ra["method"]["coding"][0]
+    return legacy_id(ra["subject"]["reference"], coding["code"], coding["version"])
+
+
 def _ok(response: dict) -> dict | None:
     """The resource of a batch response entry that succeeded."""
     resource = response.get("resource")
@@ -120,9 +126,7 @@ class UpdateAsCreate(WriteStrategy):
     def _legacy(self, ra: dict) -> dict | None:
         """An assessment an earlier release wrote for this rule-set version (its id hashed the
         version in): replaced by ``ra``'s id in the same transaction (:meth:`request`)."""
-        coding = ra["method"]["coding"][0]
-        found = self.client.read("RiskAssessment", legacy_id(ra["subject"]["reference"], coding["code"],
-                                                             coding["version"]))
+        found = self.client.read("RiskAssessment", _legacy_id_of(ra))
         return found if found is not None and is_legacy_of(found, ra) else None
 
     def request(self, ra: dict, current: dict | None) -> tuple[dict, dict]:
@@ -146,9 +150,8 @@ class UpdateAsCreate(WriteStrategy):
         found = [_ok(r) for r in responses]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:   # first run after an upgrade, or new patients: an earlier release's assessment?
-            legacy = self.client.batch([{"request": {"method": "GET", "url": "RiskAssessment/" + legacy_id(
-                ras[i]["subject"]["reference"], ras[i]["method"]["coding"][0]["code"],
-                ras[i]["method"]["coding"][0]["version"])}} for i in missing])
+            legacy = self.client.batch([{"request": {"method": "GET", "url": f"RiskAssessment/{_legacy_id_of(ras[i])}"}}
+                                        for i in missing])
             for i, r in zip(missing, legacy):
                 old = _ok(r)
                 found[i] = old if old is not None and is_legacy_of(old, ras[i]) else None
@@ -188,13 +191,19 @@ class _ByIdentifier(WriteStrategy):
         """Assessments an earlier release wrote for these patients and rule set (identifier
         ``Patient/<id>|<rule set>|<version>``), found by patient and tag: updated in place
         (the new identifier replaces the old), so one stays current after an upgrade."""
+        found = self._by_subject_and_tag(ras)
+        if found is None:
+            return [None] * len(ras)
+        return [self._one([r for r in found if is_legacy_of(r, ra)], ra) for ra in ras]
+
+    def _by_subject_and_tag(self, ras: Sequence[dict]) -> list[dict] | None:
+        """Every assessment of these patients with our tag (None: no patient search here)."""
         param = self._patient_param()
         if param is None or not ras:
-            return [None] * len(ras)
+            return None
         params = [(param, ",".join(ra["subject"]["reference"] for ra in ras)), ("_tag", token(TAG_SYSTEM, TAG)),
                   ("_count", str(4 * len(ras)))]
-        found = list(self.client.search("RiskAssessment", params))
-        return [self._one([r for r in found if is_legacy_of(r, ra)], ra) for ra in ras]
+        return list(self.client.search("RiskAssessment", params))
 
     def find_current_many(self, ras: Sequence[dict]) -> list[dict | None]:
         out: list[dict | None] = []
@@ -213,15 +222,11 @@ class _ByIdentifier(WriteStrategy):
         return f"the search RiskAssessment?{'&'.join(f'{k}={v}' for k, v in self.criteria([ra]))}"
 
     def found_otherwise(self, ra: dict) -> dict | None:
-        param = self._patient_param()
-        if param is None:
-            return None
         try:
-            found = self.client.search("RiskAssessment", {param: ra["subject"]["reference"],
-                                                          "_tag": token(TAG_SYSTEM, TAG)})
-            return next((r for r in found if is_ours(r, ra)), None)
+            found = self._by_subject_and_tag([ra])
         except FhirError:
             return None   # no second way on this server
+        return next((r for r in found or [] if is_ours(r, ra)), None)
 
     def _one(self, matches: list[dict], ra: dict) -> dict | None:
         if len(matches) > 1:
