@@ -1,4 +1,4 @@
-"""``clm-stratify inbox``: show the receiver's inbox and dead letters; replay them."""
+"""``clm-stratify inbox``: show the receiver's inbox, retrying items and dead letters; replay or drop them."""
 
 from __future__ import annotations
 
@@ -10,32 +10,44 @@ from fhir_adapters.project import EXIT_OK
 
 
 def cmd_inbox(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from clm_stratify.service.inbox import Inbox, InboxError
 
-    from clm_stratify.service.inbox import Inbox
-
-    if not Path(args.inbox).exists():
-        raise UsageError(f"{args.inbox}: no inbox there")
-    inbox = Inbox(args.inbox)
-    if args.replay is not None or args.replay_all:
-        kind, item = (None, None)
-        if args.replay is not None:
-            kind, _, num = args.replay.partition(":")
-            if kind not in ("patient", "notification") or not num.isdigit():
-                raise UsageError("--replay takes patient:ID or notification:ID (see the list)")
-            item = int(num)
-        output.out(f"replayed {inbox.replay(kind, item)} item(s); a running receiver picks them up")
+    try:
+        inbox = Inbox(args.inbox, create=False)
+    except InboxError as exc:
+        raise UsageError(str(exc)) from None
+    for option, one, every, verb, act in (
+            ("--replay", args.replay, args.replay_all, "replayed", inbox.replay),
+            ("--drop", args.drop, args.drop_all, "dropped", inbox.drop)):
+        if one is None and not every:
+            continue
+        kind, item = _which(option, one)
+        n = act(kind, item)
+        if one is not None and n == 0:
+            raise UsageError(f"{option} {one}: no such dead letter (see the list: clm-stratify inbox)")
+        output.out(f"{verb} {n} item(s)" + ("; a running receiver picks them up" if verb == "replayed" else ""))
         return EXIT_OK
     output.print_inbox(inbox)
     return EXIT_OK
 
 
+def _which(option: str, value: str | None) -> tuple[str | None, int | None]:
+    if value is None:
+        return None, None
+    kind, _, num = value.partition(":")
+    if kind not in ("patient", "notification") or not num.isdigit():
+        raise UsageError(f"{option} takes patient:ID or notification:ID (see the list), not {value!r}")
+    return kind, int(num)
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("inbox", help="show the receiver's inbox and dead letters; replay them",
+    p = subparsers.add_parser("inbox", help="show the receiver's inbox and dead letters; replay or drop them",
                               epilog="examples:\n  clm-stratify inbox --inbox clm-inbox.sqlite\n"
                                      "  clm-stratify inbox --inbox clm-inbox.sqlite --replay-all",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inbox", default="clm-inbox.sqlite", metavar="PATH")
     p.add_argument("--replay", metavar="KIND:ID", help="put one dead letter back in the queue")
     p.add_argument("--replay-all", action="store_true")
+    p.add_argument("--drop", metavar="KIND:ID", help="give up one dead letter for good (kept in the file, marked)")
+    p.add_argument("--drop-all", action="store_true")
     p.set_defaults(func=cmd_inbox)

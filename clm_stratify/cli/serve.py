@@ -13,11 +13,14 @@ from fhir_adapters.project import EXIT_OK
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import os
+    import time
 
     import uvicorn
 
-    from clm_stratify.service.inbox import Inbox
     from clm_stratify.pipeline import Stratifier
+    from clm_stratify.service.health import Health
+    from clm_stratify.service.inbox import Inbox, InboxError
+    from clm_stratify.service.metrics import Metrics
     from clm_stratify.service.receiver import ReceiverConfig, create_app
     from clm_stratify.service.worker import Worker
 
@@ -27,20 +30,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--hmac-secret-env {args.hmac_secret_env}: the variable is not set")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         output.err(f"warning: listening on {args.host}, not only on loopback")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.Formatter.converter = time.gmtime   # log times in UTC, like every other time we print
     rules = load_rules(args)
     client = make_client(args)
-    inbox = Inbox(args.inbox, max_attempts=args.max_attempts)
     try:
+        inbox = Inbox(args.inbox, max_attempts=args.max_attempts, max_bytes=int(args.inbox_max_mb * 1024 * 1024))
         inbox.claim()
-    except RuntimeError as exc:
+    except InboxError as exc:
         raise UsageError(str(exc)) from None
+    health = Health(inbox, lambda: client.ping(timeout=min(3.0, args.health_interval)),
+                    probe_every=args.health_interval)
+    unreachable = health.check_fhir(force=True)["error"]
+    if unreachable:
+        output.err(f"warning: the FHIR server cannot be reached ({unreachable}); notifications are stored "
+                   f"and evaluated once it can, and /healthz says degraded until then")
+    metrics = Metrics(inbox, health)
     stratifier = Stratifier(client, rules)
     from clm_stratify.service.reload import Reloader
     Reloader(stratifier, args.rules, args.terminology).install()   # SIGHUP: reload rules + terminology
-    worker = Worker(inbox, stratifier, evaluators=args.workers, coalesce=args.coalesce)
+    worker = Worker(inbox, stratifier, evaluators=args.workers, coalesce=args.coalesce, health=health,
+                    metrics=metrics, keep=args.keep_days * 86400)
     app = create_app(inbox, ReceiverConfig(secret=secret, hmac_secret=hmac_secret, hmac_header=args.hmac_header,
-                                           max_body=args.max_body))
+                                           max_body=args.max_body), health, metrics)
     output.err(f"clm-stratify receiver on http://{args.host}:{args.port}/notify (inbox {args.inbox}); "
                f"FHIR server {client.base_url}")
     worker.start()
@@ -70,6 +83,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--coalesce", type=float, default=0.15, metavar="S",
                    help="wait this long to merge notifications for one patient")
     p.add_argument("--max-attempts", type=int, default=6, help="tries before an item is dead-lettered")
+    p.add_argument("--inbox-max-mb", type=float, default=1024, metavar="MB",
+                   help="the inbox file may not grow past this; beyond it notifications get 503 (default 1024)")
+    p.add_argument("--keep-days", type=float, default=7, metavar="DAYS",
+                   help="finished notifications and evaluations stay in the inbox this long (default 7)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="log level (default info: one line per evaluation, no patient identifiers)")
+    p.add_argument("--health-interval", type=float, default=10.0, metavar="S",
+                   help="probe the FHIR server for /healthz at most this often (default 10 s)")
     add_server_options(p)
     add_rules_options(p)
     p.set_defaults(func=cmd_serve)

@@ -26,85 +26,82 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from clm_stratify.service.inbox_view import OperatorView
+from clm_stratify.service.inbox_file import InboxError, check_file, describe, prepare
 from fhir_adapters.fhir.reference import PatientRef
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS notification (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    received_at REAL NOT NULL,
-    body TEXT NOT NULL,               -- the parsed Notification (JSON)
-    state TEXT NOT NULL DEFAULT 'new' CHECK (state IN ('new', 'resolved', 'dead')),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_at REAL NOT NULL,
-    last_error TEXT
-);
-CREATE INDEX IF NOT EXISTS notification_new ON notification (state, next_at);
-CREATE TABLE IF NOT EXISTS work (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    patient TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done', 'dead')),
-    due_at REAL NOT NULL,
-    lease_until REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    notifications INTEGER NOT NULL DEFAULT 1,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    last_error TEXT,
-    result TEXT
-);
-CREATE UNIQUE INDEX IF NOT EXISTS work_one_pending ON work (patient) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS work_due ON work (state, due_at);
-CREATE TABLE IF NOT EXISTS seen_event (
-    subscription TEXT NOT NULL,
-    event_number INTEGER NOT NULL,
-    PRIMARY KEY (subscription, event_number)
-);
-CREATE TABLE IF NOT EXISTS subscription_state (
-    subscription TEXT PRIMARY KEY,
-    last_event INTEGER NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
+__all__ = ["Inbox", "InboxError", "WorkItem"]
+
 
 # Before a running row is dropped because its patient is pending again: add its
 # notification count to the pending row, so every notification stays counted once.
 _MERGE_RUNNING_INTO_PENDING = (
     "UPDATE work SET notifications = notifications + (SELECT coalesce(sum(r.notifications), 0) FROM work r "
-    "WHERE r.patient = work.patient AND r.state = 'running' {expired}) WHERE state = 'pending'")
+    "WHERE r.patient = work.patient AND r.state = 'running' {expired}), "
+    "first_received_at = min(coalesce(first_received_at, 1e300), coalesce((SELECT min(r.first_received_at) "
+    "FROM work r WHERE r.patient = work.patient AND r.state = 'running' {expired}), 1e300)) WHERE state = 'pending'")
+# (1e300 stands for "none": SQLite's min() of a NULL is NULL; _nulled() maps it back.)
+_NULL_FIRST_RECEIVED = "UPDATE work SET first_received_at = NULL WHERE first_received_at >= 1e300"
+
+
+def _text(error: str, limit: int = 2000) -> str:
+    """An error message as it can be stored: valid UTF-8 (a lone surrogate from a hostile
+    body is escaped, not a reason for the store to fail), at most ``limit`` characters."""
+    return error.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
 
 
 @dataclass(frozen=True)
 class WorkItem:
     id: int
     patient: PatientRef
-    attempts: int
+    attempts: int          # evaluations started, this one included
     notifications: int
+    first_received_at: float | None = None
 
 
-class Inbox:
-    """Thread-safe access to one inbox file (one connection per thread)."""
+class Inbox(OperatorView):
+    """Thread-safe access to one inbox file (one connection per thread).
+
+    ``create``: make a new inbox when no file is at ``path`` (the receiver); otherwise an
+    existing inbox is required (the ``inbox`` command). ``max_bytes``: the file may not
+    grow past this (SQLite's ``max_page_count``): a flood of notifications then gets 503
+    from the receiver instead of filling the disk. Raises :class:`InboxError`.
+    """
 
     def __init__(self, path: Path | str, *, lease_seconds: float = 60.0, max_attempts: int = 6,
-                 backoff: float = 1.0, max_backoff: float = 60.0):
+                 backoff: float = 1.0, max_backoff: float = 60.0, create: bool = True,
+                 max_bytes: int | None = None):
         self.path = str(path)
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.max_bytes = max_bytes
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self.wakeup = threading.Event()
-        self._db().executescript(SCHEMA)
+        new = check_file(self.path, create=create)
+        try:
+            db = self._db()
+        except sqlite3.Error as exc:
+            raise InboxError(f"{self.path}: {describe(exc)}") from None
+        prepare(db, self.path, new=new)
 
     # ------------------------------------------------------------------ plumbing
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")   # a 2xx means the notification is on disk
-            db.execute("PRAGMA busy_timeout=30000")
+            try:
+                db.execute("PRAGMA busy_timeout=30000")
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")   # a 2xx means the notification is on disk
+                if self.max_bytes:
+                    page = db.execute("PRAGMA page_size").fetchone()[0]
+                    db.execute(f"PRAGMA max_page_count = {max(2, int(self.max_bytes) // page)}")
+            except sqlite3.Error:
+                db.close()
+                raise
             self._local.db = db
         return db
 
@@ -120,7 +117,8 @@ class Inbox:
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:   # SQLite may already have rolled back (disk full, I/O error)
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
 
@@ -130,16 +128,26 @@ class Inbox:
         process are taken back at once: their evaluations died with it."""
         import fcntl
 
-        self._lock_file = open(self.path + ".lock", "w")
+        try:
+            self._lock_file = open(self.path + ".lock", "w")
+        except OSError as exc:
+            raise InboxError(f"{self.path}.lock: cannot create the receiver's lock file: {exc.strerror}") from None
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"{self.path} is already served by another receiver process") from None
+            raise InboxError(f"{self.path} is already served by another receiver process") from None
         now = time.time()
+        try:
+            self._take_back(now)
+        except sqlite3.Error as exc:
+            raise InboxError(f"{self.path}: {describe(exc)}") from None
+
+    def _take_back(self, now: float) -> None:
         with self._tx() as db:
             # A running row whose patient is already waiting again is merged into the
             # waiting row (its notifications are counted there, not dropped).
             db.execute(_MERGE_RUNNING_INTO_PENDING.format(expired=""))
+            db.execute(_NULL_FIRST_RECEIVED)
             db.execute("DELETE FROM work WHERE state = 'running' AND EXISTS "
                        "(SELECT 1 FROM work w2 WHERE w2.patient = work.patient AND w2.state = 'pending')")
             db.execute("UPDATE work SET state = 'pending', lease_until = NULL, due_at = min(due_at, ?) "
@@ -166,14 +174,17 @@ class Inbox:
         self.wakeup.set()
         return int(cur.lastrowid)
 
-    def next_notification(self) -> tuple[int, str, int] | None:
-        """The oldest due notification to resolve: (id, body, attempts)."""
+    def next_notification(self, skip: frozenset[int] = frozenset()) -> tuple[int, str, int, float] | None:
+        """The oldest due notification to resolve: (id, body, attempts, received_at);
+        ``skip``: ids whose failure could not be recorded (left for the operator)."""
+        exclude = f" AND id NOT IN ({','.join(str(int(i)) for i in sorted(skip))})" if skip else ""
         row = self._db().execute(
-            "SELECT id, body, attempts FROM notification WHERE state = 'new' AND next_at <= ? "
-            "ORDER BY id LIMIT 1", (time.time(),)).fetchone()
-        return (row[0], row[1], row[2]) if row else None
+            "SELECT id, body, attempts, received_at FROM notification WHERE state = 'new' AND next_at <= ?"
+            f"{exclude} ORDER BY id LIMIT 1", (time.time(),)).fetchone()
+        return (row[0], row[1], row[2], row[3]) if row else None
 
     def resolve(self, notification_id: int, patients: set[PatientRef], *, coalesce: float = 0.0,
+                received_at: float | None = None,
                 events: tuple[str, list[int]] | None = None, last_event: tuple[str, int] | None = None,
                 watermark: str | None = None) -> None:
         """Atomically: mark the notification resolved, queue its patients (merged into
@@ -182,11 +193,13 @@ class Inbox:
         with self._tx() as db:
             for patient in sorted(patients):  # stored by id: one row per patient
                 db.execute(
-                    "INSERT INTO work (patient, state, due_at, created_at, updated_at) "
-                    "VALUES (?, 'pending', ?, ?, ?) "
+                    "INSERT INTO work (patient, state, due_at, created_at, updated_at, first_received_at) "
+                    "VALUES (?, 'pending', ?, ?, ?, ?) "
                     "ON CONFLICT (patient) WHERE state = 'pending' DO UPDATE SET "
-                    "notifications = notifications + 1, updated_at = excluded.updated_at",
-                    (patient.id, now + coalesce, now, now))
+                    "notifications = notifications + 1, updated_at = excluded.updated_at, "
+                    "first_received_at = coalesce(min(first_received_at, excluded.first_received_at), "
+                    "first_received_at, excluded.first_received_at)",
+                    (patient.id, now + coalesce, now, now, received_at))
             if events:
                 db.executemany("INSERT OR IGNORE INTO seen_event VALUES (?, ?)",
                                [(events[0], n) for n in events[1]])
@@ -202,13 +215,16 @@ class Inbox:
         if patients:
             self.wakeup.set()
 
-    def notification_failed(self, notification_id: int, error: str) -> None:
+    def notification_failed(self, notification_id: int, error: str) -> str:
+        """Count a failed resolution: retried with backoff, or dead after ``max_attempts``.
+        Returns the new state ('new' or 'dead')."""
         with self._tx() as db:
             attempts = db.execute("SELECT attempts FROM notification WHERE id = ?",
                                   (notification_id,)).fetchone()[0] + 1
             state = "dead" if attempts >= self.max_attempts else "new"
             db.execute("UPDATE notification SET attempts = ?, state = ?, next_at = ?, last_error = ? WHERE id = ?",
-                       (attempts, state, time.time() + self._delay(attempts), error[:2000], notification_id))
+                       (attempts, state, time.time() + self._delay(attempts), _text(error), notification_id))
+        return state
 
     # ------------------------------------------------------------------ events and watermark
     def seen_events(self, subscription: str, numbers: list[int]) -> set[int]:
@@ -235,11 +251,17 @@ class Inbox:
 
     # ------------------------------------------------------------------ patient work
     def take(self) -> WorkItem | None:
-        """Lease the next due patient that no other worker is evaluating."""
+        """Lease the next due patient that no other worker is evaluating.
+
+        The attempt is counted when the row is leased, not when it fails: an evaluation
+        that never reports back (the process died, a thread hung past its lease) still
+        counts, and a row that has started ``max_attempts`` evaluations is dead-lettered
+        here instead of being leased again."""
         now = time.time()
         with self._tx() as db:
             # Leases that expired (the worker died): the patient is evaluated again.
-            db.execute(_MERGE_RUNNING_INTO_PENDING.format(expired="AND r.lease_until < ?"), (now,))
+            db.execute(_MERGE_RUNNING_INTO_PENDING.format(expired="AND r.lease_until < ?"), (now, now))
+            db.execute(_NULL_FIRST_RECEIVED)
             db.execute("DELETE FROM work WHERE state = 'running' AND lease_until < ? AND EXISTS "
                        "(SELECT 1 FROM work w2 WHERE w2.patient = work.patient AND w2.state = 'pending')", (now,))
             db.execute("UPDATE work SET state = 'pending', lease_until = NULL "
@@ -248,7 +270,8 @@ class Inbox:
                        (now,))
             for _ in range(1000):  # bounded: each pass dead-letters one unusable row or returns
                 row = db.execute(
-                    "SELECT id, patient, attempts, notifications FROM work w WHERE state = 'pending' AND due_at <= ? "
+                    "SELECT id, patient, attempts, notifications, first_received_at FROM work w "
+                    "WHERE state = 'pending' AND due_at <= ? "
                     "AND NOT EXISTS (SELECT 1 FROM work r WHERE r.patient = w.patient AND r.state = 'running' "
                     "AND r.lease_until >= ?) ORDER BY due_at, id LIMIT 1", (now, now)).fetchone()
                 if row is None:
@@ -257,84 +280,50 @@ class Inbox:
                     patient = PatientRef(row[1])
                 except ValueError as exc:  # written by an older version: never evaluable, never retried
                     db.execute("UPDATE work SET state = 'dead', updated_at = ?, last_error = ? WHERE id = ?",
-                               (now, f"stored patient is not usable: {exc}", row[0]))
+                               (now, _text(f"stored patient is not usable: {exc}"), row[0]))
                     continue
-                db.execute("UPDATE work SET state = 'running', lease_until = ?, updated_at = ? WHERE id = ?",
-                           (now + self.lease_seconds, now, row[0]))
-                return WorkItem(row[0], patient, row[2], row[3])
+                if row[2] >= self.max_attempts:   # its evaluations started and never reported back
+                    db.execute("UPDATE work SET state = 'dead', updated_at = ?, last_error = ? WHERE id = ?",
+                               (now, f"{row[2]} evaluations started and none finished (the process died or "
+                                     f"an evaluation hung past its lease)", row[0]))
+                    continue
+                db.execute("UPDATE work SET state = 'running', attempts = attempts + 1, lease_until = ?, "
+                           "updated_at = ? WHERE id = ?", (now + self.lease_seconds, now, row[0]))
+                return WorkItem(row[0], patient, row[2] + 1, row[3], row[4])
         return None
 
-    def done(self, item: WorkItem, result: str) -> None:
+    def done(self, item: WorkItem, result: str) -> float | None:
+        """Mark the evaluation done; returns the seconds since the earliest notification
+        it answers (None when unknown: rows of an earlier release)."""
+        now = time.time()
         with self._tx() as db:
             db.execute("UPDATE work SET state = 'done', lease_until = NULL, updated_at = ?, result = ?, "
-                       "last_error = NULL WHERE id = ?", (time.time(), result, item.id))
+                       "last_error = NULL WHERE id = ?", (now, _text(result), item.id))
             db.execute("INSERT INTO kv VALUES ('last_processed', ?) ON CONFLICT (key) DO UPDATE SET value = "
-                       "excluded.value", (json.dumps({"at": time.time(), "work_id": item.id, "result": result}),))
+                       "excluded.value", (json.dumps({"at": now, "work_id": item.id, "result": _text(result)}),))
+        return now - item.first_received_at if item.first_received_at is not None else None
 
     def failed(self, item: WorkItem, error: str) -> str:
-        """Record a failure: retry later with backoff, or dead-letter. Returns the new state."""
-        attempts = item.attempts + 1
+        """Record a failure: retry later with backoff, or dead-letter (the attempt was
+        counted by :meth:`take`). Returns the new state."""
+        attempts = item.attempts
         now = time.time()
+        error = _text(error)
         with self._tx() as db:
             if attempts >= self.max_attempts:
                 db.execute("UPDATE work SET state = 'dead', attempts = ?, lease_until = NULL, updated_at = ?, "
-                           "last_error = ? WHERE id = ?", (attempts, now, error[:2000], item.id))
+                           "last_error = ? WHERE id = ?", (attempts, now, error, item.id))
                 return "dead"
             waiting = db.execute("SELECT id FROM work WHERE patient = ? AND state = 'pending'",
                                  (item.patient.id,)).fetchone()
             if waiting:  # a newer notification is already queued for this patient: merge into it
-                db.execute("UPDATE work SET attempts = max(attempts, ?), notifications = notifications + ? "
-                           "WHERE id = ?", (attempts, item.notifications, waiting[0]))
+                db.execute("UPDATE work SET attempts = max(attempts, ?), notifications = notifications + ?, "
+                           "first_received_at = coalesce(min(first_received_at, ?), first_received_at, ?) "
+                           "WHERE id = ?", (attempts, item.notifications, item.first_received_at,
+                                            item.first_received_at, waiting[0]))
                 db.execute("DELETE FROM work WHERE id = ?", (item.id,))
             else:
                 db.execute("UPDATE work SET state = 'pending', attempts = ?, due_at = ?, lease_until = NULL, "
                            "updated_at = ?, last_error = ? WHERE id = ?",
-                           (attempts, now + self._delay(attempts), now, error[:2000], item.id))
+                           (attempts, now + self._delay(attempts), now, error, item.id))
         return "pending"
-
-    # ------------------------------------------------------------------ operator view
-    def depth(self) -> dict[str, int]:
-        db = self._db()
-        counts = {f"work_{s}": n for s, n in db.execute("SELECT state, count(*) FROM work GROUP BY state")}
-        counts.update({f"notifications_{s}": n for s, n in
-                       db.execute("SELECT state, count(*) FROM notification GROUP BY state")})
-        return counts
-
-    def last_processed(self) -> dict | None:
-        row = self._db().execute("SELECT value FROM kv WHERE key = 'last_processed'").fetchone()
-        return json.loads(row[0]) if row else None
-
-    def dead_letters(self) -> list[dict]:
-        db = self._db()
-        rows = [{"kind": "patient", "id": r[0], "patient": r[1], "attempts": r[2], "error": r[3], "at": r[4]}
-                for r in db.execute("SELECT id, patient, attempts, last_error, updated_at FROM work "
-                                    "WHERE state = 'dead' ORDER BY id")]
-        rows += [{"kind": "notification", "id": r[0], "patient": None, "attempts": r[1], "error": r[2], "at": r[3]}
-                 for r in db.execute("SELECT id, attempts, last_error, received_at FROM notification "
-                                     "WHERE state = 'dead' ORDER BY id")]
-        return rows
-
-    def replay(self, kind: str | None = None, item_id: int | None = None) -> int:
-        """Move dead letters back to the queue (all, or one by kind and id)."""
-        now = time.time()
-        n = 0
-        with self._tx() as db:
-            if kind in (None, "patient"):
-                rows = db.execute("SELECT id, patient FROM work WHERE state = 'dead'" +
-                                  (" AND id = ?" if item_id is not None else ""),
-                                  (() if item_id is None else (item_id,))).fetchall()
-                for wid, patient in rows:
-                    if db.execute("SELECT 1 FROM work WHERE patient = ? AND state = 'pending'", (patient,)).fetchone():
-                        db.execute("UPDATE work SET state = 'done', result = 'replayed into a waiting item' "
-                                   "WHERE id = ?", (wid,))
-                    else:
-                        db.execute("UPDATE work SET state = 'pending', attempts = 0, due_at = ?, updated_at = ? "
-                                   "WHERE id = ?", (now, now, wid))
-                    n += 1
-            if kind in (None, "notification"):
-                cur = db.execute("UPDATE notification SET state = 'new', attempts = 0, next_at = ? WHERE state = 'dead'"
-                                 + (" AND id = ?" if item_id is not None else ""),
-                                 (now,) if item_id is None else (now, item_id))
-                n += cur.rowcount
-        self.wakeup.set()
-        return n

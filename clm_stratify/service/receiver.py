@@ -6,13 +6,18 @@ Routes:
   rest-hook ``post-endpoint`` style), or an empty body (no payload).
 * ``PUT|POST /notify/{type}/{id}``: a criteria rest-hook with the resource as body
   (HAPI / SEKMET style).
-* ``GET /healthz``: inbox depth and the last processed evaluation.
+* ``GET /healthz``: ``ok`` (200) or ``degraded`` (503) with reasons, inbox depth,
+  dead letters, the last processed evaluation, the FHIR server's reachability
+  (:mod:`clm_stratify.service.health`).
+* ``GET /metrics``: Prometheus metrics (:mod:`clm_stratify.service.metrics`).
 
 Order of checks, each answered with an OperationOutcome and nothing stored:
 401 (secret header missing or wrong, compared in constant time), 413 (body over the
 limit), 415 (content type not JSON), 401 (HMAC-SHA256 body signature, when
 configured), 400 (malformed JSON, or not a notification). Then the notification is
-stored in the inbox (fsynced) and the answer is 200.
+stored in the inbox (fsynced) and the answer is 200. When the inbox cannot store it,
+the answer is 503 with ``Retry-After`` (the sender keeps it and sends it again):
+never a 2xx for what is not on disk.
 """
 
 from __future__ import annotations
@@ -20,15 +25,22 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import sqlite3
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
+from clm_stratify.service.health import Health
 from clm_stratify.service.inbox import Inbox
-from fhir_adapters.fhir.codec import loads
+from clm_stratify.service.metrics import Metrics
 from clm_stratify.service.notifications import NotificationError, parse_notification
+from fhir_adapters.fhir.codec import loads
+
+log = logging.getLogger("clm_stratify.service.receiver")
 
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 SECRET_HEADER = "X-CLM-Subscription-Secret"
@@ -43,20 +55,29 @@ class ReceiverConfig:
     max_body: int = 1_000_000
 
 
-def operation_outcome(status: int, code: str, text: str) -> JSONResponse:
+def operation_outcome(status: int, code: str, text: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"resourceType": "OperationOutcome",
                          "issue": [{"severity": "error" if status >= 400 else "information",
                                     "code": code, "diagnostics": text}]},
-                        status_code=status, media_type="application/fhir+json")
+                        status_code=status, media_type="application/fhir+json", headers=headers)
 
 
-def create_app(inbox: Inbox, config: ReceiverConfig) -> FastAPI:
+def create_app(inbox: Inbox, config: ReceiverConfig, health: Health | None = None,
+               metrics: Metrics | None = None) -> FastAPI:
     if not config.secret:
         raise ValueError("the receiver needs a subscription secret")
     app = FastAPI(title="clm-stratify Subscription receiver", docs_url=None, redoc_url=None, openapi_url=None)
     secret = config.secret.encode()
+    health = health or Health(inbox, lambda: None)
+    metrics = metrics or Metrics(inbox, health)
 
     async def receive(request: Request, path: str | None) -> Response:
+        response = await _receive(request, path)
+        if response.status_code != 200:
+            metrics.rejected.labels(status=str(response.status_code)).inc()
+        return response
+
+    async def _receive(request: Request, path: str | None) -> Response:
         given = request.headers.get(config.secret_header, "").encode()
         if not hmac.compare_digest(given, secret):
             return operation_outcome(401, "security", f"missing or wrong {config.secret_header} header")
@@ -88,7 +109,22 @@ def create_app(inbox: Inbox, config: ReceiverConfig) -> FastAPI:
             return operation_outcome(400, "invalid", str(exc))
         except RecursionError:
             return operation_outcome(400, "structure", "body nested too deeply")
-        nid = await run_in_threadpool(inbox.accept, notification.model_dump_json())
+        except Exception as exc:   # a parser bug must not become a 5xx for a body we cannot read
+            log.error("notification refused, the parser failed: %s", type(exc).__name__)
+            return operation_outcome(400, "invalid", "the body is not a notification this receiver can read")
+        try:
+            stored = notification.model_dump_json()
+        except Exception:   # e.g. a string the parser kept that cannot be written as UTF-8
+            return operation_outcome(400, "invalid", "the notification holds text that is not valid Unicode")
+        try:
+            nid = await run_in_threadpool(inbox.accept, stored)
+        except sqlite3.Error as exc:
+            log.error("notification not stored, the inbox failed: %s", exc)
+            health.storage_failed(f"{type(exc).__name__}: {exc}")
+            return operation_outcome(503, "transient", "the receiver cannot store notifications now; "
+                                     "nothing was accepted: send it again later", headers={"Retry-After": "30"})
+        health.storage_ok()
+        metrics.received.labels(style=notification.style, kind=notification.kind).inc()
         return operation_outcome(200, "informational", f"accepted as notification {nid} ({notification.kind})")
 
     @app.post("/notify")
@@ -101,11 +137,12 @@ def create_app(inbox: Inbox, config: ReceiverConfig) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        depth = inbox.depth()
-        waiting = (depth.get("notifications_new", 0) + depth.get("work_pending", 0) + depth.get("work_running", 0))
-        return Response(json.dumps({"status": "ok", "inbox_depth": waiting, "counts": depth,
-                                    "dead_letters": depth.get("work_dead", 0) + depth.get("notifications_dead", 0),
-                                    "last_processed": inbox.last_processed()}),
-                        media_type="application/json")
+        status, body = await run_in_threadpool(health.report)   # the probe may wait on the network
+        return Response(json.dumps(body), status_code=status, media_type="application/json")
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        data = await run_in_threadpool(metrics.exposition)
+        return Response(data, media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -8,6 +8,14 @@
 * The **evaluators** take one patient at a time and run the pipeline
   (:meth:`clm_stratify.pipeline.Stratifier.patient`); a failure is retried with
   backoff and, after the inbox's ``max_attempts``, dead-lettered.
+
+Poison isolation: whatever goes wrong while resolving or evaluating an item (an
+exception of any kind, a FHIR error, an evaluation that never finishes) counts against
+that item only; the loops go on with the next one. When even the failure cannot be
+recorded (the inbox file fails), the item is set aside in memory and the receiver
+reports itself degraded (:mod:`clm_stratify.service.health`). Each finished
+evaluation is one INFO line: work-item id, action, group, status, notification count
+and latency; no patient identifier.
 """
 
 from __future__ import annotations
@@ -15,14 +23,19 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+import sqlite3
 import threading
+import time
 
 from clm_stratify.service.inbox import Inbox
 from clm_stratify.pipeline import Stratifier
 from fhir_adapters.fhir.client import FhirError
-from fhir_adapters.fhir.reference import PatientRef, patient_of
+from fhir_adapters.fhir.reference import PatientRef
+from clm_stratify.service.health import Health
+from clm_stratify.service.metrics import Metrics
 from clm_stratify.service.notifications import Notification
-from fhir_adapters.sources.pull import changed_patients_since
+from fhir_adapters.sources.pull import changed_patients_since, patient_of_focus
+from fhir_adapters.writeback.writer import WriteNotIdempotent
 
 log = logging.getLogger("clm_stratify.service.worker")
 
@@ -30,6 +43,8 @@ log = logging.getLogger("clm_stratify.service.worker")
 # are not ours, and evaluating a patient twice is harmless (the write is idempotent).
 WATERMARK_OVERLAP = dt.timedelta(seconds=2)
 
+
+PRUNE_EVERY = 3600.0   # seconds between deletions of finished inbox rows
 
 _PATIENT_REF = re.compile(r"Patient/[A-Za-z0-9\-.]+")
 
@@ -43,7 +58,7 @@ def redact(text: str, patient: str | None = None) -> str:
     >>> redact("GET /fhir/Patient/p-17: no such patient (p-17)", "p-17")
     'GET /fhir/Patient/[redacted]: no such patient ([redacted])'
     """
-    text = _PATIENT_REF.sub("Patient/[redacted]", text)
+    text = _PATIENT_REF.sub("Patient/[redacted]", re.sub(r"\s*\n\s*", " | ", text.strip()))   # one log line
     if patient:
         bare = patient.split("/", 1)[-1]
         text = re.sub(rf"(?<![A-Za-z0-9\-.]){re.escape(bare)}(?![A-Za-z0-9\-.])", "[redacted]", text)
@@ -60,8 +75,14 @@ def _minus_overlap(instant: str) -> str:
 
 class Worker:
     def __init__(self, inbox: Inbox, stratifier: Stratifier, *, evaluators: int = 2, coalesce: float = 0.15,
-                 poll: float = 0.1):
+                 poll: float = 0.1, health: Health | None = None, metrics: Metrics | None = None,
+                 keep: float = 7 * 86400.0):
         self.inbox = inbox
+        self.health = health or Health(inbox, lambda: None)
+        self.metrics = metrics
+        self._set_aside: set[int] = set()   # notifications whose failure could not be recorded
+        self.keep = keep                     # seconds finished rows stay in the inbox
+        self._pruned_at = float("-inf")
         self.stratifier = stratifier
         self.client = stratifier.client
         self.evaluators = evaluators
@@ -72,22 +93,13 @@ class Worker:
 
     # ------------------------------------------------------------------ resolving
     def _patient_of_focus(self, focus: str) -> PatientRef | None:
-        rtype, _, rid = focus.partition("/")
-        if rtype == "Patient":
-            try:
-                return PatientRef(rid)
-            except ValueError:
-                return None
-        resource = self.client.read(rtype, rid)
-        if resource is None:
-            return None
-        return patient_of(resource, self.client.base_url)
+        return patient_of_focus(self.client, focus)  # a deleted focus: its patient from its history
 
     def _requery(self) -> tuple[set[PatientRef], str | None]:
         since = self.inbox.watermark() or (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)).isoformat()
         return changed_patients_since(self.client, self.stratifier.rules.terminology, _minus_overlap(since))
 
-    def resolve(self, notification_id: int, body: str) -> None:
+    def resolve(self, notification_id: int, body: str, received_at: float | None = None) -> None:
         """Turn one stored notification into queued patients (or nothing)."""
         n = Notification.model_validate_json(body)
         patients: set[PatientRef] = set()
@@ -128,51 +140,115 @@ class Worker:
         if requery:
             found, watermark = self._requery()
             patients |= found
-        self.inbox.resolve(notification_id, patients, coalesce=self.coalesce, events=events,
-                           last_event=last_event, watermark=watermark)
+        self.inbox.resolve(notification_id, patients, coalesce=self.coalesce, received_at=received_at,
+                           events=events, last_event=last_event, watermark=watermark)
 
     def resolve_one(self) -> bool:
-        item = self.inbox.next_notification()
+        if time.monotonic() - self._pruned_at > PRUNE_EVERY:
+            self._pruned_at = time.monotonic()
+            pruned = self.inbox.prune(self.keep)
+            if pruned:
+                log.info("inbox: %d finished row(s) older than %.0f h deleted", pruned, self.keep / 3600)
+        item = self.inbox.next_notification(frozenset(self._set_aside))
         if item is None:
             return False
-        nid, body, _ = item
+        nid, body, _, received_at = item
         try:
-            self.resolve(nid, body)
-        except FhirError as exc:
-            log.warning("notification %s not resolved yet: %s", nid, redact(str(exc)))
-            self.inbox.notification_failed(nid, str(exc))
-        except Exception as exc:  # a poison message: counted, retried with backoff, then dead-lettered
-            log.error("notification %s cannot be resolved: %s: %s", nid, type(exc).__name__, redact(str(exc)))
-            self.inbox.notification_failed(nid, f"{type(exc).__name__}: {exc}")
+            self.resolve(nid, body, received_at)
+        except Exception as exc:  # anything: counted against this notification, retried with backoff, then dead
+            expected = isinstance(exc, FhirError)
+            error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+            (log.warning if expected else log.error)("notification %s %s: %s", nid,
+                                                     "not resolved yet" if expected else "cannot be resolved",
+                                                     redact(error))
+            self.health.failed("resolution", redact(error))
+            try:
+                state = self.inbox.notification_failed(nid, error)
+            except sqlite3.Error as store_exc:
+                self._cannot_record("notification", nid, store_exc)
+                return True
+            if state == "dead":
+                log.error("notification %s is a dead letter (see `clm-stratify inbox`)", nid)
+                if self.metrics:
+                    self.metrics.dead_lettered.labels(kind="notification").inc()
+        else:
+            self._succeeded("resolution")
         return True
+
+    def _succeeded(self, kind: str) -> None:
+        self.health.succeeded(kind)
+        self.health.storage_ok()          # the inbox took a write again
+        self._set_aside.clear()           # so the notifications set aside are tried again
+
+    def _cannot_record(self, kind: str, item_id: int, exc: Exception) -> None:
+        """The failure of an item could not be stored: set it aside (notifications; a
+        patient row comes back when its lease expires, and its attempts were counted when
+        it was leased) and say the inbox is failing."""
+        if kind == "notification":
+            self._set_aside.add(item_id)
+        log.error("%s %s: its failure cannot be recorded in the inbox: %s", kind, item_id, exc)
+        self.health.storage_failed(f"{type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ evaluating
     def process_one(self) -> bool:
         item = self.inbox.take()
         if item is None:
             return False
+        started = time.monotonic()
         try:
             result = self.stratifier.patient(item.patient)
-        except Exception as exc:  # a bug must not kill the worker; the item is retried
-            log.error("evaluation %s failed unexpectedly: %s: %s", item.id, type(exc).__name__,
-                      redact(str(exc), item.patient.id))
+        except Exception as exc:  # a bug, or write-back stopped: counted against this item, retried
+            error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, WriteNotIdempotent):
+                self.health.write_back_stopped(redact(str(exc), item.patient.id))
+            log.error("evaluation %s failed unexpectedly: %s", item.id, redact(error, item.patient.id))
             log.debug("evaluation %s traceback", item.id, exc_info=True)
-            self.inbox.failed(item, f"{type(exc).__name__}: {exc}")
+            self._failed(item, error)
             return True
         if result.failed:
-            state = self.inbox.failed(item, result.error or "failed")
-            log.warning("evaluation %s failed (%s): %s", item.id, state, redact(result.error or "failed", item.patient.id))
-        else:
-            self.inbox.done(item, f"{result.action} {result.risk_assessment or ''} {result.group or ''}".strip())
+            self._failed(item, result.error or "failed")
+            return True
+        try:
+            latency = self.inbox.done(item, f"{result.action} {result.risk_assessment or ''} "
+                                            f"{result.group or ''}".strip())
+        except sqlite3.Error as exc:
+            self._cannot_record("evaluation", item.id, exc)
+            return True
+        self._succeeded("evaluation")
+        if self.metrics:
+            self.metrics.evaluation(result.action, result.group, latency)
+        log.info("evaluation %s: %s, group %s, status %s, %d notification(s), %.2f s evaluating%s", item.id,
+                 result.action, result.group or "-", result.status or "-", item.notifications,
+                 time.monotonic() - started, "" if latency is None else f", {latency:.2f} s after the first")
         return True
+
+    def _failed(self, item, error: str) -> None:
+        self.health.failed("evaluation", redact(error, item.patient.id))
+        if self.metrics:
+            self.metrics.evaluation("failed", None)
+        try:
+            state = self.inbox.failed(item, error)
+        except sqlite3.Error as exc:
+            self._cannot_record("evaluation", item.id, exc)
+            return
+        (log.error if state == "dead" else log.warning)(
+            "evaluation %s failed (attempt %d, %s): %s", item.id, item.attempts,
+            "now a dead letter: see `clm-stratify inbox`" if state == "dead" else "will retry",
+            redact(error, item.patient.id))
+        if state == "dead" and self.metrics:
+            self.metrics.dead_lettered.labels(kind="patient").inc()
 
     # ------------------------------------------------------------------ threads
     def _loop(self, step) -> None:
         while not self._stop.is_set():
             try:
                 busy = step()
-            except Exception:
-                log.exception("worker step failed")
+            except Exception as exc:   # the inbox itself failing (take, next_notification)
+                log.error("worker step failed: %s: %s", type(exc).__name__, redact(str(exc)))
+                self.health.step_crashed(f"{type(exc).__name__}: {redact(str(exc))}")
+                if isinstance(exc, sqlite3.Error):
+                    self.health.storage_failed(f"{type(exc).__name__}: {exc}")
+                self._stop.wait(1.0)   # not a hot loop on a failing inbox
                 busy = False
             if not busy:
                 self.inbox.wakeup.wait(self.poll)

@@ -304,6 +304,31 @@ class FhirClient(Transport):
                 return exc.status
             raise
 
+    def ping(self, timeout: float = 3.0) -> str | None:
+        """One ``GET metadata?_summary=true``, no retries, a short timeout: None when the
+        server answered 2xx, else one line saying what happened (for a health check).
+
+        >>> FhirClient("http://127.0.0.1:9/fhir").ping(timeout=0.5)   # doctest: +ELLIPSIS
+        'GET http://127.0.0.1:9/fhir/metadata: ...'
+        """
+        url = self.url("metadata")
+        try:
+            resp = self.session.get(url, params={"_summary": "true"}, auth=self.auth, timeout=timeout,
+                                    verify=self.verify, headers={"Accept": "application/fhir+json",
+                                                                 "User-Agent": self.user_agent})
+        except requests.exceptions.SSLError as exc:
+            return f"GET {url}: TLS error: {type(exc).__name__}"
+        except requests.Timeout:
+            return f"GET {url}: no answer within {timeout:g} s"
+        except requests.RequestException as exc:
+            return f"GET {url}: {'connection refused' if 'refused' in str(exc).lower() else type(exc).__name__}"
+        except Exception as exc:   # an auth that cannot fetch its token, and the like
+            return f"GET {url}: {type(exc).__name__}: {str(exc)[:200]}"
+        with resp:
+            if resp.status_code >= 300:
+                return f"GET {url}: HTTP {resp.status_code}"
+        return None
+
     @staticmethod
     def _path(rtype: str, rid: str) -> str:
         """``Type/id`` after checking both (an id like ``../x`` or ``a?b`` must not reach the URL)."""

@@ -49,7 +49,8 @@ class Receiver:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"receiver exited: {self.log.read_text()[-2000:]}")
             try:
-                if requests.get(f"{self.url}/healthz", timeout=1).ok:
+                r = requests.get(f"{self.url}/healthz", timeout=5)
+                if r.status_code in (200, 503) and "status" in r.json():   # up (ok or degraded)
                     return self
             except requests.RequestException:
                 time.sleep(0.1)

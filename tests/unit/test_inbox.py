@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -64,7 +65,7 @@ def test_failures_back_off_then_dead_letter_and_replay(tmp_path, capsys):
     assert box.take() is None
     assert main(["inbox", "--inbox", box.path]) == 0
     out = capsys.readouterr().out
-    assert "patient:1 p1 after 3 attempts: FHIR server unavailable" in out
+    assert re.search(r"patient:1 p1 after 3 attempts, at \S+Z: FHIR server unavailable", out)
     assert main(["inbox", "--inbox", box.path, "--replay", "patient:1"]) == 0
     assert box.take().patient == PatientRef("p1")
 
@@ -91,8 +92,8 @@ def test_seen_events_and_last_event(tmp_path):
 def test_only_one_process_serves_an_inbox(tmp_path):
     box = inbox(tmp_path)
     box.claim()
-    code = ("import sys; from clm_stratify.service.inbox import Inbox\n"
-            f"try:\n    Inbox({box.path!r}).claim()\nexcept RuntimeError as e:\n    print(e); sys.exit(3)")
+    code = ("import sys; from clm_stratify.service.inbox import Inbox, InboxError\n"
+            f"try:\n    Inbox({box.path!r}).claim()\nexcept InboxError as e:\n    print(e); sys.exit(3)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3 and "already served" in proc.stdout
 
