@@ -70,6 +70,28 @@ class CodeList(BaseModel):
         return any(self.matches(s, c) for s, c in codings)
 
 
+class Trigger(BaseModel):
+    """One kind of resource whose creation, update or deletion re-classifies its patient:
+    a Subscription per trigger (``clm-stratify subscribe``), and what the receiver re-queries.
+    ``code_lists`` name code lists of this file; their codes make the token search
+    ``<parameter>=system|code,...``. No code lists, or a list with a ``prefix`` entry
+    (which a token search cannot express), watches every resource of the type."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resource: str = Field(pattern=r"^[A-Z][A-Za-z]{1,63}$")
+    parameter: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]*$")
+    code_lists: tuple[str, ...] = ()
+    description: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _parameter_with_lists(self) -> "Trigger":
+        if bool(self.parameter) != bool(self.code_lists):
+            raise ValueError("give both 'parameter' and 'code_lists' (a filtered trigger), or neither "
+                             "(every resource of the type)")
+        return self
+
+
 class PlausibleRange(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     minimum: Decimal = Field(gt=0)
@@ -110,11 +132,15 @@ class Terminology(BaseModel):
     technically_unresectable_value: CodeList
     # Imaging reports whose arrival triggers a re-classification
     radiology_report_category: CodeList
+    # Imaging studies (ImagingStudy.series.modality) whose arrival triggers a re-classification
+    imaging_modality: CodeList
     # UCUM length units accepted for a diameter, with their exact factor to millimetres
     length_units_to_mm: dict[str, Decimal] = Field(min_length=1)
     plausible_diameter_mm: "PlausibleRange"
     # Unlinked measurements this close in time are one imaging study
     unlinked_study_tolerance_minutes: int = Field(ge=0, le=24 * 60)
+    # What re-classifies a patient when it is created, updated or deleted (subscribe / serve)
+    triggers: tuple[Trigger, ...] = Field(min_length=1)
 
     @field_validator("length_units_to_mm")
     @classmethod
@@ -123,6 +149,26 @@ class Terminology(BaseModel):
         if bad:
             raise ValueError(f"unit factors must be positive numbers: {', '.join(bad)}")
         return v
+
+    @field_validator("triggers")
+    @classmethod
+    def _known_lists_one_per_type(cls, v: tuple[Trigger, ...]) -> tuple[Trigger, ...]:
+        lists = sorted(name for name, f in cls.model_fields.items() if f.annotation is CodeList)
+        problems, seen = [], set()
+        for i, trigger in enumerate(v):
+            if trigger.resource in seen:
+                problems.append(f"[{i}].resource: {trigger.resource} is listed twice (one entry per resource type: "
+                                f"put all its code lists in one)")
+            seen.add(trigger.resource)
+            problems += [f"[{i}].code_lists: unknown code list {name!r} (known: {', '.join(lists)})"
+                         for name in trigger.code_lists if name not in lists]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+    def code_lists_of(self, trigger: Trigger) -> list[CodeList]:
+        """The code lists a trigger names (checked at load)."""
+        return [getattr(self, name) for name in trigger.code_lists]
 
 
 def load_terminology(path: Path | str | None = None) -> Terminology:

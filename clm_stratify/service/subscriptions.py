@@ -2,10 +2,11 @@
 
 Two styles:
 
-* ``criteria`` (R4): one rest-hook Subscription per watched search
-  (:meth:`fhir_adapters.sources.pull.Searches.watched`: tumour-size and technical-resectability
-  Observations, metastasis Conditions, radiology DiagnosticReports), payload
-  ``application/fhir+json`` or none.
+* ``criteria`` (R4): one rest-hook Subscription per watched search, i.e. per trigger of the
+  terminology (``triggers`` in ``rules/terminology.yaml``, built by
+  :meth:`fhir_adapters.sources.pull.Searches.watched`: tumour-size and technical-resectability
+  Observations, metastasis Conditions, imaging DiagnosticReports and ImagingStudies, resection
+  and chemotherapy Procedures, medication records), payload ``application/fhir+json`` or none.
 * ``backport`` (R4 Backport IG): one Subscription per topic canonical URL given,
   with the same searches as filter criteria where the topic's resource type matches,
   payload content ``full-resource``, ``id-only`` or ``empty``.

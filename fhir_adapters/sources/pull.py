@@ -27,6 +27,7 @@ from urllib.parse import urlencode
 
 from fhir_adapters.fhir.client import FhirClient, FhirError
 from fhir_adapters.fhir.search import token
+from fhir_adapters.sources.history import deleted_since, patient_of_deleted
 from fhir_adapters.sources.record import PatientRecord
 from fhir_adapters.fhir.reference import SHARED_TYPES, PatientIdentity, PatientRef, patient_of, plain_ref, subject_element
 from fhir_adapters.terminology import CodeList, Terminology
@@ -92,21 +93,17 @@ class Searches:
         return out
 
     def watched(self) -> list[tuple[str, dict[str, str]]]:
-        """What a new imaging report or diagnosis looks like: the searches a Subscription
-        watches, and that a receiver re-runs (with ``_lastUpdated``) when a notification
-        carries no payload or events were missed."""
+        """What re-classifies a patient: one search per trigger of the terminology
+        (``triggers``): the searches a Subscription watches, and that a receiver re-runs
+        (with ``_lastUpdated``) when a notification carries no payload or events were
+        missed. A trigger without code lists, or with a list a token search cannot hold
+        (ICD-10 prefixes), watches every resource of its type."""
         t = self.terminology
-        observations = token_list(t.tumour_size_observation, t.longest_dimension,
-                                  t.technical_resectability_observation)
-        conditions = token_list(t.liver_metastasis_condition, t.metastasis_condition_generic,
-                                t.extrahepatic_metastasis_condition)
-        reports = token_list(t.radiology_report_category)
-        return [
-            ("Observation", {"code": observations} if observations else {}),
-            # ICD-10 prefixes cannot be written as a token search: then every Condition.
-            ("Condition", {"code": conditions} if conditions else {}),
-            ("DiagnosticReport", {"category": reports} if reports else {}),
-        ]
+        out = []
+        for trigger in t.triggers:
+            codes = token_list(*t.code_lists_of(trigger)) if trigger.code_lists else None
+            out.append((trigger.resource, {trigger.parameter: codes} if codes and trigger.parameter else {}))
+        return out
 
     def recurrence_conditions(self) -> dict[str, str]:
         t = self.terminology
@@ -259,13 +256,32 @@ def _named_by_identifier(client: FhirClient, terminology: Terminology, resources
             and subject_identifier(r) in wanted | {(None, v) for _, v in wanted}]
 
 
+def patient_of_focus(client: FhirClient, focus: str) -> PatientRef | None:
+    """The patient of a notification's focus (``Type/id``): the Patient itself, else the
+    subject of the resource as read now, else, when it is gone (404/410: deleted), the
+    subject of its newest version in the instance history. None when no version names a
+    patient by a literal reference (or the server keeps no history)."""
+    rtype, _, rid = focus.partition("/")
+    if rtype == "Patient":
+        try:
+            return PatientRef(rid)
+        except ValueError:
+            return None
+    resource = client.read(rtype, rid)          # checks rtype and rid before they reach a URL
+    if resource is not None:
+        return patient_of(resource, client.base_url)
+    return patient_of_deleted(client, rtype, rid)
+
+
 def changed_patients_since(client: FhirClient, terminology: Terminology,
                            since: str) -> tuple[set[PatientRef], str | None]:
-    """Patients with a watched resource updated after ``since`` (an instant), and the
-    latest ``meta.lastUpdated`` seen (the next watermark)."""
+    """Patients with a watched resource updated after ``since`` (an instant), or deleted
+    since then (type history, where the server serves it: a search cannot see a deleted
+    resource), and the latest ``meta.lastUpdated`` seen (the next watermark)."""
     patients: set[PatientRef] = set()
     latest: str | None = None
-    for rtype, params in Searches(terminology).watched():
+    watched = Searches(terminology).watched()
+    for rtype, params in watched:
         query = {**params, "_lastUpdated": f"ge{since}", "_count": str(PAGE_SIZE)}
         for resource in client.search(rtype, query):
             subject = patient_of(resource, client.base_url)
@@ -274,6 +290,13 @@ def changed_patients_since(client: FhirClient, terminology: Terminology,
             updated = (resource.get("meta") or {}).get("lastUpdated")
             if isinstance(updated, str) and (latest is None or updated > latest):
                 latest = updated
+    for rtype in dict.fromkeys(rtype for rtype, _ in watched):
+        for rid, when in deleted_since(client, rtype, since):
+            subject = patient_of_deleted(client, rtype, rid)
+            if subject:
+                patients.add(subject)
+            if when and (latest is None or when > latest):
+                latest = when
     return patients, latest
 
 

@@ -2,16 +2,22 @@
 
 A sender with 4 threads posts real rest-hook notifications (``PUT /notify/Observation/{id}``
 with the resource of an existing patient) to a `clm-stratify serve` process at a paced
-220 per second for 30 s (at most 6 600 requests), while SEKMET serves the evaluations.
-``/healthz`` is sampled every second for the inbox depth. Afterwards the inbox file is
-read: every accepted (2xx) notification must be stored and resolved (lost = 0) and
-counted in exactly one evaluation of its patient (duplicated = 0).
+240 per second for 30 s (at most 7 200 requests), while SEKMET serves the evaluations.
+Every 12th request is a poison message: refused at the door (an event count of 2^63, a
+``notificationEvent`` that is an object, a lone surrogate in an id, a body that is not
+JSON: 400 expected), or accepted and failing later (a notification for a patient the
+server does not have: retried, then a dead letter). ``/healthz`` is sampled every second
+for the inbox depth. Afterwards the inbox file is read: every accepted (2xx) notification
+must be stored and resolved (lost = 0) and counted in exactly one evaluation of its
+patient (duplicated = 0); no request got a 5xx; the failing ones are dead letters and
+every real patient's evaluations are done.
 
 Run: ``python -m pytest -m slow tests/integration/test_load.py -s`` (figures printed; see docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -24,21 +30,45 @@ from tests.support.fixture_data import tumour_observations
 from tests.support.receiver_process import SECRET, Receiver, inbox_rows, patient_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-RATE, SECONDS, THREADS = 220, 30, 4
+RATE, SECONDS, THREADS, POISON_EVERY = 240, 30, 4, 12
 HEADERS = {"X-CLM-Subscription-Secret": SECRET, "Content-Type": "application/fhir+json"}
 
 
-def test_receiver_sustains_200_notifications_per_second(make_server, tmp_path):
+def _heartbeat(events: str) -> dict:
+    return {"resourceType": "Bundle", "type": "history", "entry": [{"resource": {
+        "resourceType": "Parameters", "parameter": [
+            {"name": "subscription", "valueReference": {"reference": "Subscription/s1"}},
+            {"name": "type", "valueCode": "heartbeat"},
+            {"name": "events-since-subscription-start", "valueString": events}]}}]}
+
+
+def _poison(n: int) -> tuple[str, bytes, int]:
+    """(URL path under /notify, body, the status expected) of the n-th poison message."""
+    ghost = {"resourceType": "Observation", "id": f"ghost-{n % 5}", "status": "final", "code": {"text": "size"},
+             "subject": {"reference": f"Patient/ghost-{n % 5}"}}
+    r5 = {"resourceType": "Bundle", "type": "subscription-notification", "entry": [{"resource": {
+        "resourceType": "SubscriptionStatus", "type": "event-notification", "notificationEvent": {"eventNumber": 1}}}]}
+    surrogate = {"resourceType": "Observation", "id": "x\ud800", "status": "final", "code": {"text": "size"}}
+    kinds = [("", json.dumps(_heartbeat(str(2 ** 63))).encode(), 400),
+             ("", json.dumps(r5).encode(), 400),
+             ("", json.dumps(surrogate).encode(), 400),
+             ("", b"{not json", 400),
+             (f"/Observation/{ghost['id']}", dumps(ghost).encode(), 200)]
+    return kinds[n % len(kinds)]
+
+
+def test_receiver_sustains_200_notifications_per_second_with_poison_mixed_in(make_server, tmp_path):
     server = make_server()
     observations = tumour_observations()
     bodies = [(obs["id"], dumps(obs).encode()) for _, obs in sorted(observations.items())]
     inbox = tmp_path / "inbox.sqlite"
     accepted = Counter()
     refused = Counter()
+    poison_status: Counter = Counter()
     depth: list[tuple[float, int]] = []
     latencies: list[float] = []
     lock = threading.Lock()
-    with Receiver(server.base_url, inbox) as receiver:
+    with Receiver(server.base_url, inbox, None, "--max-attempts", "2", "--log-level", "warning") as receiver:
         start = time.monotonic() + 0.2
         stop = start + SECONDS
 
@@ -52,7 +82,19 @@ def test_receiver_sustains_200_notifications_per_second(make_server, tmp_path):
                 delay = due - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                oid, body = bodies[(n * THREADS + k) % len(bodies)]
+                i = n * THREADS + k
+                n += 1
+                if i % POISON_EVERY == POISON_EVERY - 1:
+                    path, body, expected = _poison(i // POISON_EVERY)
+                    try:
+                        status = session.post(f"{receiver.url}/notify{path}", data=body, headers=HEADERS,
+                                              timeout=10).status_code
+                    except requests.RequestException:
+                        status = 0
+                    with lock:
+                        poison_status[(expected, status)] += 1
+                    continue
+                oid, body = bodies[i % len(bodies)]
                 t0 = time.monotonic()
                 try:
                     r = session.put(f"{receiver.url}/notify/Observation/{oid}", data=body, headers=HEADERS, timeout=10)
@@ -62,7 +104,6 @@ def test_receiver_sustains_200_notifications_per_second(make_server, tmp_path):
                 with lock:
                     (accepted if ok else refused)[oid] += 1
                     latencies.append(time.monotonic() - t0)
-                n += 1
 
         def sampler() -> None:
             while time.monotonic() < stop + 1:
@@ -84,8 +125,9 @@ def test_receiver_sustains_200_notifications_per_second(make_server, tmp_path):
         drained = time.monotonic() - drain_start
     notes, work = inbox_rows(inbox)
     n_accepted = sum(accepted.values())
+    ghosts_accepted = poison_status[(200, 200)]
     resolved = [n for n in notes if n[1] == "resolved"]
-    lost = n_accepted - len(resolved)
+    lost = n_accepted + ghosts_accepted - len(resolved)
     counted = sum(n for _, _, _, n in work)
     per_patient = Counter(patient_of(b) for _, _, b in notes)
     per_patient_counted = Counter()
@@ -99,6 +141,7 @@ def test_receiver_sustains_200_notifications_per_second(make_server, tmp_path):
         "stored": len(notes), "processed": len(resolved), "lost": lost, "duplicated": duplicated,
         "evaluations": evaluations, "patients": len(per_patient),
         "throughput_per_s": round(n_accepted / sent_for, 1),
+        "poison (expected, got)": dict(poison_status),
         "latency_ms_p50": round(lat[len(lat) // 2] * 1e3, 1), "latency_ms_p99": round(lat[int(len(lat) * 0.99)] * 1e3, 1),
         "max_depth": max(d for _, d in depth), "drain_s": round(drained, 1),
         "depth_over_time": [d for _, d in depth],
@@ -107,4 +150,6 @@ def test_receiver_sustains_200_notifications_per_second(make_server, tmp_path):
     assert lost == 0 and duplicated == 0
     assert counted == len(notes) and len(notes) >= n_accepted
     assert figures["throughput_per_s"] >= 200, figures
-    assert {w[2] for w in work} == {"done"}
+    assert all(expected == got for expected, got in poison_status), poison_status   # no 5xx, no 200 for poison
+    assert {w[2] for w in work if not w[1].startswith("ghost-")} == {"done"}
+    assert {w[1] for w in work if w[2] == "dead"} == {f"ghost-{i}" for i in range(5)}

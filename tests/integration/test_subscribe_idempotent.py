@@ -19,12 +19,14 @@ from clm_stratify.cli import main
 from clm_stratify.service.subscriptions import SUBSCRIPTION_TAG
 from fhir_adapters.fhir.client import FhirClient
 from fhir_adapters.project import TAG_SYSTEM
+from fhir_adapters.terminology import load_terminology
 from tests.support.http import LoopbackServer, operation_outcome, read_body, send
 from tests.support.quirky_fhir_server import QuirkyFhirServer
 
 pytestmark = pytest.mark.integration
 SECRET_A, SECRET_B = "first-secret-0123456789", "second-secret-9876543210"
 OUR_TAG = {"system": TAG_SYSTEM, "code": SUBSCRIPTION_TAG}
+N = len(load_terminology().triggers)       # one criteria Subscription per trigger of the terminology
 
 
 def _ok(h: BaseHTTPRequestHandler) -> None:
@@ -84,19 +86,19 @@ def test_twice_creates_once_and_a_changed_secret_or_payload_updates_in_place(fhi
     try:
         code, out = subscribe(fhir.base_url, endpoint, capsys)
         assert code == expected_code(fhir), out
-        assert actions(out) == ["created"] * 3 and "created 3" in out
+        assert actions(out) == ["created"] * N and f"created {N}" in out
         first = on_server(fhir.base_url, endpoint)
-        assert len(first) == 3
+        assert len(first) == N
 
         code, out = subscribe(fhir.base_url, endpoint, capsys)
         assert code == expected_code(fhir), out
-        assert actions(out) == ["unchanged"] * 3 and out.strip().endswith("unchanged 3")
+        assert actions(out) == ["unchanged"] * N and out.strip().endswith(f"unchanged {N}")
         again = on_server(fhir.base_url, endpoint)
         assert versions(again) == versions(first)             # nothing written at all
 
         monkeypatch.setenv("CLM_SUBSCRIPTION_SECRET", SECRET_B)
         code, out = subscribe(fhir.base_url, endpoint, capsys)
-        assert actions(out) == ["updated"] * 3 and out.count("channel.header (secret)") == 3, out
+        assert actions(out) == ["updated"] * N and out.count("channel.header (secret)") == N, out
         assert SECRET_B not in out and SECRET_A not in out    # the secret is never printed
         updated = on_server(fhir.base_url, endpoint)
         assert set(updated) == set(first)                     # in place: same ids, no new ones
@@ -104,11 +106,11 @@ def test_twice_creates_once_and_a_changed_secret_or_payload_updates_in_place(fhi
         assert all(updated[i]["meta"]["versionId"] != first[i]["meta"]["versionId"] for i in first)
 
         code, out = subscribe(fhir.base_url, endpoint, capsys, "--payload", "none")
-        assert actions(out) == ["updated"] * 3 and out.count("channel.payload") == 3, out
+        assert actions(out) == ["updated"] * N and out.count("channel.payload") == N, out
         no_payload = on_server(fhir.base_url, endpoint)
         assert set(no_payload) == set(first) and all("payload" not in s["channel"] for s in no_payload.values())
         code, out = subscribe(fhir.base_url, endpoint, capsys, "--payload", "none")
-        assert actions(out) == ["unchanged"] * 3
+        assert actions(out) == ["unchanged"] * N
     finally:
         assert main(["subscribe", "--fhir-url", fhir.base_url, "--endpoint", endpoint, "--remove"]) == 0
     assert on_server(fhir.base_url, endpoint) == {}
@@ -123,14 +125,14 @@ def test_stale_and_duplicate_ones_are_removed_and_others_never_touched(fhir, end
             model = next(iter(first.values()))
             copy = {k: v for k, v in model.items() if k not in ("id", "meta")} | {"meta": {"tag": [OUR_TAG]}}
             _, duplicate = c.create(copy)                                     # an old run's twin
-            _, stale = c.create(copy | {"criteria": "Procedure"})             # no longer wanted
+            _, stale = c.create(copy | {"criteria": "Encounter"})             # no longer wanted
             _, foreign = c.create({k: v for k, v in copy.items() if k != "meta"})   # not ours: no tag
             _, elsewhere = c.create(copy | {"channel": copy["channel"] | {"endpoint": other_endpoint}})
             untouched = {sid: c.read("Subscription", sid)["meta"]["versionId"]           # as settled (activated)
                          for sid in (foreign["id"], elsewhere["id"])}
 
             code, out = subscribe(fhir.base_url, endpoint, capsys)
-            assert sorted(actions(out)) == ["removed", "removed", "unchanged", "unchanged", "unchanged"], out
+            assert sorted(actions(out)) == ["removed"] * 2 + ["unchanged"] * N, out
             assert f"Subscription/{duplicate['id']}: deleted" in out and "duplicate of Subscription/" in out
             assert f"Subscription/{stale['id']}: deleted" in out and "no longer wanted" in out
             assert set(on_server(fhir.base_url, endpoint)) == set(first)
@@ -181,10 +183,10 @@ def test_a_tag_search_that_cannot_be_trusted_neither_duplicates_nor_touches_othe
         foreign = c.read("Subscription", foreign["id"])           # as the server settled it (activated)
         try:
             code, out = subscribe(proxy.base_url, endpoint, capsys)
-            assert code == 0 and actions(out) == ["created"] * 3, out
+            assert code == 0 and actions(out) == ["created"] * N, out
             code, out = subscribe(proxy.base_url, endpoint, capsys)
-            assert code == 0 and actions(out) == ["unchanged"] * 3, out
-            assert len(on_server(fhir_server.base_url, endpoint)) == 3
+            assert code == 0 and actions(out) == ["unchanged"] * N, out
+            assert len(on_server(fhir_server.base_url, endpoint)) == N
             assert c.read("Subscription", foreign["id"])["meta"]["versionId"] == foreign["meta"]["versionId"]
             assert main(["subscribe", "--fhir-url", proxy.base_url, "--endpoint", endpoint, "--remove"]) == 0
             assert on_server(fhir_server.base_url, endpoint) == {}
