@@ -29,3 +29,4 @@ EXIT_OK = 0          # success
 EXIT_FAILED = 1      # a patient, a run or an interop check failed
 EXIT_BAD_INPUT = 2   # bad input: a file, a rule set, arguments
 EXIT_SERVER = 3      # the FHIR server could not be used
+EXIT_CLOSED_PIPE = 141   # the work was done but the reader closed standard output early (128 + SIGPIPE)

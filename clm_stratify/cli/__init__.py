@@ -5,7 +5,17 @@ commands share are in :mod:`clm_stratify.cli.common`, and everything they print 
 through :mod:`clm_stratify.cli.output`.
 
 Exit codes: 0 success, 1 a patient or a run failed, 2 bad input (file, rule set,
-arguments), 3 the FHIR server could not be used.
+arguments), 3 the FHIR server could not be used, 141 (128 + SIGPIPE, as a shell tool
+killed by SIGPIPE) the command did all its work but its standard output was closed by
+the reader before all of it was written (``clm-stratify run --all | head -1``).
+
+A closed pipe never interrupts a command: the rest of that stream's output is dropped
+(no traceback, no "Exception ignored" at exit) and the command finishes its work (a
+``run`` writes every RiskAssessment it would have written); see
+:func:`clm_stratify.cli.output.guarded_streams`. A command's own failure (1, 2, 3) is
+the exit code even when its output was cut short too. Standard error closed by its reader
+drops the messages and keeps the command's own exit code, and so does a standard output or
+error closed before the command started (``>&-``, ``2>&-``: sent away, like ``>/dev/null``).
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import argparse
 
 from clm_stratify.cli import classify, demo, inbox, interop, output, rules, run, serve, subscribe
 from clm_stratify.cli.common import UsageError
-from fhir_adapters.project import EXIT_BAD_INPUT, VERSION
+from fhir_adapters.project import EXIT_BAD_INPUT, EXIT_CLOSED_PIPE, EXIT_OK, VERSION
 
 __all__ = ["main", "build_parser"]
 
@@ -51,6 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command of ``argv`` (default: the command line); its exit code (see above).
+    argparse's own exits (``--help``, ``--version``, a usage error) stay ``SystemExit``."""
+    argparse_exit = None
+    with output.guarded_streams() as (stdout, _stderr):
+        try:
+            code = _command(argv)
+        except SystemExit as exc:   # argparse printed help, the version or a usage error
+            argparse_exit, code = exc, exc.code
+    if stdout.closed_by_reader and code in (EXIT_OK, None):
+        code = EXIT_CLOSED_PIPE
+    if argparse_exit is not None:
+        raise SystemExit(code) from None
+    return code
+
+
+def _command(argv: list[str] | None) -> int:
     from engine.classify import RulesetInconsistentError
     from engine.yamlfile import DeclarativeFileError
     from fhir_adapters.sources.bundle import BundleError

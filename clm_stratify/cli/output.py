@@ -2,16 +2,125 @@
 table, the JSON shape of results, progress, and the plain lines of the other commands.
 
 Standard output carries the result; standard error carries progress, warnings and errors.
+While a command runs, both are guarded against a reader that goes away
+(:func:`guarded_streams`): a closed pipe drops the rest of that stream's output, it never
+interrupts the command's work.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 
 from engine.classify import Classification, Criterion
+
+
+# --------------------------------------------------------------------------- closed pipes
+# The exit code of a command whose standard output was closed by its reader before all
+# of it was written (``clm-stratify run --all | head -1``): 128 + SIGPIPE, as a shell tool
+# killed by SIGPIPE exits (fhir_adapters.project.EXIT_CLOSED_PIPE). A command's own
+# failure code (1, 2, 3) takes precedence.
+
+
+def _is_closed_pipe(exc: OSError) -> bool:
+    """The reader of the stream went away (a pipe, or a socket, closed at the other end)."""
+    return isinstance(exc, (BrokenPipeError, ConnectionResetError))
+
+
+class GuardedStream:
+    """``sys.stdout`` or ``sys.stderr`` while a command runs: writes and flushes pass through
+    until the reader closes the stream; then the stream is marked :attr:`closed_by_reader`,
+    its file descriptor is pointed at ``os.devnull`` (so that what is still buffered, and
+    what the interpreter flushes at exit, goes nowhere without an error: the recipe of
+    the Python docs, "Note on SIGPIPE") and the rest of the output is dropped. Every
+    other attribute is the stream's own."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.closed_by_reader = False
+
+    def write(self, text: str) -> int:
+        if not self.closed_by_reader:
+            try:
+                return self._stream.write(text)
+            except OSError as exc:
+                if not _is_closed_pipe(exc):
+                    raise
+                self._reader_gone()
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if not self.closed_by_reader:
+            try:
+                self._stream.flush()
+            except OSError as exc:
+                if not _is_closed_pipe(exc):
+                    raise
+                self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        self.closed_by_reader = True
+        try:
+            fd = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):   # not a file (a test's capture): nothing to point
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _fill_closed_descriptors() -> None:
+    """A standard stream closed before the command started (``2>&-``, ``>&-``): its file
+    descriptor is opened on ``os.devnull``, so that no file the command opens (the inbox,
+    a log) takes descriptor 0, 1 or 2 and receives its output. ``sys.stdout`` /
+    ``sys.stderr`` (None then, and ``print(..., file=sys.stderr)`` would write on standard
+    output) become streams that write nowhere. This is output the user sent away on
+    purpose (like ``>/dev/null``): the exit code is the command's own."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))   # closed once put back (None) and unused
+
+
+@contextmanager
+def guarded_streams() -> Iterator[tuple[GuardedStream, GuardedStream]]:
+    """Run a command with ``sys.stdout`` and ``sys.stderr`` guarded (:class:`GuardedStream`);
+    both are flushed at the end (a reader that closed the pipe is noticed there too) and
+    put back. Yields the two guards: ``stdout.closed_by_reader`` tells that the result was
+    not all delivered."""
+    saved = sys.stdout, sys.stderr
+    _fill_closed_descriptors()
+    guards = GuardedStream(sys.stdout), GuardedStream(sys.stderr)
+    sys.stdout, sys.stderr = guards
+    try:
+        yield guards
+    finally:
+        try:
+            for guard in guards:
+                guard.flush()
+        finally:
+            sys.stdout, sys.stderr = saved
 
 
 # --------------------------------------------------------------------------- plain lines
@@ -170,12 +279,23 @@ def print_run(summary, stratifier, client, fmt: str, one_patient: bool) -> None:
 
 # --------------------------------------------------------------------------- subscriptions and inbox
 def print_inbox(inbox) -> None:
-    """``inbox``: the items per state, then the dead letters."""
+    """``inbox``: the items per state, the items failing and waiting for their next try,
+    then the dead letters."""
+    from clm_stratify.service.health import iso
+
     depth = inbox.depth()
     print("inbox " + ", ".join(f"{k} {v}" for k, v in sorted(depth.items())) if depth else "inbox empty")
+    retrying = inbox.retrying()
+    if retrying:
+        print("retrying (failed, will be tried again):")
+        for d in retrying:
+            who = f" {d['patient']}" if d["patient"] else ""
+            print(f"  {d['kind']}:{d['id']}{who} after {d['attempts']} attempts, next at {iso(d['next'])}: "
+                  f"{d['error']}")
     dead = inbox.dead_letters()
     if dead:
-        print("dead letters (replay with --replay KIND:ID or --replay-all):")
+        print("dead letters (replay with --replay KIND:ID or --replay-all; give up with --drop KIND:ID "
+              "or --drop-all):")
         for d in dead:
             who = f" {d['patient']}" if d["patient"] else ""
-            print(f"  {d['kind']}:{d['id']}{who} after {d['attempts']} attempts: {d['error']}")
+            print(f"  {d['kind']}:{d['id']}{who} after {d['attempts']} attempts, at {iso(d['at'])}: {d['error']}")
