@@ -175,13 +175,20 @@ class Inbox(OperatorView):
         return int(cur.lastrowid)
 
     def next_notification(self, skip: frozenset[int] = frozenset()) -> tuple[int, str, int, float] | None:
-        """The oldest due notification to resolve: (id, body, attempts, received_at);
-        ``skip``: ids whose failure could not be recorded (left for the operator)."""
+        """The oldest due notification to resolve: (id, body, attempts, received_at)."""
+        due = self.next_notifications(1, skip)
+        return due[0] if due else None
+
+    def next_notifications(self, limit: int, skip: frozenset[int] = frozenset()) -> list[tuple[int, str, int, float]]:
+        """Up to ``limit`` due notifications in the order they are due (arrival order,
+        a retried one at its retry time): (id, body, attempts, received_at). ``skip``: ids
+        whose failure could not be recorded. Ordered along the (state, next_at) index, so
+        picking the next one does not sort the whole backlog."""
         exclude = f" AND id NOT IN ({','.join(str(int(i)) for i in sorted(skip))})" if skip else ""
-        row = self._db().execute(
+        rows = self._db().execute(
             "SELECT id, body, attempts, received_at FROM notification WHERE state = 'new' AND next_at <= ?"
-            f"{exclude} ORDER BY id LIMIT 1", (time.time(),)).fetchone()
-        return (row[0], row[1], row[2], row[3]) if row else None
+            f"{exclude} ORDER BY next_at, id LIMIT ?", (time.time(), int(limit))).fetchall()
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     def resolve(self, notification_id: int, patients: set[PatientRef], *, coalesce: float = 0.0,
                 received_at: float | None = None,

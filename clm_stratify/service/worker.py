@@ -21,6 +21,7 @@ and latency; no patient identifier.
 from __future__ import annotations
 
 import datetime as dt
+from collections import deque
 import logging
 import re
 import sqlite3
@@ -44,6 +45,8 @@ log = logging.getLogger("clm_stratify.service.worker")
 WATERMARK_OVERLAP = dt.timedelta(seconds=2)
 
 
+RESOLVE_BATCH = 100    # notifications fetched per query by the resolver
+BACKLOG_PAUSE = 0.02   # seconds an evaluator waits before each evaluation while the resolver has a backlog
 PRUNE_EVERY = 3600.0   # seconds between deletions of finished inbox rows
 
 _PATIENT_REF = re.compile(r"Patient/[A-Za-z0-9\-.]+")
@@ -81,6 +84,8 @@ class Worker:
         self.health = health or Health(inbox, lambda: None)
         self.metrics = metrics
         self._set_aside: set[int] = set()   # notifications whose failure could not be recorded
+        self._due: deque = deque()           # notifications fetched, to resolve in order (resolver thread only)
+        self._backlog = False                # the last fetch was a full batch: more are waiting
         self.keep = keep                     # seconds finished rows stay in the inbox
         self._pruned_at = float("-inf")
         self.stratifier = stratifier
@@ -149,10 +154,12 @@ class Worker:
             pruned = self.inbox.prune(self.keep)
             if pruned:
                 log.info("inbox: %d finished row(s) older than %.0f h deleted", pruned, self.keep / 3600)
-        item = self.inbox.next_notification(frozenset(self._set_aside))
-        if item is None:
+        if not self._due:
+            self._due.extend(self.inbox.next_notifications(RESOLVE_BATCH, frozenset(self._set_aside)))
+            self._backlog = len(self._due) == RESOLVE_BATCH
+        if not self._due:
             return False
-        nid, body, _, received_at = item
+        nid, body, _, received_at = self._due.popleft()
         try:
             self.resolve(nid, body, received_at)
         except Exception as exc:  # anything: counted against this notification, retried with backoff, then dead
@@ -191,6 +198,11 @@ class Worker:
 
     # ------------------------------------------------------------------ evaluating
     def process_one(self) -> bool:
+        if self._backlog:
+            # Notifications are waiting to be resolved: let the resolver have the
+            # interpreter first. Resolving is cheap, and each notification resolved
+            # before the patient is evaluated is merged into that one evaluation.
+            self._stop.wait(BACKLOG_PAUSE)
         item = self.inbox.take()
         if item is None:
             return False

@@ -1,6 +1,6 @@
 """Bounded load test of the receiver on loopback (slow).
 
-A sender with 4 threads posts real rest-hook notifications (``PUT /notify/Observation/{id}``
+A sender with 8 threads posts real rest-hook notifications (``PUT /notify/Observation/{id}``
 with the resource of an existing patient) to a `clm-stratify serve` process at a paced
 240 per second for 30 s (at most 7 200 requests), while SEKMET serves the evaluations.
 Every 12th request is a poison message: refused at the door (an event count of 2^63, a
@@ -30,7 +30,7 @@ from tests.support.fixture_data import tumour_observations
 from tests.support.receiver_process import SECRET, Receiver, inbox_rows, patient_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-RATE, SECONDS, THREADS, POISON_EVERY = 240, 30, 4, 12
+RATE, SECONDS, THREADS, POISON_EVERY = 240, 30, 8, 12
 HEADERS = {"X-CLM-Subscription-Secret": SECRET, "Content-Type": "application/fhir+json"}
 
 
@@ -44,8 +44,9 @@ def _heartbeat(events: str) -> dict:
 
 def _poison(n: int) -> tuple[str, bytes, int]:
     """(URL path under /notify, body, the status expected) of the n-th poison message."""
-    ghost = {"resourceType": "Observation", "id": f"ghost-{n % 5}", "status": "final", "code": {"text": "size"},
-             "subject": {"reference": f"Patient/ghost-{n % 5}"}}
+    g = n // 5 % 5   # the n-th poison is a ghost when n % 5 == 4: ghosts 0..4 in turn
+    ghost = {"resourceType": "Observation", "id": f"ghost-{g}", "status": "final", "code": {"text": "size"},
+             "subject": {"reference": f"Patient/ghost-{g}"}}
     r5 = {"resourceType": "Bundle", "type": "subscription-notification", "entry": [{"resource": {
         "resourceType": "SubscriptionStatus", "type": "event-notification", "notificationEvent": {"eventNumber": 1}}}]}
     surrogate = {"resourceType": "Observation", "id": "x\ud800", "status": "final", "code": {"text": "size"}}
@@ -55,6 +56,17 @@ def _poison(n: int) -> tuple[str, bytes, int]:
              ("", b"{not json", 400),
              (f"/Observation/{ghost['id']}", dumps(ghost).encode(), 200)]
     return kinds[n % len(kinds)]
+
+
+def _histogram_quantiles(metrics: str) -> tuple[float, float]:
+    """The upper bounds of the buckets holding the median and the 99th percentile of
+    ``clm_notification_to_write_seconds``, from the receiver's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets = sorted((float(s.labels["le"]), s.value) for f in text_string_to_metric_families(metrics)
+                     for s in f.samples if s.name == "clm_notification_to_write_seconds_bucket")
+    total = buckets[-1][1]
+    return tuple(next(le for le, n in buckets if n >= q * total) for q in (0.5, 0.99))
 
 
 def test_receiver_sustains_200_notifications_per_second_with_poison_mixed_in(make_server, tmp_path):
@@ -123,6 +135,7 @@ def test_receiver_sustains_200_notifications_per_second_with_poison_mixed_in(mak
         drain_start = time.monotonic()
         receiver.wait_idle(180)
         drained = time.monotonic() - drain_start
+        write_latency = _histogram_quantiles(requests.get(f"{receiver.url}/metrics", timeout=10).text)
     notes, work = inbox_rows(inbox)
     n_accepted = sum(accepted.values())
     ghosts_accepted = poison_status[(200, 200)]
@@ -144,6 +157,7 @@ def test_receiver_sustains_200_notifications_per_second_with_poison_mixed_in(mak
         "poison (expected, got)": dict(poison_status),
         "latency_ms_p50": round(lat[len(lat) // 2] * 1e3, 1), "latency_ms_p99": round(lat[int(len(lat) * 0.99)] * 1e3, 1),
         "max_depth": max(d for _, d in depth), "drain_s": round(drained, 1),
+        "notification_to_write_s (p50, p99 bucket bounds)": write_latency,
         "depth_over_time": [d for _, d in depth],
     }
     print("\nLOAD FIGURES", figures)
