@@ -130,6 +130,10 @@ class AssessmentWriter:
         except FhirServerUnavailable:
             return written   # the write happened; the next created one is checked instead
         except FhirError as exc:
+            if exc.status is None or exc.status >= 500:
+                # The server failed, it did not answer the question: no evidence either way
+                # (a 500 while looking must not stop a receiver's writing for good).
+                return written   # the next created one is checked instead
             self._refused = WriteNotIdempotent(
                 f"{written.risk_assessment} was written, but looking for it again with "
                 f"{self.strategy.how_found(sent)} failed ({exc}): a re-run could not find it and would write a "

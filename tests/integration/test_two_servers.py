@@ -275,3 +275,34 @@ def test_next_links_that_never_end_stop_with_a_clear_error():
         assert next(pages) < 10
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_a_server_error_while_checking_the_first_write_does_not_stop_writing(kind, start_peer, capsys):
+    """Proxy: the lookup right after the first created assessment answers 500. That is
+    no evidence the server cannot find it (found by the receiver's fault test, where it
+    stopped all write-back for the life of the process): the run goes on, the next
+    created assessment is checked instead, and no assessment is duplicated."""
+    srv = start_peer(kind)
+    state = {"posted": False, "failed": 0}
+
+    def fail_the_check(method, pq, status, body):
+        if method == "POST" and not state["posted"] and isinstance(body, dict) and body.get("type", "").endswith(
+                "transaction-response"):
+            state["posted"] = True
+        elif method == "GET" and state["posted"] and not state["failed"] and "RiskAssessment" in pq:
+            state["failed"] += 1
+            return 500, {"resourceType": "OperationOutcome",
+                         "issue": [{"severity": "error", "code": "exception", "diagnostics": "injected"}]}
+        return status, body
+
+    with RewriteProxy(srv.base_url, reply=fail_the_check) as proxy:
+        code, report, err = run_all(proxy.base_url, capsys, "--no-bulk")
+    assert state["failed"] == 1, proxy.requests
+    assert code == 0, err
+    assert "writing is stopped" not in err and "Traceback" not in err
+    with FhirClient(srv.base_url) as c:
+        ras, _ = ours(c)
+    subjects = Counter(ra["subject"]["reference"] for ra in ras)
+    assert len(ras) == report["actions"].get("created", 0) > 1
+    assert max(subjects.values()) == 1
