@@ -8,7 +8,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -109,40 +108,33 @@ def test_an_inbox_of_an_earlier_release_is_opened_and_brought_up_to_date(tmp_pat
     assert box._db().execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
 
 
-def _unprivileged(argv: list[str]) -> list[str] | None:
-    """``argv`` run as a user without rights on the test files (root ignores file modes)."""
+def _without_override(argv: list[str]) -> list[str] | None:
+    """``argv`` run so that file modes apply: root ignores them (CAP_DAC_OVERRIDE), so as
+    root it runs without that capability (``setpriv``), still as the owner of the files."""
     if os.geteuid() != 0:
         return argv
     setpriv = shutil.which("setpriv")
-    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *argv] if setpriv else None
+    drop = "-dac_override,-dac_read_search"
+    return [setpriv, f"--bounding-set={drop}", f"--inh-caps={drop}", *argv] if setpriv else None
 
 
-@pytest.fixture
-def open_dir():
-    """A directory others may enter (pytest's tmp_path is under a 0700 directory of root)."""
-    path = Path(tempfile.mkdtemp(prefix="clm-inbox-ro-"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def test_read_only_file_and_directory(open_dir):
-    """Run as an unprivileged user (nobody) when the tests run as root."""
-    tmp_path = open_dir
+def test_read_only_file_and_directory(tmp_path):
     base = tmp_path / "ro"
     base.mkdir()
     path = base / "inbox.sqlite"
     _inbox_with_rows(path, 3)
+    closed = tmp_path / "closed"
+    closed.mkdir()
     os.chmod(path, 0o444)
     os.chmod(base, 0o555)
-    (tmp_path / "x").mkdir(mode=0o700)
-    env = {**os.environ, "CLM_SUBSCRIPTION_SECRET": "s" * 32, "HOME": str(tmp_path)}
+    os.chmod(closed, 0o000)
+    env = {**os.environ, "CLM_SUBSCRIPTION_SECRET": "s" * 32}
     try:
         for argv, words in ((["inbox", "--inbox", str(path)], "read-only"),
                             ([*SERVE, "--inbox", str(path)], "read-only"),
                             ([*SERVE, "--inbox", str(base / "new.sqlite")], "is not writable"),
-                            ([*SERVE, "--inbox", str(tmp_path / "x" / "new.sqlite")], "cannot reach")):
-            cmd = _unprivileged([sys.executable, "-m", "clm_stratify", *argv])
+                            ([*SERVE, "--inbox", str(closed / "new.sqlite")], "cannot reach")):
+            cmd = _without_override([sys.executable, "-m", "clm_stratify", *argv])
             if cmd is None:
                 pytest.skip("running as root without setpriv: file modes cannot be tested")
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
@@ -150,6 +142,7 @@ def test_read_only_file_and_directory(open_dir):
             assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: "), proc.stderr
             assert words in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     finally:
+        os.chmod(closed, 0o755)
         os.chmod(base, 0o755)
         os.chmod(path, 0o644)
 
