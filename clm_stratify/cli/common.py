@@ -114,7 +114,7 @@ def make_client(args: argparse.Namespace):
 def subscription_secret(args: argparse.Namespace) -> str:
     """The subscription secret from the environment variable ``--secret-env`` (16 characters or more)."""
     secret = os.environ.get(args.secret_env, "")
-    if len(secret) < 16:
-        raise UsageError(f"set the subscription secret (16 characters or more) in the environment variable "
+    if len(secret) < 16 or not secret.isprintable() or len(secret.strip()) != len(secret) or " " in secret:
+        raise UsageError(f"set the subscription secret (16 characters or more, no spaces) in the environment variable "
                          f"{args.secret_env}; every Subscription sends it and the receiver checks it")
     return secret

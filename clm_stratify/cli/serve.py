@@ -24,6 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from clm_stratify.service.receiver import ReceiverConfig, create_app
     from clm_stratify.service.worker import Worker
 
+    _check_numbers(args)
     secret = subscription_secret(args)
     hmac_secret = os.environ.get(args.hmac_secret_env) if args.hmac_secret_env else None
     if args.hmac_secret_env and not hmac_secret:
@@ -36,7 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     rules = load_rules(args)
     client = make_client(args)
     try:
-        inbox = Inbox(args.inbox, max_attempts=args.max_attempts, max_bytes=int(args.inbox_max_mb * 1024 * 1024))
+        inbox = Inbox(args.inbox, max_attempts=args.max_attempts, max_bytes=int(args.inbox_max_mb * 1024 * 1024),
+                      serve=True)
         inbox.claim()
     except InboxError as exc:
         raise UsageError(str(exc)) from None
@@ -63,6 +65,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker.stop()
         client.close()
     return EXIT_OK
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Options that would make a receiver that accepts and never works, or dead-letters
+    everything: refused with exit 2."""
+    import math
+
+    checks = (("--port", args.port, 1, 65535), ("--workers", args.workers, 1, 64),
+              ("--max-attempts", args.max_attempts, 1, 1000), ("--max-body", args.max_body, 1024, 10**9),
+              ("--coalesce", args.coalesce, 0, 3600), ("--inbox-max-mb", args.inbox_max_mb, 1, 10**7),
+              ("--keep-days", args.keep_days, 0.01, 36500), ("--health-interval", args.health_interval, 0.1, 3600))
+    for option, value, low, high in checks:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+            raise UsageError(f"{option} {value}: must be between {low} and {high}")
 
 
 def add_parser(subparsers) -> None:

@@ -6,7 +6,8 @@ Degraded (HTTP 503, each reason one line) when:
   ``probe_every`` seconds, answered from the last result in between; the result of real
   traffic does not count: an idle receiver would never notice);
 * the worker is failing: the last ``failing_after`` evaluations (or resolutions) in a
-  row failed, or a worker loop step crashed within the last minute;
+  row failed (and work is waiting, or the last failure was within a minute), or a worker
+  loop step crashed within the last minute;
 * the inbox cannot be read or written (storage errors while accepting or working);
 * dead letters exist (work that will not be done until an operator replays or drops it);
 * write-back was stopped because the server did not find what it had just written
@@ -120,6 +121,7 @@ class Health:
             depth, last = {}, None
             reasons.append(f"the inbox cannot be read: {exc}")
         dead = depth.get("work_dead", 0) + depth.get("notifications_dead", 0)
+        waiting = depth.get("notifications_new", 0) + depth.get("work_pending", 0) + depth.get("work_running", 0)
         if dead:
             reasons.append(f"{dead} dead letter(s): list them with `clm-stratify inbox`, then replay or drop them")
         fhir = self.check_fhir()
@@ -128,7 +130,10 @@ class Health:
         now = self._clock()
         with self._lock:
             for kind, n in self.consecutive.items():
-                if n >= self.failing_after:
+                # failing now: work is still waiting, or the last failure is recent (after an
+                # operator dropped the dead letters, an idle receiver is not "failing")
+                recent = now - self.last_failure[kind][0] < CRASH_MEMORY if kind in self.last_failure else False
+                if n >= self.failing_after and (recent or waiting):
                     reasons.append(f"the worker is failing: the last {n} {kind}s failed "
                                    f"(latest: {self.last_failure[kind][1]})")
             if self.crash and now - self.crash[0] < CRASH_MEMORY:
@@ -146,8 +151,7 @@ class Health:
             "status": "degraded" if reasons else "ok",
             "reasons": reasons,
             "checked_at": iso(now),
-            "inbox_depth": depth.get("notifications_new", 0) + depth.get("work_pending", 0)
-            + depth.get("work_running", 0),
+            "inbox_depth": waiting,
             "counts": depth,
             "dead_letters": dead,
             "last_processed": last,

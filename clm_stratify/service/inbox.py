@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from clm_stratify.service.inbox_view import OperatorView
-from clm_stratify.service.inbox_file import InboxError, check_file, describe, prepare
+from clm_stratify.service.inbox_file import InboxError, check_file, describe, identify, prepare
 from fhir_adapters.fhir.reference import PatientRef
 
 __all__ = ["Inbox", "InboxError", "WorkItem"]
@@ -59,6 +59,22 @@ class WorkItem:
     first_received_at: float | None = None
 
 
+def lock(path: str):
+    """An exclusive ``flock`` on the inbox file (held while the returned file is open)."""
+    import fcntl
+
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise InboxError(f"{path}: cannot open the inbox to lock it: {exc.strerror}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise InboxError(f"{path} is already served by another receiver process") from None
+    return f
+
+
 class Inbox(OperatorView):
     """Thread-safe access to one inbox file (one connection per thread).
 
@@ -68,9 +84,9 @@ class Inbox(OperatorView):
     from the receiver instead of filling the disk. Raises :class:`InboxError`.
     """
 
-    def __init__(self, path: Path | str, *, lease_seconds: float = 60.0, max_attempts: int = 6,
+    def __init__(self, path: Path | str, *, lease_seconds: float = 900.0, max_attempts: int = 6,
                  backoff: float = 1.0, max_backoff: float = 60.0, create: bool = True,
-                 max_bytes: int | None = None):
+                 max_bytes: int | None = None, serve: bool = False):
         self.path = str(path)
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
@@ -81,6 +97,11 @@ class Inbox(OperatorView):
         self._write_lock = threading.Lock()
         self.wakeup = threading.Event()
         new = check_file(self.path, create=create)
+        self._lock_file = None
+        if not new:
+            if serve:   # before SQLite opens it: another name for a served inbox is refused here
+                self._lock_file = lock(self.path)
+            identify(self.path)
         try:
             db = self._db()
         except sqlite3.Error as exc:
@@ -96,9 +117,6 @@ class Inbox(OperatorView):
                 db.execute("PRAGMA busy_timeout=30000")
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")   # a 2xx means the notification is on disk
-                if self.max_bytes:
-                    page = db.execute("PRAGMA page_size").fetchone()[0]
-                    db.execute(f"PRAGMA max_page_count = {max(2, int(self.max_bytes) // page)}")
             except sqlite3.Error:
                 db.close()
                 raise
@@ -122,20 +140,14 @@ class Inbox(OperatorView):
                 raise
             db.execute("COMMIT")
 
-    def claim(self) -> None:
-        """Become the one process serving this inbox (an exclusive lock on ``PATH.lock``,
-        released when the process ends, even by SIGKILL). Rows leased by a previous
-        process are taken back at once: their evaluations died with it."""
-        import fcntl
-
-        try:
-            self._lock_file = open(self.path + ".lock", "w")
-        except OSError as exc:
-            raise InboxError(f"{self.path}.lock: cannot create the receiver's lock file: {exc.strerror}") from None
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InboxError(f"{self.path} is already served by another receiver process") from None
+    def claim(self) -> None:   # (``serve=True`` at construction takes the lock earlier)
+        """Become the one process serving this inbox: an exclusive ``flock`` on the inbox
+        file itself, so another name for it (a symbolic or hard link) meets the same lock;
+        released when the process ends, even by SIGKILL. (SQLite's own locks are POSIX
+        record locks, independent of it.) Rows leased by a previous process are taken back
+        at once: their evaluations died with it."""
+        if self._lock_file is None:
+            self._lock_file = lock(self.path)
         now = time.time()
         try:
             self._take_back(now)
@@ -168,6 +180,13 @@ class Inbox(OperatorView):
     def accept(self, notification_json: str) -> int:
         """Store an accepted notification; returns its id. Called before answering 2xx."""
         now = time.time()
+        if self.max_bytes and not getattr(self._local, "capped", False):
+            # The cap holds new notifications back, never the work on those already
+            # accepted (the worker's connections are not capped).
+            db = self._db()
+            page = db.execute("PRAGMA page_size").fetchone()[0]
+            db.execute(f"PRAGMA max_page_count = {max(2, int(self.max_bytes) // page)}")
+            self._local.capped = True
         with self._tx() as db:
             cur = db.execute("INSERT INTO notification (received_at, body, next_at) VALUES (?, ?, ?)",
                              (now, notification_json, now))
@@ -193,11 +212,15 @@ class Inbox(OperatorView):
     def resolve(self, notification_id: int, patients: set[PatientRef], *, coalesce: float = 0.0,
                 received_at: float | None = None,
                 events: tuple[str, list[int]] | None = None, last_event: tuple[str, int] | None = None,
-                watermark: str | None = None) -> None:
+                watermark: str | None = None, reset: str | None = None) -> None:
         """Atomically: mark the notification resolved, queue its patients (merged into
-        a waiting row for the same patient), record its event numbers and watermark."""
+        a waiting row for the same patient), record its event numbers and watermark.
+        ``reset``: a subscription whose event count went back: its numbers are forgotten."""
         now = time.time()
         with self._tx() as db:
+            if reset:
+                db.execute("DELETE FROM seen_event WHERE subscription = ?", (reset,))
+                db.execute("DELETE FROM subscription_state WHERE subscription = ?", (reset,))
             for patient in sorted(patients):  # stored by id: one row per patient
                 db.execute(
                     "INSERT INTO work (patient, state, due_at, created_at, updated_at, first_received_at) "
@@ -222,12 +245,13 @@ class Inbox(OperatorView):
         if patients:
             self.wakeup.set()
 
-    def notification_failed(self, notification_id: int, error: str) -> str:
-        """Count a failed resolution: retried with backoff, or dead after ``max_attempts``.
+    def notification_failed(self, notification_id: int, error: str, *, count: bool = True) -> str:
+        """Count a failed resolution: retried with backoff, or dead after ``max_attempts``
+        (``count`` False: the FHIR server could not be reached, the try is not counted).
         Returns the new state ('new' or 'dead')."""
         with self._tx() as db:
             attempts = db.execute("SELECT attempts FROM notification WHERE id = ?",
-                                  (notification_id,)).fetchone()[0] + 1
+                                  (notification_id,)).fetchone()[0] + (1 if count else 0)
             state = "dead" if attempts >= self.max_attempts else "new"
             db.execute("UPDATE notification SET attempts = ?, state = ?, next_at = ?, last_error = ? WHERE id = ?",
                        (attempts, state, time.time() + self._delay(attempts), _text(error), notification_id))
@@ -309,6 +333,23 @@ class Inbox(OperatorView):
             db.execute("INSERT INTO kv VALUES ('last_processed', ?) ON CONFLICT (key) DO UPDATE SET value = "
                        "excluded.value", (json.dumps({"at": now, "work_id": item.id, "result": _text(result)}),))
         return now - item.first_received_at if item.first_received_at is not None else None
+
+    def postpone(self, item: WorkItem, error: str, delay: float) -> None:
+        """The evaluation could not be tried (the FHIR server cannot be reached): not
+        counted against the item; due again after ``delay`` seconds."""
+        now = time.time()
+        with self._tx() as db:
+            waiting = db.execute("SELECT id FROM work WHERE patient = ? AND state = 'pending'",
+                                 (item.patient.id,)).fetchone()
+            if waiting:
+                db.execute("UPDATE work SET notifications = notifications + ?, first_received_at = "
+                           "coalesce(min(first_received_at, ?), first_received_at, ?) WHERE id = ?",
+                           (item.notifications, item.first_received_at, item.first_received_at, waiting[0]))
+                db.execute("DELETE FROM work WHERE id = ?", (item.id,))
+            else:
+                db.execute("UPDATE work SET state = 'pending', attempts = max(0, attempts - 1), due_at = ?, "
+                           "lease_until = NULL, updated_at = ?, last_error = ? WHERE id = ?",
+                           (now + delay, now, _text(error), item.id))
 
     def failed(self, item: WorkItem, error: str) -> str:
         """Record a failure: retry later with backoff, or dead-letter (the attempt was

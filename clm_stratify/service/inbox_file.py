@@ -85,6 +85,10 @@ def check_file(path: str | Path, *, create: bool) -> bool:
     if not exists:
         if not create:
             raise InboxError(f"{p}: no inbox there")
+        wal = Path(f"{p}-wal")
+        if wal.exists() and wal.stat().st_size > 0:   # its data may all be in the write-ahead log
+            raise InboxError(f"{p}: the inbox file is missing but its write-ahead log {wal.name} is there "
+                             f"(it may hold the inbox's data); refusing to create a new inbox over it")
         parent = p.parent
         if not parent.is_dir():
             raise InboxError(f"{p}: cannot create the inbox: the directory {parent} does not exist")
@@ -104,6 +108,25 @@ def check_file(path: str | Path, *, create: bool) -> bool:
     if len(head) < 100:
         raise InboxError(f"{p}: the inbox is truncated ({len(head)} bytes)")
     return False
+
+
+def identify(path: str | Path) -> None:
+    """Before an existing file is opened for writing (which would switch it to WAL mode):
+    read-only, it must be an inbox; raises :class:`InboxError`, the file left untouched."""
+    try:
+        db = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise InboxError(f"{path}: {describe(exc)}") from None
+    try:
+        app_id = db.execute("PRAGMA application_id").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise InboxError(f"{path}: {describe(exc)}") from None
+    finally:
+        db.close()
+    if app_id != APPLICATION_ID and not (app_id == 0 and {"notification", "work"} <= tables):
+        what = ", ".join(sorted(tables)[:8]) or "no tables"
+        raise InboxError(f"{path}: not an inbox (an SQLite database of something else: {what})")
 
 
 def prepare(db: sqlite3.Connection, path: str | Path, *, new: bool) -> None:

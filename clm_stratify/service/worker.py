@@ -47,6 +47,8 @@ WATERMARK_OVERLAP = dt.timedelta(seconds=2)
 
 RESOLVE_BATCH = 100    # notifications fetched per query by the resolver
 BACKLOG_PAUSE = 0.02   # seconds an evaluator waits before each evaluation while the resolver has a backlog
+SET_ASIDE_RETRY = 60.0  # seconds before notifications set aside (inbox failing) are tried again
+OUTAGE_RETRY = 15.0    # seconds before an evaluation postponed by a FHIR outage is tried again
 PRUNE_EVERY = 3600.0   # seconds between deletions of finished inbox rows
 
 _PATIENT_REF = re.compile(r"Patient/[A-Za-z0-9\-.]+")
@@ -84,6 +86,7 @@ class Worker:
         self.health = health or Health(inbox, lambda: None)
         self.metrics = metrics
         self._set_aside: set[int] = set()   # notifications whose failure could not be recorded
+        self._set_aside_at = 0.0
         self._due: deque = deque()           # notifications fetched, to resolve in order (resolver thread only)
         self._backlog = False                # the last fetch was a full batch: more are waiting
         self.keep = keep                     # seconds finished rows stay in the inbox
@@ -113,6 +116,14 @@ class Worker:
         last_event = None
         requery = n.kind == "empty"
         sub = n.subscription or "(unknown subscription)"
+        reset = False
+        if n.events_since_start is not None:
+            known = self.inbox.last_event(sub)
+            if known is not None and n.events_since_start < known:
+                log.warning("the event count of %s went back (server count %s, last seen %s: the subscription was "
+                            "reset or recreated): its event numbers start again; re-querying",
+                            sub, n.events_since_start, known)
+                reset = requery = True
         if n.kind in ("heartbeat", "handshake", "query-status") and n.events_since_start is not None:
             last = self.inbox.last_event(sub)
             if n.kind != "handshake" and n.events_since_start > (last or 0):
@@ -123,9 +134,9 @@ class Worker:
         pending = list(n.events)
         if n.kind == "event-notification":
             numbers = [e.number for e in n.events if e.number is not None]
-            seen = self.inbox.seen_events(sub, numbers)
+            seen = set() if reset else self.inbox.seen_events(sub, numbers)
             pending = [e for e in n.events if e.number is None or e.number not in seen]
-            last = self.inbox.last_event(sub)
+            last = None if reset else self.inbox.last_event(sub)
             new_numbers = sorted(e.number for e in pending if e.number is not None)
             if new_numbers and new_numbers[0] > (last or 0) + 1:
                 log.warning("gap in events of %s (last seen %s, got %s): re-querying", sub, last, new_numbers[0])
@@ -146,9 +157,12 @@ class Worker:
             found, watermark = self._requery()
             patients |= found
         self.inbox.resolve(notification_id, patients, coalesce=self.coalesce, received_at=received_at,
-                           events=events, last_event=last_event, watermark=watermark)
+                           events=events, last_event=last_event, watermark=watermark,
+                           reset=sub if reset else None)
 
     def resolve_one(self) -> bool:
+        if self._set_aside and time.monotonic() - self._set_aside_at > SET_ASIDE_RETRY:
+            self._set_aside.clear()   # try them again: the inbox may take writes again
         if time.monotonic() - self._pruned_at > PRUNE_EVERY:
             self._pruned_at = time.monotonic()
             pruned = self.inbox.prune(self.keep)
@@ -169,8 +183,9 @@ class Worker:
                                                      "not resolved yet" if expected else "cannot be resolved",
                                                      redact(error))
             self.health.failed("resolution", redact(error))
+            counted = not (expected and self._server_unreachable())
             try:
-                state = self.inbox.notification_failed(nid, error)
+                state = self.inbox.notification_failed(nid, error, count=counted)
             except sqlite3.Error as store_exc:
                 self._cannot_record("notification", nid, store_exc)
                 return True
@@ -193,6 +208,7 @@ class Worker:
         it was leased) and say the inbox is failing."""
         if kind == "notification":
             self._set_aside.add(item_id)
+            self._set_aside_at = time.monotonic()
         log.error("%s %s: its failure cannot be recorded in the inbox: %s", kind, item_id, exc)
         self.health.storage_failed(f"{type(exc).__name__}: {exc}")
 
@@ -207,6 +223,7 @@ class Worker:
         if item is None:
             return False
         started = time.monotonic()
+        group = None
         try:
             result = self.stratifier.patient(item.patient)
         except Exception as exc:  # a bug, or write-back stopped: counted against this item, retried
@@ -220,24 +237,41 @@ class Worker:
         if result.failed:
             self._failed(item, result.error or "failed")
             return True
+        group = result.group if result.action != "no-recurrence" else None   # no assessment, no group
         try:
-            latency = self.inbox.done(item, f"{result.action} {result.risk_assessment or ''} "
-                                            f"{result.group or ''}".strip())
+            # Stored and shown by /healthz: no RiskAssessment id (derived from the patient id)
+            latency = self.inbox.done(item, f"{result.action} {group or ''}".strip())
         except sqlite3.Error as exc:
             self._cannot_record("evaluation", item.id, exc)
             return True
         self._succeeded("evaluation")
         if self.metrics:
-            self.metrics.evaluation(result.action, result.group, latency)
+            self.metrics.evaluation(result.action, group, latency)
         log.info("evaluation %s: %s, group %s, status %s, %d notification(s), %.2f s evaluating%s", item.id,
-                 result.action, result.group or "-", result.status or "-", item.notifications,
+                 result.action, group or "-", result.status if group else "-", item.notifications,
                  time.monotonic() - started, "" if latency is None else f", {latency:.2f} s after the first")
         return True
+
+    def _server_unreachable(self) -> bool:
+        """After a failure: is the FHIR server unreachable now (probed at once)? Then the
+        failure is the outage's, not the item's: it is not counted against the item."""
+        fhir = self.health.check_fhir(force=True)
+        # no answer at all (refused, timeout, TLS); a server that answers with an error is reachable
+        return fhir["reachable"] is False and ": HTTP " not in (fhir["error"] or "")
 
     def _failed(self, item, error: str) -> None:
         self.health.failed("evaluation", redact(error, item.patient.id))
         if self.metrics:
             self.metrics.evaluation("failed", None)
+        if self._server_unreachable():
+            try:
+                self.inbox.postpone(item, error, OUTAGE_RETRY)
+            except sqlite3.Error as exc:
+                self._cannot_record("evaluation", item.id, exc)
+                return
+            log.warning("evaluation %s postponed %.0f s, not counted: the FHIR server cannot be reached",
+                        item.id, OUTAGE_RETRY)
+            return
         try:
             state = self.inbox.failed(item, error)
         except sqlite3.Error as exc:

@@ -155,6 +155,13 @@ def test_duplicate_backport_event_is_dropped_and_a_gap_requeries(server, client,
     client.update(tumour_size("f24-pat", "f24-missed", 65))
     assert post(receiver, body=bundle(5, 5, None)).status_code == 200
     wait_for_group(client, "f24-pat", "borderline-resectable")
+    # Adversary: the server's count went back (the subscription was recreated): events 1
+    # and 2 again are new events, not duplicates of the old 1 and 2.
+    receiver.wait_idle()
+    client.update(tumour_size("f25-pat", "f25-after-reset", 66))
+    assert post(receiver, body=bundle(1, 1, "Observation/f25-after-reset")).status_code == 200
+    wait_for_group(client, "f25-pat", "borderline-resectable")
+    assert "the event count of" in receiver.log.read_text()
 
 
 def test_killed_receiver_loses_nothing(server, client, tmp_path):

@@ -183,3 +183,45 @@ def test_inbox_command_refuses_a_directory(tmp_path, capsys):
     refused(capsys, tmp_path, "is a directory")
     with pytest.raises(InboxError):
         Inbox(tmp_path)
+
+
+def test_a_refused_file_of_another_program_is_left_byte_for_byte(tmp_path, capsys):
+    """Adversary: the refusal came after the file had been switched to WAL mode."""
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE patients (id TEXT)")
+    db.close()
+    before = other.read_bytes()
+    refused(capsys, other, "something else")
+    assert other.read_bytes() == before and not Path(f"{other}-wal").exists()
+
+
+def test_a_write_ahead_log_without_its_inbox_file_is_not_overwritten(tmp_path, capsys):
+    """Adversary: most of a running inbox's data is in its -wal file; a new inbox created
+    beside it replaced it."""
+    path = tmp_path / "inbox.sqlite"
+    Path(f"{path}-wal").write_bytes(b"\x37\x7f\x06\x82" + b"\0" * 4096)
+    assert main([*SERVE, "--inbox", str(path)]) == 2
+    assert "write-ahead log" in capsys.readouterr().err
+    assert not path.exists() and Path(f"{path}-wal").stat().st_size == 4100
+
+
+def test_another_name_for_the_same_inbox_meets_the_same_lock(tmp_path):
+    """Adversary: the lock was PATH.lock, so a symbolic or hard link started a second receiver."""
+    path = tmp_path / "inbox.sqlite"
+    serving = Inbox(path)
+    serving.claim()
+    (tmp_path / "soft.sqlite").symlink_to(path)
+    os.link(path, tmp_path / "hard.sqlite")
+    for other in ("soft.sqlite", "hard.sqlite"):
+        with pytest.raises(InboxError, match="already served"):
+            Inbox(tmp_path / other, serve=True).claim()
+    serving.close()
+
+
+@pytest.mark.parametrize("option", [["--workers", "0"], ["--max-attempts", "0"], ["--port", "70000"],
+                                    ["--coalesce", "nan"], ["--max-body", "0"], ["--inbox-max-mb", "0"]])
+def test_serve_refuses_options_that_make_a_receiver_that_never_works(tmp_path, capsys, option):
+    assert main([*SERVE, "--inbox", str(tmp_path / "i.sqlite"), *option]) == 2
+    assert option[0] in capsys.readouterr().err
+    assert not (tmp_path / "i.sqlite").exists()

@@ -163,3 +163,33 @@ def test_a_failure_text_with_a_lone_surrogate_is_stored(tmp_path):
     box.resolve(box.accept("{}"), {PatientRef("p1")})
     assert box.failed(box.take(), "bad value \ud800 here") == "pending"
     assert "\\ud800" in box.retrying()[0]["error"]
+
+
+def test_an_unreachable_fhir_server_is_not_counted_against_the_items(tmp_path, dead_fhir):
+    """Adversary: an outage of ~80 s turned every waiting notification into a dead letter.
+    When the server cannot be reached at all, the evaluation is postponed, not counted."""
+    box = Inbox(tmp_path / "inbox.sqlite", max_attempts=1)
+    health = Health(box, lambda: dead_fhir.ping(timeout=1))
+    worker = Worker(box, Stratifier(dead_fhir, Rules.load()), coalesce=0, health=health)
+    box.resolve(box.accept("{}"), {PatientRef("p1")})
+    assert worker.process_one()
+    assert box.dead_letters() == []
+    assert [(r["attempts"], "unavailable" in r["error"]) for r in box.retrying()] == [(0, True)]
+
+
+def test_healthz_names_no_assessment_and_drops_failing_once_idle(tmp_path):
+    """Adversary: last_processed carried the RiskAssessment id (a hash of the patient id:
+    brute-forced back to the patient); and after the operator dropped the dead letters an
+    idle receiver stayed 'failing'."""
+    box = Inbox(tmp_path / "inbox.sqlite", max_attempts=1)
+    clock = [1000.0]
+    health = Health(box, lambda: None, clock=lambda: clock[0])
+    for _ in range(3):
+        health.failed("evaluation", "x")
+    box.resolve(box.accept("{}"), {PatientRef("p1")})
+    box.failed(box.take(), "boom")
+    assert any("worker is failing" in r for r in health.report()[1]["reasons"])
+    box.drop()
+    clock[0] += 120
+    status, body = health.report()
+    assert status == 200 and body["status"] == "ok", body
