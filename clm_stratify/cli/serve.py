@@ -31,8 +31,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--hmac-secret-env {args.hmac_secret_env}: the variable is not set")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         output.err(f"warning: listening on {args.host}, not only on loopback")
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), datefmt="%Y-%m-%dT%H:%M:%S",
+                        format="%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s")
     logging.Formatter.converter = time.gmtime   # log times in UTC, like every other time we print
     rules = load_rules(args)
     client = make_client(args)
