@@ -23,24 +23,22 @@ class OperatorView:
         return json.loads(row[0]) if row else None
 
     def dead_letters(self) -> list[dict]:
-        db = self._db()
-        rows = [{"kind": "patient", "id": r[0], "patient": r[1], "attempts": r[2], "error": r[3], "at": r[4]}
-                for r in db.execute("SELECT id, patient, attempts, last_error, updated_at FROM work "
-                                    "WHERE state = 'dead' ORDER BY id")]
-        rows += [{"kind": "notification", "id": r[0], "patient": None, "attempts": r[1], "error": r[2], "at": r[3]}
-                 for r in db.execute("SELECT id, attempts, last_error, received_at FROM notification "
-                                     "WHERE state = 'dead' ORDER BY id")]
-        return rows
+        return self._listed("state = 'dead'", "updated_at", "state = 'dead'", "received_at", "at")
 
     def retrying(self) -> list[dict]:
         """Items that failed at least once and wait for their next try (not yet dead)."""
+        return self._listed("state = 'pending' AND last_error IS NOT NULL", "due_at",
+                            "state = 'new' AND attempts > 0", "next_at", "next")
+
+    def _listed(self, work_where: str, work_time: str, note_where: str, note_time: str, time_key: str) -> list[dict]:
+        """Patient rows, then notification rows, as the ``inbox`` command lists them."""
         db = self._db()
-        rows = [{"kind": "patient", "id": r[0], "patient": r[1], "attempts": r[2], "error": r[3], "next": r[4]}
-                for r in db.execute("SELECT id, patient, attempts, last_error, due_at FROM work "
-                                    "WHERE state = 'pending' AND last_error IS NOT NULL ORDER BY id")]
-        rows += [{"kind": "notification", "id": r[0], "patient": None, "attempts": r[1], "error": r[2], "next": r[3]}
-                 for r in db.execute("SELECT id, attempts, last_error, next_at FROM notification "
-                                     "WHERE state = 'new' AND attempts > 0 ORDER BY id")]
+        rows = [{"kind": "patient", "id": r[0], "patient": r[1], "attempts": r[2], "error": r[3], time_key: r[4]}
+                for r in db.execute(f"SELECT id, patient, attempts, last_error, {work_time} FROM work "
+                                    f"WHERE {work_where} ORDER BY id")]
+        rows += [{"kind": "notification", "id": r[0], "patient": None, "attempts": r[1], "error": r[2], time_key: r[3]}
+                 for r in db.execute(f"SELECT id, attempts, last_error, {note_time} FROM notification "
+                                     f"WHERE {note_where} ORDER BY id")]
         return rows
 
     def drop(self, kind: str | None = None, item_id: int | None = None) -> int:

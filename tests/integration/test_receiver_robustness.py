@@ -23,7 +23,8 @@ from clm_stratify.cli import main
 from engine.ruleset import load_ruleset
 from fhir_adapters.fhir.client import FhirClient
 from fhir_adapters.writeback.resources import assessment_id
-from tests.support.receiver_process import SECRET, Receiver, free_port
+from tests.support.receiver_process import SECRET, Receiver, free_port, wait_until
+from tests.support.resources import tumour_size
 
 HEADERS = {"X-CLM-Subscription-Secret": SECRET, "Content-Type": "application/fhir+json"}
 RULESET = load_ruleset().id
@@ -43,16 +44,6 @@ def heartbeat(events: int) -> dict:
             {"name": "events-since-subscription-start", "valueString": str(events)}]}}]}
 
 
-def size_observation(pid: str, oid: str, mm: float) -> dict:
-    return {"resourceType": "Observation", "id": oid, "status": "final",
-            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                      "code": "imaging"}]}],
-            "code": {"coding": [{"system": "http://loinc.org", "code": "21889-1"}]},
-            "subject": {"reference": f"Patient/{pid}"}, "effectiveDateTime": "2026-11-01",
-            "bodySite": {"coding": [{"system": "http://snomed.info/sct", "code": "10200004"}]},
-            "component": [{"code": {"coding": [{"system": "http://loinc.org", "code": "33728-7"}]},
-                           "valueQuantity": {"value": mm, "unit": "mm", "system": "http://unitsofmeasure.org",
-                                             "code": "mm"}}]}
 
 
 def group_of(client: FhirClient, pid: str) -> str | None:
@@ -60,14 +51,6 @@ def group_of(client: FhirClient, pid: str) -> str | None:
     return ra["prediction"][0]["qualitativeRisk"]["coding"][0]["code"] if ra else None
 
 
-def until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def test_poison_notification_then_a_valid_one(server, client, tmp_path, capsys):
@@ -87,15 +70,15 @@ def test_poison_notification_then_a_valid_one(server, client, tmp_path, capsys):
                                       "events_since_start": 2 ** 63, "events": []}), 0)).lastrowid
     db.close()
     with Receiver(server.base_url, inbox, None, "--max-attempts", "3") as receiver:
-        obs = size_observation("f06-pat", "f06-robust-size", 61.0)
+        obs = tumour_size("f06-pat", 61.0, id="f06-robust-size", day="2026-11-01")
         client.update(obs)
         sent = time.monotonic()
         r = requests.put(f"{receiver.endpoint}/Observation/{obs['id']}", data=json.dumps(obs), headers=HEADERS,
                          timeout=10)
         assert r.status_code == 200
-        until(lambda: group_of(client, "f06-pat") == "borderline-resectable", 10, "the valid notification written")
+        wait_until("the valid notification written", lambda: group_of(client, "f06-pat") == "borderline-resectable", 10)
         assert time.monotonic() - sent < 5
-        dead = until(lambda: _dead(inbox), 15, "the poison dead-lettered")
+        dead = wait_until("the poison dead-lettered", lambda: _dead(inbox), 15)
         assert dead == [("notification", poison, 3)]
         health = requests.get(f"{receiver.url}/healthz", timeout=10)
         assert health.status_code == 503 and "1 dead letter(s)" in health.json()["reasons"][0]
@@ -126,8 +109,8 @@ def test_healthz_degraded_when_the_fhir_server_goes_away(make_server, tmp_path):
     with Receiver(server.base_url, tmp_path / "inbox.sqlite", None, "--health-interval", "0.2") as receiver:
         assert requests.get(f"{receiver.url}/healthz", timeout=10).status_code == 200
         server.stop()
-        r = until(lambda: (lambda x: [x] if x.status_code == 503 else None)(   # a 503 Response is falsy
-            requests.get(f"{receiver.url}/healthz", timeout=10)), 10, "degraded after the server stopped")[0]
+        r = wait_until("degraded after the server stopped", lambda: (lambda x: [x] if x.status_code == 503 else None)(
+            requests.get(f"{receiver.url}/healthz", timeout=10)), 10)[0]   # (a 503 Response is falsy)
         assert r.json()["fhir_server"]["reachable"] is False
         assert any("FHIR server cannot be reached" in x for x in r.json()["reasons"])
         assert "clm_fhir_server_up 0.0" in requests.get(f"{receiver.url}/metrics", timeout=10).text
@@ -139,7 +122,7 @@ def test_serve_warns_at_start_when_the_fhir_server_cannot_be_reached(tmp_path):
         r = requests.get(f"{receiver.url}/healthz", timeout=10)
         assert r.status_code == 503 and r.json()["fhir_server"]["reachable"] is False
         # it still accepts and stores: evaluated once the server is back
-        body = size_observation("p1", "o1", 10)
+        body = tumour_size("p1", 10, id="o1", day="2026-11-01")
         assert requests.put(f"{receiver.endpoint}/Observation/o1", data=json.dumps(body), headers=HEADERS,
                             timeout=10).status_code == 200
     log = receiver.log.read_text()

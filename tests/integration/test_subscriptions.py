@@ -17,6 +17,7 @@ from fhir_adapters.writeback.resources import assessment_id
 from fhir_adapters.fhir.client import FhirClient, dumps
 from fhir_adapters.terminology import load_terminology
 from tests.support.receiver_process import SECRET, Receiver
+from tests.support.resources import tumour_size
 
 pytestmark = pytest.mark.integration
 RULESET = (load_ruleset().id, load_ruleset().version)  # the default rule set, as written back
@@ -48,18 +49,6 @@ def wait_for_group(client: FhirClient, pid: str, group: str, timeout: float = 20
     raise AssertionError(f"Patient/{pid} is {group_of(client, pid)}, not {group}, after {timeout}s")
 
 
-def tumour_size(pid: str, oid: str, mm: int, day: str = "2026-11-01") -> dict:
-    return {
-        "resourceType": "Observation", "id": oid, "status": "final",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                  "code": "imaging"}]}],
-        "code": {"coding": [{"system": "http://loinc.org", "code": "21889-1"}]},
-        "subject": {"reference": f"Patient/{pid}"}, "effectiveDateTime": day,
-        "bodySite": {"coding": [{"system": "http://snomed.info/sct", "code": "10200004"}]},
-        "component": [{"code": {"coding": [{"system": "http://loinc.org", "code": "33728-7"}]},
-                       "valueQuantity": {"value": mm, "unit": "mm", "system": "http://unitsofmeasure.org",
-                                         "code": "mm"}}],
-    }
 
 
 def subscribe(server, receiver, *extra) -> None:
@@ -79,7 +68,7 @@ def test_criteria_subscription_turns_assessment_borderline(server, client, recei
     out = capsys.readouterr().out
     assert out.count(": active") == len(load_terminology().triggers), out   # one per trigger
     try:
-        client.update(tumour_size(pid, f"{pid}-new-60mm", 60))
+        client.update(tumour_size(pid, 60, id=f"{pid}-new-60mm", day="2026-11-01"))
         wait_for_group(client, pid, "borderline-resectable")
     finally:
         unsubscribe(server)
@@ -101,7 +90,7 @@ def test_backport_subscription_turns_assessment_borderline(server, client, recei
               "--payload-content", "id-only")
     assert ": active" in capsys.readouterr().out  # the handshake reached the receiver
     try:
-        client.update(tumour_size(pid, f"{pid}-new-55mm", 55))
+        client.update(tumour_size(pid, 55, id=f"{pid}-new-55mm", day="2026-11-01"))
         wait_for_group(client, pid, "borderline-resectable")
     finally:
         unsubscribe(server)
@@ -114,7 +103,7 @@ def post(receiver, path: str = "/notify", body: bytes | None = b"", headers: dic
 
 def test_same_notification_twice_leaves_one_assessment_version(server, client, receiver):
     pid = "f02-pat"
-    obs = tumour_size(pid, f"{pid}-twice", 58)
+    obs = tumour_size(pid, 58, id=f"{pid}-twice", day="2026-11-01")
     _, stored = client.update(obs)
     body = dumps(stored).encode()
     assert post(receiver, f"/notify/Observation/{obs['id']}", body, method="PUT").status_code == 200
@@ -143,7 +132,7 @@ def test_duplicate_backport_event_is_dropped_and_a_gap_requeries(server, client,
                 {"name": "events-since-subscription-start", "valueString": str(since)},
                 {"name": "notification-event", "part": event}]}}]}).encode()
 
-    _, obs = client.update(tumour_size("f23-pat", "f23-gap", 70))
+    _, obs = client.update(tumour_size("f23-pat", 70, id="f23-gap", day="2026-11-01"))
     assert post(receiver, body=bundle(1, 1, "Observation/f23-gap")).status_code == 200
     wait_for_group(client, "f23-pat", "borderline-resectable")
     receiver.wait_idle()
@@ -152,14 +141,14 @@ def test_duplicate_backport_event_is_dropped_and_a_gap_requeries(server, client,
     receiver.wait_idle()
     assert receiver.health()["counts"].get("work_done", 0) == work_before
     # event 5 after 1: events 2-4 were missed, so the receiver re-queries what changed
-    client.update(tumour_size("f24-pat", "f24-missed", 65))
+    client.update(tumour_size("f24-pat", 65, id="f24-missed", day="2026-11-01"))
     assert post(receiver, body=bundle(5, 5, None)).status_code == 200
     wait_for_group(client, "f24-pat", "borderline-resectable")
     # Adversary: the server's count went back (the subscription was recreated): events 1
     # and 2 again are new events, not duplicates of the old 1 and 2.
     receiver.wait_idle()
     assert group_of(client, "f27-pat") == "resectable"
-    client.update(tumour_size("f27-pat", "f27-after-reset", 66))
+    client.update(tumour_size("f27-pat", 66, id="f27-after-reset", day="2026-11-01"))
     assert post(receiver, body=bundle(1, 1, "Observation/f27-after-reset")).status_code == 200
     wait_for_group(client, "f27-pat", "borderline-resectable")
     assert "the event count of" in receiver.log.read_text()
@@ -167,7 +156,7 @@ def test_duplicate_backport_event_is_dropped_and_a_gap_requeries(server, client,
 
 def test_killed_receiver_loses_nothing(server, client, tmp_path):
     pid = "f25-pat"
-    _, stored = client.update(tumour_size(pid, f"{pid}-kill", 66))
+    _, stored = client.update(tumour_size(pid, 66, id=f"{pid}-kill", day="2026-11-01"))
     inbox = tmp_path / "kill.sqlite"
     receiver = Receiver(server.base_url, inbox).start()
     try:
@@ -223,7 +212,7 @@ def test_hmac_signature_when_configured(server, tmp_path, monkeypatch):
 
 
 def test_healthz_reports_depth_and_last_processed(server, client, receiver):
-    _, obs = client.update(tumour_size("f26-pat", "f26-health", 30))
+    _, obs = client.update(tumour_size("f26-pat", 30, id="f26-health", day="2026-11-01"))
     assert post(receiver, "/notify/Observation/f26-health", dumps(obs).encode(), method="PUT").status_code == 200
     health = receiver.wait_idle()
     assert health["status"] == "ok" and health["inbox_depth"] == 0

@@ -20,7 +20,8 @@ from clm_stratify.cli import main
 from engine.ruleset import load_ruleset
 from fhir_adapters.fhir.client import FhirClient
 from fhir_adapters.writeback.resources import assessment_id
-from tests.support.receiver_process import SECRET, Receiver, inbox_rows
+from tests.support.resources import tumour_size
+from tests.support.receiver_process import wait_until, SECRET, Receiver, inbox_rows
 
 pytestmark = pytest.mark.integration
 RULESET_ID = load_ruleset().id
@@ -64,14 +65,6 @@ def done(receiver: Receiver, pid: str) -> int:
     return sum(1 for _, patient, state, _ in work if patient == pid and state == "done")
 
 
-def wait_until(what, check, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout:g} s: {what}")
 
 
 def assessment(client: FhirClient, pid: str) -> dict | None:
@@ -116,18 +109,6 @@ def medication(rtype: str, pid: str, rid: str) -> dict:
     return res
 
 
-def tumour_size(pid: str, oid: str, mm: int, day: str = "2026-11-01") -> dict:
-    return {
-        "resourceType": "Observation", "id": oid, "status": "final",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                  "code": "imaging"}]}],
-        "code": {"coding": [{"system": "http://loinc.org", "code": "21889-1"}]},
-        "subject": {"reference": f"Patient/{pid}"}, "effectiveDateTime": day,
-        "bodySite": {"coding": [{"system": SCT, "code": "10200004"}]},
-        "component": [{"code": {"coding": [{"system": "http://loinc.org", "code": "33728-7"}]},
-                       "valueQuantity": {"value": mm, "unit": "mm", "system": "http://unitsofmeasure.org",
-                                         "code": "mm"}}],
-    }
 
 
 # --------------------------------------------------------------------------- each trigger
@@ -201,7 +182,7 @@ def made_borderline_by(client: FhirClient, listening: Receiver, pid: str, oid: s
     in the assessment's basis."""
     assert main(["run", "--fhir-url", client.base_url, "--patient", pid]) == 0
     assert group_of(client, pid) == "resectable"
-    client.update(tumour_size(pid, oid, 60))
+    client.update(tumour_size(pid, 60, id=oid, day="2026-11-01"))
     wait_until(f"{pid} borderline", lambda: group_of(client, pid) == "borderline-resectable")
     basis = [b["reference"] for b in assessment(client, pid)["basis"]]
     assert any(b.split("/_history/")[0] == f"Observation/{oid}" for b in basis), basis

@@ -104,3 +104,15 @@ def inbox_rows(path: Path) -> tuple[list[tuple], list[tuple]]:
 def patient_of(body: str) -> str:
     """The patient id a stored notification body is about."""
     return json.loads(body)["events"][0]["patient"].split("/", 1)[1]
+
+
+def wait_until(what: str, check, timeout: float = 30.0):
+    """``check()``'s first truthy value, polled every 0.1 s; AssertionError naming ``what``
+    after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout:g} s: {what}")
