@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 
-from clm_stratify.cli import classify, demo, inbox, interop, output, rules, run, serve, subscribe
+from clm_stratify.cli import classify, demo, inbox, interop, output, population, rules, run, serve, subscribe
 from clm_stratify.cli.common import UsageError
 from fhir_adapters.project import EXIT_BAD_INPUT, EXIT_CLOSED_PIPE, EXIT_OK, VERSION
 
@@ -37,6 +37,8 @@ examples:
   CLM_SUBSCRIPTION_SECRET=... clm-stratify serve --fhir-url http://127.0.0.1:8090/fhir --port 8765
   CLM_SUBSCRIPTION_SECRET=... clm-stratify subscribe --fhir-url http://127.0.0.1:8090/fhir --endpoint http://127.0.0.1:8765/notify
   clm-stratify inbox --inbox clm-inbox.sqlite
+  clm-stratify population --ndjson export/ --out out/
+  clm-stratify write-back --from out/ --fhir-url http://127.0.0.1:8090/fhir
   clm-stratify classify --bundle fixtures/05-borderline-size-50mm-exact.json
   clm-stratify classify --bundle patient.json --format json
   clm-stratify rules validate rules/resectability.yaml
@@ -44,7 +46,7 @@ examples:
 """
 
 # The commands in the order ``clm-stratify --help`` lists them.
-COMMANDS = (classify, run, demo, serve, subscribe, inbox, interop, rules)
+COMMANDS = (classify, run, population, demo, serve, subscribe, inbox, interop, rules)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
 _LITERAL = re.compile(r"^(?:(?P<base>https?://.+?)/)?(?P<type>[A-Z][A-Za-z]{1,63})/(?P<id>[A-Za-z0-9\-.]{1,64})"
-                      r"(?:/_history/(?P<version>[A-Za-z0-9\-.]{1,64}))?/?$")
+                      r"(?:/_history/(?P<version>[A-Za-z0-9\-.]{1,64}))?/?\Z")
 
 # Resource types that are not about one patient (shared by every record that cites them).
 SHARED_TYPES = ("Medication",)
@@ -40,6 +40,11 @@ SUBJECT_ELEMENTS = ("subject", "patient")
 
 
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+
+
+def is_id(text: str) -> bool:
+    """A FHIR logical id: 1-64 of ``A-Z a-z 0-9 - .``."""
+    return _ID.fullmatch(text) is not None
 
 
 @dataclass(frozen=True, order=True)

@@ -119,8 +119,10 @@ def _notes(r: Classification) -> list[dict]:
     return [{"text": n} for n in notes]
 
 
-def build_risk_assessment(r: Classification, *, occurrence: str | None = None) -> dict:
-    """The RiskAssessment for ``r`` as validated R4 JSON (a dict)."""
+def build_risk_assessment(r: Classification, *, occurrence: str | None = None, check: bool = True) -> dict:
+    """The RiskAssessment for ``r`` as validated R4 JSON (a dict). ``check`` False: not
+    validated here (a population run's output, validated by the write-back step before
+    it leaves the program)."""
     if not r.patient:
         raise ValueError("cannot write a RiskAssessment without a patient")
     rs = r.ruleset
@@ -164,7 +166,7 @@ def build_risk_assessment(r: Classification, *, occurrence: str | None = None) -
         ra["basis"] = [{"reference": ref} for ref in basis]
     if r.recommendations:
         ra["mitigation"] = "\n".join(f"- {rec.text}" for rec in r.recommendations)
-    return validated(ra)
+    return validated(ra) if check else ra
 
 
 def validated(resource: dict) -> dict:
@@ -178,18 +180,19 @@ def validated(resource: dict) -> dict:
     return resource
 
 
-def build_provenance(ra: dict, r: Classification, *, activity: str, target: str | None = None) -> dict:
+def build_provenance(ra: dict, r: Classification, *, activity: str, target: str | None = None,
+                     recorded: str | None = None, check: bool = True) -> dict:
     """Provenance of a RiskAssessment write: this software, the basis, the rule-set hash."""
     rs = r.ruleset
     entities = [{"role": "source", "what": {"reference": ref}} for ref in r.evidence_refs()]
     entities.append({"role": "derivation", "what": {
         "identifier": {"system": RULESET_HASH_SYSTEM, "value": rs.sha256},
         "display": f"rule set {rs.id} {rs.version} sha256:{rs.sha256}"}})
-    return validated({
+    provenance = {
         "resourceType": "Provenance",
         "meta": {"tag": [{"system": TAG_SYSTEM, "code": TAG}]},
         "target": [{"reference": target or f"RiskAssessment/{ra['id']}"}],
-        "recorded": _now(),
+        "recorded": recorded or _now(),
         "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
                                  "code": activity}]},
         "agent": [{
@@ -198,7 +201,15 @@ def build_provenance(ra: dict, r: Classification, *, activity: str, target: str 
             "who": {"display": f"clm-stratify {VERSION}"},
         }],
         "entity": entities,
-    })
+    }
+    return validated(provenance) if check else provenance
+
+
+def with_activity(provenance: dict, *, activity: str, target: str) -> dict:
+    """A Provenance built earlier (a population run's output), for the write it now
+    records: its activity (CREATE / UPDATE) and target."""
+    return {**provenance, "target": [{"reference": target}], "activity": {"coding": [
+        {"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": activity}]}}
 
 
 # Fields that make two RiskAssessments "the same assessment" (not the time it was made).

@@ -25,7 +25,8 @@ from typing import Sequence
 
 from engine.classify import Classification
 from fhir_adapters.fhir.client import FhirClient, FhirConflict, FhirError, FhirServerUnavailable
-from fhir_adapters.writeback.resources import build_provenance, build_risk_assessment, same_assessment
+from fhir_adapters.writeback.resources import (build_provenance, build_risk_assessment, same_assessment, validated,
+                                               with_activity)
 from fhir_adapters.writeback.strategy import StrategyChoice, WriteStrategy, choose
 
 
@@ -41,6 +42,21 @@ class WriteResult:
     risk_assessment: str | None = None   # RiskAssessment/<id>[/_history/n]
     error: str | None = None
     resources: list[dict] = field(default_factory=list)  # what was (or would be) written
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One patient's assessment ready to write: the RiskAssessment and the Provenance
+    of its write (its activity and target are set when it is written)."""
+
+    patient: str
+    risk_assessment: dict
+    provenance: dict
+
+    @classmethod
+    def of(cls, r: Classification) -> "Prepared":
+        ra = build_risk_assessment(r)
+        return cls(r.patient, ra, build_provenance(ra, r, activity="CREATE", check=False))  # validated when written
 
 
 class AssessmentWriter:
@@ -66,30 +82,31 @@ class AssessmentWriter:
             self._strategy = self.choice.strategy(self.client)
         return self._strategy
 
-    def entries(self, r: Classification, ra: dict, current: dict | None) -> list[dict]:
+    def entries(self, p: Prepared, current: dict | None) -> list[dict]:
         """Transaction entries: the RiskAssessment and its Provenance."""
-        ra, request = self.strategy.request(ra, current)
+        ra, request = self.strategy.request(p.risk_assessment, current)
         ra_url = (f"{self.client.base_url}/RiskAssessment/{ra['id']}" if request["method"] == "PUT" and "id" in ra
                   else f"urn:uuid:{uuid.uuid4()}")
-        provenance = build_provenance(ra, r, activity="UPDATE" if current else "CREATE", target=ra_url)
+        provenance = validated(with_activity(p.provenance, activity="UPDATE" if current else "CREATE", target=ra_url))
         return [{"fullUrl": ra_url, "resource": ra, "request": request},
                 {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": provenance,
                  "request": {"method": "POST", "url": "Provenance"}}, *self.strategy.retire(ra, current)]
 
     # ------------------------------------------------------------------ writing
-    def write(self, r: Classification, *, dry_run: bool = False) -> WriteResult:
+    def write(self, r: Classification | Prepared, *, dry_run: bool = False) -> WriteResult:
         """Write one patient's assessment (retrying once on a concurrent change)."""
         self._refuse_if_unsafe()
-        ra = build_risk_assessment(r)
+        p = r if isinstance(r, Prepared) else Prepared.of(r)
+        ra = p.risk_assessment
         for attempt in (1, 2):
             current = self.strategy.find_current(ra)
             if same_assessment(current, ra):
-                return WriteResult(r.patient, "unchanged", _ref(current))
+                return WriteResult(p.patient, "unchanged", _ref(current))
             if current is None and not self._verified and not dry_run:
                 self._check_not_hidden(ra)
-            entries = self.entries(r, ra, current)
+            entries = self.entries(p, current)
             if dry_run:
-                return WriteResult(r.patient, "would-update" if current else "would-create",
+                return WriteResult(p.patient, "would-update" if current else "would-create",
                                    f"RiskAssessment/{entries[0]['resource'].get('id', '(new)')}",
                                    resources=[e["resource"] for e in entries if "resource" in e])
             try:
@@ -98,7 +115,7 @@ class AssessmentWriter:
                 if attempt == 2:
                     raise
                 continue
-            return self._verify(_result(r.patient, response, current, entries), entries)
+            return self._verify(_result(p.patient, response, current, entries), entries)
         raise AssertionError("unreachable")
 
     def _refuse_if_unsafe(self) -> None:
@@ -151,14 +168,15 @@ class AssessmentWriter:
         self._verified = True
         return written
 
-    def write_many(self, results: Sequence[Classification], *, dry_run: bool = False) -> list[WriteResult]:
+    def write_many(self, results: Sequence[Classification | Prepared], *, dry_run: bool = False) -> list[WriteResult]:
         """Write many patients' assessments: one read batch and one transaction for all.
 
         When the shared transaction fails, each patient is written on its own, so one
         bad record cannot block the others; their failures are reported per patient.
         """
         self._refuse_if_unsafe()
-        ras = [build_risk_assessment(r) for r in results]
+        results = [r if isinstance(r, Prepared) else Prepared.of(r) for r in results]
+        ras = [r.risk_assessment for r in results]
         try:
             currents = self.strategy.find_current_many(ras)
         except FhirServerUnavailable as exc:  # the server is down: the chunk fails as one
@@ -171,7 +189,7 @@ class AssessmentWriter:
             if same_assessment(current, ra):
                 out[i] = WriteResult(r.patient, "unchanged", _ref(current))
                 continue
-            entries = self.entries(r, ra, current)
+            entries = self.entries(r, current)
             if dry_run:
                 out[i] = WriteResult(r.patient, "would-update" if current else "would-create",
                                      f"RiskAssessment/{entries[0]['resource'].get('id', '(new)')}",
@@ -224,7 +242,7 @@ class AssessmentWriter:
                 self._verify(out[created[0]], created[1])
         return [w for w in out if w is not None]
 
-    def _write_alone(self, r: Classification, dry_run: bool) -> WriteResult:
+    def _write_alone(self, r: Prepared, dry_run: bool) -> WriteResult:
         try:
             return self.write(r, dry_run=dry_run)
         except WriteNotIdempotent:
