@@ -10,8 +10,8 @@ be chemotherapy but cannot be read or attributed.
 from __future__ import annotations
 
 from engine.features import Fact
-from fhir_adapters.features.evidence import (GIVEN_ADMINISTRATION, GIVEN_PROCEDURE, TAKEN_STATEMENT, MappingContext,
-                                             codings)
+from fhir_adapters.features.evidence import (GIVEN_ADMINISTRATION, GIVEN_PROCEDURE, TAKEN_STATEMENT, BoolFact,
+                                             MappingContext, codings, matches)
 from fhir_adapters.features.recurrence import Event
 from fhir_adapters.fhir.timeline import When
 
@@ -22,7 +22,7 @@ def chemotherapy_records(ctx: MappingContext) -> tuple[list[tuple[When | None, s
     record, t = ctx.record, ctx.terminology
     found, doubtful = [], []
     for p in record.procedures:
-        if p.status in GIVEN_PROCEDURE and t.chemotherapy_procedure.matches_any(codings(p.code)):
+        if p.status in GIVEN_PROCEDURE and matches(t.chemotherapy_procedure, codings(p.code)):
             found.append((When.of_element(p, "performedDateTime", "performedPeriod"), ctx.ref(p)))
     for statuses, items in ((GIVEN_ADMINISTRATION, record.medication_administrations),
                             (TAKEN_STATEMENT, record.medication_statements)):
@@ -36,7 +36,7 @@ def chemotherapy_records(ctx: MappingContext) -> tuple[list[tuple[When | None, s
                     doubtful.append(f"{ctx.ref(m)} (medication {m.medicationReference.reference} not found)")
                     continue
                 concept = med.code
-            if concept is not None and t.chemotherapy_medication.matches_any(codings(concept)):
+            if concept is not None and matches(t.chemotherapy_medication, codings(concept)):
                 found.append((When.of_element(m, "effectiveDateTime", "effectivePeriod"), ctx.ref(m)))
     for rtype in ("Procedure", "MedicationAdministration", "MedicationStatement"):
         doubtful += ctx.distrusted_matching(rtype, t.chemotherapy_procedure, t.chemotherapy_medication)
@@ -45,7 +45,7 @@ def chemotherapy_records(ctx: MappingContext) -> tuple[list[tuple[When | None, s
 
 def adjuvant_chemotherapy(ctx: MappingContext, resection: Event | None, recurrence: When | None) -> Fact[bool]:
     if resection is None:
-        return Fact[bool](note="no completed hepatectomy recorded, so no adjuvant window")
+        return BoolFact(note="no completed hepatectomy recorded, so no adjuvant window")
     given, undated, unplaced = [], [], []
     records, doubtful = chemotherapy_records(ctx)
     for when, r in records:
@@ -56,15 +56,15 @@ def adjuvant_chemotherapy(ctx: MappingContext, resection: Event | None, recurren
         elif when.after(resection.when) and recurrence.after(when):  # type: ignore[union-attr]
             given.append(r)
     if given:
-        return Fact[bool](value=True, refs=(resection.ref, *given))
+        return BoolFact(value=True, refs=(resection.ref, *given))
     if doubtful:
-        return Fact[bool](refs=(resection.ref,),
-                          note=f"records that may be chemotherapy cannot be read or attributed: {', '.join(doubtful)}")
+        return BoolFact(refs=(resection.ref,),
+                        note=f"records that may be chemotherapy cannot be read or attributed: {', '.join(doubtful)}")
     if undated or unplaced:
         why = (f"chemotherapy records without a date: {', '.join(undated)}" if undated else
                f"chemotherapy after the resection ({', '.join(unplaced)}) but the recurrence date is "
                "unknown, so it cannot be called adjuvant")
-        return Fact[bool](refs=tuple(undated + unplaced), note=why)
-    return Fact[bool](value=False, refs=(resection.ref,),
-                      note=f"no chemotherapy recorded after the resection of {resection.when.text}"
-                           + (f" and before the recurrence ({recurrence.text})" if recurrence else ""))
+        return BoolFact(refs=tuple(undated + unplaced), note=why)
+    return BoolFact(value=False, refs=(resection.ref,),
+                    note=f"no chemotherapy recorded after the resection of {resection.when.text}"
+                         + (f" and before the recurrence ({recurrence.text})" if recurrence else ""))

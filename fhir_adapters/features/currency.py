@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.features import Fact
-from fhir_adapters.features.evidence import WITHDRAWN_REPORT, MappingContext
+from fhir_adapters.features.evidence import WITHDRAWN_REPORT, BoolFact, MappingContext
 from fhir_adapters.features.studies import Imaging, is_imaging_report
 from fhir_adapters.fhir.timeline import When
 
@@ -43,9 +43,9 @@ def imaging_currency(ctx: MappingContext, imaging: Imaging) -> tuple[Fact[bool],
         if doubt:
             ctx.warnings += [f"{ref}: an imaging report that cannot be read or attributed may be the newest imaging; "
                              "the result stays preliminary" for ref in doubt]
-            return Fact[bool](value=False, refs=tuple(doubt),
-                              note=f"imaging report(s) that cannot be read or attributed: {', '.join(doubt)}"), newest
-        return Fact[bool](value=True), newest
+            return BoolFact(value=False, refs=tuple(doubt),
+                            note=f"imaging report(s) that cannot be read or attributed: {', '.join(doubt)}"), newest
+        return BoolFact(value=True), newest
     latest = max((s.when for s in studies), key=lambda w: w.end)
     measured = {record.canonical(m.ref) for s in studies for ms in s.lesions.values() for m in ms}
     newer = []
@@ -67,6 +67,6 @@ def imaging_currency(ctx: MappingContext, imaging: Imaging) -> tuple[Fact[bool],
                             "preliminary")
     newest = max(points, key=lambda w: w.start)
     if newer:
-        return Fact[bool](value=False, refs=tuple(newer),
-                          note=f"newer imaging report(s) without measurements: {', '.join(newer)}"), newest
-    return Fact[bool](value=True, note=f"latest measured study {latest.text}"), newest
+        return BoolFact(value=False, refs=tuple(newer),
+                        note=f"newer imaging report(s) without measurements: {', '.join(newer)}"), newest
+    return BoolFact(value=True, note=f"latest measured study {latest.text}"), newest

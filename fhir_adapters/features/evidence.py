@@ -34,8 +34,9 @@ note when it is unknown. The record arrives attributed and strictly read
 
 This module holds what more than one fact uses: the status sets that say what a
 record withdraws, the :class:`MappingContext` of one mapping (record, terminology,
-warnings), references and codings, the "distrusted resources may cast doubt" helper,
-and the status and sites of metastasis Conditions. Each fact is decided in its own
+warnings), references and codings (:func:`matches`: a code list's answer, remembered),
+the fact classes :class:`~engine.features.Features` holds, the "distrusted resources may
+cast doubt" helper, and the status and sites of metastasis Conditions. Each fact is decided in its own
 module; :mod:`fhir_adapters.features.mapping` calls them in order.
 """
 
@@ -44,8 +45,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from engine.features import Features
 from fhir_adapters.sources.record import PatientRecord
 from fhir_adapters.terminology import CodeList, Terminology
+
+# The fact classes Features holds (Features takes an instance of its own class as it
+# is; any other parametrisation of Fact it validates again).
+BoolFact = Features.model_fields["liver_recurrence"].annotation
+CountFact = Features.model_fields["tumour_count"].annotation
+SizeFact = Features.model_fields["largest_diameter_mm"].annotation
+JudgementFact = Features.model_fields["technical_resectability"].annotation
 
 # ----------------------------------------------------------------------------- statuses
 WITHDRAWN_OBSERVATION = {"entered-in-error", "cancelled"}
@@ -71,11 +80,43 @@ def ref(resource: Any) -> str:
 
 
 def codings(*concepts: Any) -> list[tuple[str | None, str | None]]:
+    if len(concepts) == 1:
+        coding = concepts[0].coding if concepts[0] is not None else None
+        return [(c.system, c.code) for c in coding] if coding else []
     out = []
     for concept in concepts:
         for c in (concept.coding or []) if concept is not None else []:
             out.append((c.system, c.code))
     return out
+
+
+_ANSWERS: dict[int, tuple[CodeList, dict[tuple[Any, Any], bool]]] = {}
+_MAX_ANSWERS = 1 << 16
+
+
+def matches(code_list: CodeList, pairs: Iterable[tuple[str | None, str | None]]) -> bool:
+    """``code_list.matches_any(pairs)``, each (system, code) asked once per code list
+    (the answer is remembered; code lists are frozen).
+
+    >>> from fhir_adapters.terminology import load_terminology
+    >>> matches(load_terminology().liver_site, [("http://snomed.info/sct", "10200004")])
+    True
+    """
+    entry = _ANSWERS.get(id(code_list))
+    if entry is None or entry[0] is not code_list:
+        if len(_ANSWERS) > 256:
+            _ANSWERS.clear()
+        entry = _ANSWERS[id(code_list)] = (code_list, {})
+    answers = entry[1]
+    for pair in pairs:
+        hit = answers.get(pair)
+        if hit is None:
+            if len(answers) >= _MAX_ANSWERS:
+                answers.clear()
+            hit = answers[pair] = code_list.matches(*pair)
+        if hit:
+            return True
+    return False
 
 
 def concept_code(concept: Any, system: str) -> str | None:
@@ -95,18 +136,27 @@ class MappingContext:
     record: PatientRecord
     terminology: Terminology
     warnings: list[str] = field(default_factory=list)
+    _refs: dict[int, str] = field(default_factory=dict)
 
     def ref(self, resource: Any) -> str:
         """Reference of a resource; its Bundle fullUrl when it has no id."""
-        if resource.id is None:
-            return self.record.full_urls.get(id(resource), f"{resource.get_resource_type()}/(no id)")
-        return ref(resource)
+        found = self._refs.get(id(resource))
+        if found is None:
+            if resource.id is None:
+                found = self.record.full_urls.get(id(resource), f"{resource.get_resource_type()}/(no id)")
+            else:
+                found = ref(resource)
+            self._refs[id(resource)] = found
+        return found
 
     def distrusted_matching(self, rtype: str, *lists: CodeList) -> list[str]:
         """Unreadable or unattributable resources of a type that may say what ``lists``
         mean: they may cast doubt on a fact, never prove it."""
-        return [u.ref for u in self.record.distrusted
-                if u.resource_type == rtype and any(cl.matches_any(u.codings) for cl in lists)]
+        record = self.record
+        if not record.unreadable and not record.unattributable:
+            return []
+        return [u.ref for u in record.distrusted
+                if u.resource_type == rtype and any(matches(cl, u.codings) for cl in lists)]
 
 
 def name_what_is_not_evidence(ctx: MappingContext) -> None:
@@ -142,7 +192,7 @@ def site_is_liver(terminology: Terminology, concepts: Iterable[Any]) -> bool | N
     pairs = codings(*concepts)
     if not pairs:
         return None
-    return terminology.liver_site.matches_any(pairs)
+    return matches(terminology.liver_site, pairs)
 
 
 def metastasis_sites(terminology: Terminology, c: Any) -> set[str]:
@@ -151,11 +201,11 @@ def metastasis_sites(terminology: Terminology, c: Any) -> set[str]:
     from bodySite, each site on its own (liver and lung is both)."""
     pairs = codings(c.code)
     sites = set()
-    if terminology.liver_metastasis_condition.matches_any(pairs):
+    if matches(terminology.liver_metastasis_condition, pairs):
         sites.add("liver")
-    if terminology.extrahepatic_metastasis_condition.matches_any(pairs):
+    if matches(terminology.extrahepatic_metastasis_condition, pairs):
         sites.add("extrahepatic")
-    if terminology.metastasis_condition_generic.matches_any(pairs):
+    if matches(terminology.metastasis_condition_generic, pairs):
         for site in c.bodySite or [None]:
             is_liver = site_is_liver(terminology, [site] if site is not None else [])
             sites.add({True: "liver", False: "extrahepatic", None: "unknown-site"}[is_liver])

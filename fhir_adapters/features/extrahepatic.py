@@ -8,7 +8,7 @@ that cannot be read or attributed; absent only when none of these exists.
 from __future__ import annotations
 
 from engine.features import Fact
-from fhir_adapters.features.evidence import MappingContext, condition_status, metastasis_sites
+from fhir_adapters.features.evidence import BoolFact, MappingContext, condition_status, metastasis_sites
 
 
 def extrahepatic_disease(ctx: MappingContext) -> Fact[bool]:
@@ -26,14 +26,14 @@ def extrahepatic_disease(ctx: MappingContext) -> Fact[bool]:
         else:
             ignored.append(ctx.ref(c))
     if confirmed:
-        return Fact[bool](value=True, refs=tuple(confirmed))
+        return BoolFact(value=True, refs=tuple(confirmed))
     unreadable = ctx.distrusted_matching("Condition", t.extrahepatic_metastasis_condition,
                                         t.metastasis_condition_generic)
     if doubtful or unreadable:
         note = ("extrahepatic metastasis suspected but not confirmed, its site is not coded, or its record "
                 f"is not readable or not attributable: {', '.join(doubtful + unreadable)}")
-        return Fact[bool](value=None, refs=tuple(doubtful), note=note)
+        return BoolFact(value=None, refs=tuple(doubtful), note=note)
     note = "no active, confirmed extrahepatic metastasis recorded"
     if ignored:
         note += f" (withdrawn or inactive: {', '.join(ignored)})"
-    return Fact[bool](value=False, refs=tuple(ignored), note=note)
+    return BoolFact(value=False, refs=tuple(ignored), note=note)

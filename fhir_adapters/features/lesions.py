@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Iterable
 
 from engine.features import Fact
-from fhir_adapters.features.evidence import MappingContext
+from fhir_adapters.features.evidence import CountFact, MappingContext, SizeFact
 from fhir_adapters.features.measurements import Measurement, is_lesion_identity
 from fhir_adapters.features.studies import Imaging, Study
 from fhir_adapters.sources.record import PatientRecord
@@ -63,7 +63,7 @@ def lesions(ctx: MappingContext, imaging: Imaging) -> tuple[Fact[int], Fact[Deci
         note = "no tumour measurement of the liver after the reference resection"
         if distrusted:
             note = f"tumour measurements not readable or not attributable: {', '.join(distrusted)}"
-        return Fact[int](note=note), Fact[Decimal](note=note)
+        return CountFact(note=note), SizeFact(note=note)
     missing = unaccounted(ctx.record, studies)
     ctx.warnings.extend(missing)
     doubt = bool(uncertain or distrusted or missing)
@@ -77,7 +77,7 @@ def lesions(ctx: MappingContext, imaging: Imaging) -> tuple[Fact[int], Fact[Deci
     if uncertain:
         n = max(n, len(set(studies[-1].lesions if studies else ()) | {m.lesion_key for m in uncertain}))
     where = f"on {biggest.label}" if biggest else "(not placed in time)"
-    count = Fact[int](value=n, refs=refs, lower_bound=doubt,
+    count = CountFact(value=n, refs=refs, lower_bound=doubt,
                       note=f"{n} distinct lesion(s) {where}" + ("; at least this many" if doubt else "")
                            + (f" ({'; '.join(missing)})" if missing else ""))
 
@@ -89,10 +89,10 @@ def lesions(ctx: MappingContext, imaging: Imaging) -> tuple[Fact[int], Fact[Deci
     upper = None if doubt or problems else upper_of(all_ms)
     low = max(lows, default=None)
     if low is None and upper is None:
-        return count, Fact[Decimal](refs=refs, note="; ".join(problems + missing) or "no lesion size recorded")
+        return count, SizeFact(refs=refs, note="; ".join(problems + missing) or "no lesion size recorded")
     span = f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} of the recurrence"
     if upper is not None and low is not None and upper == (low, False):
-        return count, Fact[Decimal](value=low, refs=refs, note=f"largest lesion on {span}")
+        return count, SizeFact(value=low, refs=refs, note=f"largest lesion on {span}")
     note = f"largest lesion on {span}"
     if low is not None:
         note += f": at least {low} mm"
@@ -102,6 +102,6 @@ def lesions(ctx: MappingContext, imaging: Imaging) -> tuple[Fact[int], Fact[Deci
                                 if uncertain or distrusted else [])
     if why:
         note += " (" + "; ".join(why) + ")"
-    return count, Fact[Decimal](value=low, refs=refs, lower_bound=low is not None,
-                                at_most=upper[0] if upper else None,
-                                at_most_strict=upper[1] if upper else False, note=note)
+    return count, SizeFact(value=low, refs=refs, lower_bound=low is not None,
+                           at_most=upper[0] if upper else None,
+                           at_most_strict=upper[1] if upper else False, note=note)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
-from fhir_adapters.features.evidence import MappingContext, codings, concept_code, metastasis_sites, site_is_liver
+from fhir_adapters.features.evidence import (MappingContext, codings, concept_code, matches, metastasis_sites,
+                                             site_is_liver)
 from fhir_adapters.fhir.timeline import When
 from fhir_adapters.sources.record import PatientRecord
 from fhir_adapters.terminology import Terminology
@@ -26,6 +27,8 @@ UCUM = "http://unitsofmeasure.org"
 
 SizeBound = Literal["exact", "at-least", "below", "at-most"]
 Reading = tuple[Decimal | None, SizeBound, str | None]
+# What a Quantity.comparator makes of its number (R4: <, <=, >=, >).
+BOUNDS: dict[str | None, SizeBound] = {None: "exact", "<": "below", "<=": "at-most", ">": "at-least", ">=": "at-least"}
 
 
 @dataclass
@@ -53,11 +56,9 @@ def size_mm(terminology: Terminology, quantity: Any, where: str) -> Reading:
     if not value.is_finite() or value <= 0:
         return None, "exact", f"{where}: size {value} {unit} is not a positive length"
     mm = value * factor
-    bounds: dict[str | None, SizeBound] = {None: "exact", "<": "below", "<=": "at-most", ">": "at-least",
-                                           ">=": "at-least"}
-    if quantity.comparator not in bounds:
+    if quantity.comparator not in BOUNDS:
         return None, "exact", f"{where}: comparator {quantity.comparator!r} is not an R4 comparator"
-    bound = bounds[quantity.comparator]
+    bound = BOUNDS[quantity.comparator]
     limits = terminology.plausible_diameter_mm
     if bound in ("exact", "at-least") and not limits.minimum <= mm <= limits.maximum:
         return None, "exact", (f"{where}: size {value} {unit} is outside the plausible range "
@@ -76,12 +77,12 @@ def measurement_sizes(ctx: MappingContext, o: Any) -> list[Reading] | None:
     tumour size by its code, as the server search finds it."""
     t = ctx.terminology
     pairs = codings(o.code)
-    if not (t.tumour_size_observation.matches_any(pairs) or t.longest_dimension.matches_any(pairs)):
+    if not (matches(t.tumour_size_observation, pairs) or matches(t.longest_dimension, pairs)):
         return None
     where = ctx.ref(o)
     readings: list[Reading] = []
     for comp in o.component or []:
-        if t.longest_dimension.matches_any(codings(comp.code)):
+        if matches(t.longest_dimension, codings(comp.code)):
             if comp.dataAbsentReason is not None:
                 readings.append((None, "exact", f"{where}: longest dimension absent ({comp.dataAbsentReason.text or concept_code(comp.dataAbsentReason, DATA_ABSENT)})"))
             else:
@@ -98,7 +99,7 @@ def measurement_sizes(ctx: MappingContext, o: Any) -> list[Reading] | None:
 
 def is_liver_lesion(ctx: MappingContext, o: Any, liver_recurrence: bool) -> bool:
     t, record = ctx.terminology, ctx.record
-    if o.specimen is not None or t.pathology_method.matches_any(codings(o.method)):
+    if o.specimen is not None or matches(t.pathology_method, codings(o.method)):
         return False
     site = site_is_liver(t, [o.bodySite] if o.bodySite is not None else [])
     for f in o.focus or []:

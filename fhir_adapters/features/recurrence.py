@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.features import Fact
-from fhir_adapters.features.evidence import (DONE_PROCEDURE, MappingContext, codings, condition_status,
-                                             metastasis_sites)
+from fhir_adapters.features.evidence import (DONE_PROCEDURE, BoolFact, MappingContext, codings, condition_status,
+                                             matches, metastasis_sites)
 from fhir_adapters.fhir.timeline import When
 
 
@@ -28,7 +28,7 @@ def reference_resection(ctx: MappingContext) -> Event | None:
     """The latest completed hepatectomy."""
     best: Event | None = None
     for p in ctx.record.procedures:
-        if p.status not in DONE_PROCEDURE or not ctx.terminology.hepatectomy_procedure.matches_any(codings(p.code)):
+        if p.status not in DONE_PROCEDURE or not matches(ctx.terminology.hepatectomy_procedure, codings(p.code)):
             continue
         when = When.of_element(p, "performedDateTime", "performedPeriod")
         if when is None:
@@ -43,8 +43,8 @@ def prior_liver_resection(resection: Event | None) -> Fact[bool]:
     """Whether a liver resection precedes the recurrence: the reference resection, when
     there is one; unknown (never False) when none is recorded."""
     if resection:
-        return Fact[bool](value=True, refs=(resection.ref,), note=f"completed liver resection on {resection.when.text}")
-    return Fact[bool](note="no completed liver resection recorded")
+        return BoolFact(value=True, refs=(resection.ref,), note=f"completed liver resection on {resection.when.text}")
+    return BoolFact(note="no completed liver resection recorded")
 
 
 def liver_recurrence(ctx: MappingContext, resection: Event | None) -> tuple[Fact[bool], When | None]:
@@ -81,7 +81,7 @@ def liver_recurrence(ctx: MappingContext, resection: Event | None) -> tuple[Fact
             onsets.append(when)
     onset = min(onsets, key=When.sort_key, default=None)
     if active:
-        return Fact[bool](value=True, refs=tuple(active)), onset
+        return BoolFact(value=True, refs=tuple(active)), onset
     unreadable = ctx.distrusted_matching("Condition", t.liver_metastasis_condition, t.metastasis_condition_generic)
     if unconfirmed or unreadable or unplaced:
         parts = []
@@ -91,9 +91,9 @@ def liver_recurrence(ctx: MappingContext, resection: Event | None) -> tuple[Fact
             parts.append(f"liver metastasis not placed after the resection ({', '.join(unplaced)})")
         if unreadable:
             parts.append(f"liver-metastasis Condition not readable or not attributable ({', '.join(unreadable)})")
-        return Fact[bool](value=None, refs=tuple(unconfirmed + unplaced), note="; ".join(parts)), None
+        return BoolFact(value=None, refs=tuple(unconfirmed + unplaced), note="; ".join(parts)), None
     note = "no liver-metastasis Condition in the record"
     if ignored:
         note = ("liver-metastasis Conditions withdrawn, no longer active or before the resection: "
                 f"{', '.join(ignored)}")
-    return Fact[bool](value=False, refs=tuple(ignored), note=note), None
+    return BoolFact(value=False, refs=tuple(ignored), note=note), None

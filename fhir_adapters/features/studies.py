@@ -16,7 +16,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from fhir_adapters.features.evidence import WITHDRAWN_OBSERVATION, WITHDRAWN_REPORT, MappingContext, codings
+from fhir_adapters.features.evidence import WITHDRAWN_OBSERVATION, WITHDRAWN_REPORT, MappingContext, codings, matches
 from fhir_adapters.features.measurements import Measurement, is_liver_lesion, lesion_key, measurement_sizes
 from fhir_adapters.features.recurrence import Event
 from fhir_adapters.fhir.timeline import When
@@ -45,7 +45,7 @@ class Imaging:
 
 
 def is_imaging_report(terminology: Terminology, dr: Any) -> bool:
-    return terminology.radiology_report_category.matches_any(codings(*(dr.category or [])))
+    return matches(terminology.radiology_report_category, codings(*(dr.category or [])))
 
 
 def reports(ctx: MappingContext) -> tuple[dict[str, str], dict[str, When | None]]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from engine.features import Fact
-from fhir_adapters.features.evidence import FINAL_OBSERVATION, WITHDRAWN_OBSERVATION, MappingContext, codings
+from fhir_adapters.features.evidence import (FINAL_OBSERVATION, WITHDRAWN_OBSERVATION, JudgementFact, MappingContext,
+                                             codings, matches)
 from fhir_adapters.features.recurrence import Event
 from fhir_adapters.fhir.timeline import When
 from fhir_adapters.terminology import Terminology
@@ -31,7 +32,7 @@ def technical_resectability(ctx: MappingContext, resection: Event | None, onset:
     for o in ctx.record.observations:
         if o.status in WITHDRAWN_OBSERVATION:
             continue
-        if not t.technical_resectability_observation.matches_any(codings(o.code)):
+        if not matches(t.technical_resectability_observation, codings(o.code)):
             continue
         if o.status not in FINAL_OBSERVATION:
             warn(f"{ctx.ref(o)}: technical resectability assessment is {o.status}, not final; not used")
@@ -63,9 +64,9 @@ def technical_resectability(ctx: MappingContext, resection: Event | None, onset:
             value = "resectable" if o.valueBoolean else "unresectable"
         elif o.valueCodeableConcept is not None:
             pairs = codings(o.valueCodeableConcept)
-            if t.technically_unresectable_value.matches_any(pairs):
+            if matches(t.technically_unresectable_value, pairs):
                 value = "unresectable"
-            elif t.technically_resectable_value.matches_any(pairs):
+            elif matches(t.technically_resectable_value, pairs):
                 value = "resectable"
         if value is None and o.dataAbsentReason is None:
             warn(f"{ctx.ref(o)}: technical resectability value not recognised")
@@ -73,22 +74,22 @@ def technical_resectability(ctx: MappingContext, resection: Event | None, onset:
     fact = current_judgement(ctx, judgements, stale)
     # One that cannot be attributed or read may be newer and say "unresectable".
     doubt = [u.ref for u in ctx.record.distrusted if u.resource_type == "Observation"
-             and t.technical_resectability_observation.matches_any(u.codings)
+             and matches(t.technical_resectability_observation, u.codings)
              and not says_resectable(t, u)]
     if doubt and fact.value != "unresectable":
-        return Fact(value="in-doubt", refs=(*fact.refs, *doubt),
-                    note=("technical resectability assessment(s) that cannot be attributed or read may record the "
-                          f"recurrence as unresectable: {', '.join(doubt)}"))
+        return JudgementFact(value="in-doubt", refs=(*fact.refs, *doubt),
+                             note=("technical resectability assessment(s) that cannot be attributed or read may "
+                                   f"record the recurrence as unresectable: {', '.join(doubt)}"))
     return fact
 
 
 def says_resectable(terminology: Terminology, u: Any) -> bool:
     """A distrusted judgement that plainly says "resectable" (as written) cannot hide an
     "unresectable": ignoring it is safe. Anything else may say "unresectable"."""
-    if terminology.technically_unresectable_value.matches_any(u.codings):
+    if matches(terminology.technically_unresectable_value, u.codings):
         return False
     return (u.value_boolean is True or str(u.value_boolean).strip().lower() == "true"
-            or terminology.technically_resectable_value.matches_any(u.codings))
+            or matches(terminology.technically_resectable_value, u.codings))
 
 
 def current_judgement(ctx: MappingContext, judgements: list[Judgement], stale: list[str]) -> Fact:
@@ -98,12 +99,12 @@ def current_judgement(ctx: MappingContext, judgements: list[Judgement], stale: l
         note = "no technical resectability assessment recorded after the reference resection"
         if stale:
             note = f"technical resectability assessments older than the latest imaging or undated: {', '.join(stale)}"
-        return Fact(note=note, refs=tuple(j[2] for j in judgements))
+        return JudgementFact(note=note, refs=tuple(j[2] for j in judgements))
     newest = max(usable, key=lambda j: j[0].sort_key())[0]
     latest = [j for j in usable if not newest.after(j[0])]
     values = {j[1] for j in latest}
     refs = tuple(j[2] for j in latest)
     if len(values) > 1:
         ctx.warnings.append(f"conflicting technical resectability assessments: {', '.join(refs)}")
-        return Fact(refs=refs, note="conflicting technical resectability assessments at the same time")
-    return Fact(value=values.pop(), refs=refs)
+        return JudgementFact(refs=refs, note="conflicting technical resectability assessments at the same time")
+    return JudgementFact(value=values.pop(), refs=refs)

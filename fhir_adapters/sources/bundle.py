@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fhir_adapters.fhir.codec import loads
 from fhir_adapters.sources.record import PatientRecord, add_distinct
@@ -40,9 +40,10 @@ def read_bundle_file(path: Path | str, patient_id: str | None = None) -> Patient
     return record_from_bundle(data, str(p), patient_id)
 
 
-def _the_patient(patients: list[tuple[dict, str | None, str | None]], subjects: set[str], patient_id: str | None,
-                 source: str) -> tuple[dict | None, str | None, str | None]:
-    """(Patient resource, its fullUrl, its id) of the patient the Bundle is about."""
+def _the_patient(patients: list[tuple[dict, str | None, str | None]], subjects: Callable[[], set[str]],
+                 patient_id: str | None, source: str) -> tuple[dict | None, str | None, str | None]:
+    """(Patient resource, its fullUrl, its id) of the patient the Bundle is about; ``subjects()``
+    gives the Patient references the resources' subjects name (asked only when needed)."""
     def pid(r: dict) -> str | None:
         return r.get("id") if isinstance(r.get("id"), str) else None
 
@@ -55,7 +56,7 @@ def _the_patient(patients: list[tuple[dict, str | None, str | None]], subjects: 
         chosen = [p for p in patients if pid(p[0]) == patient_id]
         if chosen:
             return chosen[0][0], chosen[0][1], patient_id
-        if f"Patient/{patient_id}" in subjects:
+        if f"Patient/{patient_id}" in subjects():
             return None, None, patient_id
         raise BundleError(f"{source}: holds no Patient/{patient_id} and no resource about it")
     if len(patients) > 1:
@@ -65,7 +66,7 @@ def _the_patient(patients: list[tuple[dict, str | None, str | None]], subjects: 
     if len(patients) == 1:
         return patients[0][0], patients[0][1], pid(patients[0][0])
     everyone = sorted({f"Patient/{pid(r)}" if pid(r) else (url or "Patient/(no id)") for r, url, _ in patients}
-                      | subjects)
+                      | subjects())
     if len(everyone) > 1:
         raise BundleError(f"{source}: holds several patients ({', '.join(everyone)}); "
                           "name the one to classify with --patient ID")
@@ -74,10 +75,12 @@ def _the_patient(patients: list[tuple[dict, str | None, str | None]], subjects: 
     return None, None, everyone[0].split("/", 1)[1]
 
 
-def record_from_bundle(data: Any, source: str = "bundle", patient_id: str | None = None) -> PatientRecord:
+def record_from_bundle(data: Any, source: str = "bundle", patient_id: str | None = None,
+                       full_models: bool = False) -> PatientRecord:
     """The record of one patient in a parsed Bundle (``patient_id``, or the Bundle's only
     Patient); other patients' resources are named and ignored. BundleError if the
-    input is not a Bundle or does not say which patient it is about."""
+    input is not a Bundle or does not say which patient it is about. ``full_models``:
+    validate with fhir.resources' full R4B models (the reference) instead of the fast ones."""
     if not isinstance(data, dict):
         raise BundleError(f"{source}: expected a FHIR Bundle object, found a JSON {type(data).__name__}")
     rtype = data.get("resourceType")
@@ -115,11 +118,13 @@ def record_from_bundle(data: Any, source: str = "bundle", patient_id: str | None
             mode = (entry.get("search") or {}).get("mode") if isinstance(entry.get("search"), dict) else None
             patients.append((resource, full_url, mode))
 
-    subjects = {s.reference for s in (patient_of(r) for r, _ in resources) if s}
+    def subjects() -> set[str]:
+        return {s.reference for s in (patient_of(r) for r, _ in resources) if s}
+
     patient, patient_url, pid = _the_patient(patients, subjects, patient_id, source)
     others = frozenset(url for r, url, _ in patients if url and r is not patient)
     identity = PatientIdentity.of_patient(patient, patient_id=pid, full_url=patient_url, other_patients=others)
-    record = PatientRecord(identity)
+    record = PatientRecord(identity, full_models=full_models)
     add_distinct(record, resources)
     return record
 

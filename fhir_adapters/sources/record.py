@@ -1,21 +1,34 @@
-"""One patient's resources, attributed and validated once with the R4B models.
+"""One patient's resources, attributed and validated once.
 
 Every resource that enters a record is sorted here, at the boundary, into exactly one
 of:
 
-* **evidence**: this patient's (see :mod:`fhir_adapters.fhir.reference`) and valid R4, as a
+* **evidence**: this patient's (see :mod:`fhir_adapters.fhir.reference`) and readable, as a
   typed model in the lists below;
 * **unattributable**: it cannot be shown to be this patient's (identifier or display
   only, unresolvable reference, a Group, no subject): kept with its raw codes, so the
   mapping can let it cast doubt (never prove a factor absent) without crediting it;
-* **unreadable**: this patient's but not valid R4, or strictly unreadable: a JSON string
-  where FHIR requires a number or a boolean (fhir.resources would quietly turn
-  ``"value": "18"`` into 18). Kept with its raw codes, like the unattributable ones;
+* **unreadable**: this patient's but not valid R4 where the mapping reads it, or
+  strictly unreadable: a JSON string where FHIR requires a number or a boolean
+  (fhir.resources would quietly turn ``"value": "18"`` into 18), a number where it
+  requires a boolean or a dateTime. Kept with its raw codes, like the unattributable ones;
 * **foreign**: evidently someone else's (another Patient, another identifier): ignored,
   and named.
 
 Nothing is dropped without a trace: the mapping names all but the evidence in its
 warnings.
+
+**What is validated** (:func:`read_resource`). The fast models of
+:mod:`fhir_adapters.sources.models` validate exactly the elements the mapping and the
+attribution read (``models.READ``), as strictly as fhir.resources' R4B models or more,
+and reject element names R4B does not define. **Elements the mapping does not read are
+not validated**: a resource invalid only there (a bad ``identifier``, ``note``,
+``extension``, ``contained`` resource, Patient ``birthDate``...) is evidence, where the
+full R4B models made it unreadable. That is safe for the mapping, which never looks
+there, and it is most of what the fast models save. What the fast models cannot
+decide or reject is decided by the full R4B models, which give the message for an
+unreadable resource (the one users always saw); ``full_models=True`` uses the R4B
+models alone (the reference; tests/unit/test_fast_models.py checks both paths agree).
 """
 
 from __future__ import annotations
@@ -30,7 +43,10 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import BaseModel, ValidationError
 
 from engine.yamlfile import describe_validation_error
-from fhir_adapters.fhir.reference import PatientIdentity, patient_of, plain_ref
+from fhir_adapters.fhir.reference import (SHARED_TYPES, SUBJECT_ELEMENTS, Attribution, PatientIdentity, patient_of,
+                                          plain_ref)
+from fhir_adapters.sources.models import NotRead
+from fhir_adapters.sources.models import read as fast_read
 
 # Resource types the mapping reads; anything else is carried along but not validated.
 MAPPED_TYPES = (
@@ -105,15 +121,24 @@ def add_distinct(record: "PatientRecord", entries: list[tuple[dict, str | None]]
     """Add resources to a record; several *different* resources under one ``Type/id`` (a
     Bundle that repeats an id) cannot be told apart: each is distrusted and named, never
     merged into one (four lesions must not become one). Exact repeats are added once."""
-    by_key: dict[str, list[tuple[dict, str | None]]] = {}
+    by_key: dict[str | tuple, list[tuple[dict, str | None]]] = {}
     for raw, full_url in entries:
         rid = raw.get("id") if isinstance(raw, dict) else None
-        key = f"{raw.get('resourceType')}/{rid}" if isinstance(rid, str) and rid else f"#{len(by_key)}"
-        by_key.setdefault(key, []).append((raw, full_url))
+        key = (raw.get("resourceType"), rid) if isinstance(rid, str) and rid else f"#{len(by_key)}"
+        group = by_key.get(key)
+        if group is None:
+            by_key[key] = [(raw, full_url)]
+        else:
+            group.append((raw, full_url))
+    if len(by_key) == len(entries):   # no id given twice (the usual case)
+        for raw, full_url in entries:
+            record.add(raw, full_url)
+        return
     for key, group in by_key.items():
         if len(group) == 1 or len({_fingerprint(raw) for raw, _ in group}) == 1:
             record.add(*group[0])
             continue
+        key = f"{key[0]}/{key[1]}"
         for raw, full_url in group:
             rtype = raw.get("resourceType")
             if rtype in MAPPED_TYPES and rtype != "Patient":
@@ -165,6 +190,46 @@ def strings_for_numbers(raw: Any, model: Any, path: str = "") -> list[str]:
     return found
 
 
+# ----------------------------------------------------------------------------- validation
+def read_with_full_models(rtype: str, raw: dict) -> tuple[Any, str]:
+    """(fhir.resources R4B model, "") or (None, why it is unreadable): every element
+    validated, then strictly read (:func:`strings_for_numbers`)."""
+    try:
+        model = get_fhir_model_class(rtype).model_validate(raw)
+    except (ValidationError, RecursionError) as exc:
+        return None, ("nested too deeply to validate" if isinstance(exc, RecursionError)
+                      else "; ".join(describe_validation_error(exc)[:3]))
+    loose = strings_for_numbers(raw, model)
+    if loose:
+        return None, "; ".join(f"{p}: a string where FHIR requires a number or boolean" for p in loose[:3])
+    return model, ""
+
+
+def read_resource(rtype: str, raw: dict, full_models: bool = False) -> tuple[Any, str]:
+    """(model, "") or (None, why the resource is unreadable).
+
+    The fast models (:mod:`fhir_adapters.sources.models`) read what the mapping reads.
+    What they do not read is decided by the full R4B models, with the message users
+    have always seen; when the R4B models accept a resource the fast models refuse on
+    purpose (strict reading: ``1`` for a boolean, a number for a dateTime), it stays
+    unreadable. ``full_models``: the R4B models alone (the reference the fast models
+    are tested against)."""
+    if full_models:
+        return read_with_full_models(rtype, raw)
+    model = fast_read(rtype, raw)
+    if type(model) is not NotRead:
+        return model, ""
+    return not_read_by_fast_models(rtype, raw, model)
+
+
+def not_read_by_fast_models(rtype: str, raw: dict, not_read: NotRead) -> tuple[Any, str]:
+    """What the full R4B models make of a resource the fast models did not read."""
+    full, problem = read_with_full_models(rtype, raw)
+    if full is not None and not_read.strict:
+        return None, not_read.problem
+    return full, problem
+
+
 # ----------------------------------------------------------------------------- the record
 def identity_of(resources: Iterable[dict]) -> PatientIdentity:
     """The patient of a list of one patient's resources: its Patient resource, else the
@@ -203,7 +268,10 @@ class PatientRecord:
     notes: list[str] = field(default_factory=list)
     # Bundle fullUrls (urn:uuid:...) of resources that have an id -> ``Type/id``
     aliases: dict[str, str] = field(default_factory=dict)
+    # Validate with fhir.resources' full R4B models (the reference) instead of the fast models
+    full_models: bool = False
     _added: int = 0
+    _attributions: dict[tuple[str, str], Attribution] = field(default_factory=dict, repr=False, compare=False)
 
     def canonical(self, reference: str | None) -> str | None:
         """A reference inside this record as ``Type/id`` (or the fullUrl of a resource
@@ -211,6 +279,8 @@ class PatientRecord:
         the Bundle's ``urn:uuid`` fullUrl."""
         if not reference:
             return None
+        if reference.count("/") == 1 and reference[-1] != "\n":   # Type/id (or urn, contained, unparsed): plain
+            return self.aliases.get(reference) or reference
         return self.aliases.get(reference) or plain_ref(reference)
 
     @property
@@ -223,9 +293,10 @@ class PatientRecord:
         return self.unreadable + self.unattributable
 
     @classmethod
-    def from_resources(cls, resources: Iterable[dict], identity: PatientIdentity | None = None) -> "PatientRecord":
+    def from_resources(cls, resources: Iterable[dict], identity: PatientIdentity | None = None,
+                       full_models: bool = False) -> "PatientRecord":
         resources = list(resources)
-        record = cls(identity if identity is not None else identity_of(resources))
+        record = cls(identity if identity is not None else identity_of(resources), full_models=full_models)
         add_distinct(record, [(raw, None) for raw in resources])
         return record
 
@@ -234,26 +305,21 @@ class PatientRecord:
         if rtype not in MAPPED_TYPES:
             return
         self._added += 1
-        where = reference_of(raw, full_url)
-        attribution = self.identity.attribute(raw)
+        attribution = self._attribute(rtype, raw)
         if attribution.kind == "foreign":
-            self.foreign.append(Distrusted.of(where, rtype, f"belongs to {attribution.why}", raw))
+            self.foreign.append(Distrusted.of(reference_of(raw, full_url), rtype, f"belongs to {attribution.why}", raw))
             return
         if attribution.kind == "unattributable":
-            self.unattributable.append(Distrusted.of(where, rtype, attribution.why or "", raw))
+            self.unattributable.append(Distrusted.of(reference_of(raw, full_url), rtype, attribution.why or "", raw))
             return
-        try:
-            model = get_fhir_model_class(rtype).model_validate(raw)
-        except (ValidationError, RecursionError) as exc:
-            problem = ("nested too deeply to validate" if isinstance(exc, RecursionError)
-                       else "; ".join(describe_validation_error(exc)[:3]))
-            self.unreadable.append(Distrusted.of(where, rtype, problem, raw))
-            return
-        loose = strings_for_numbers(raw, model)
-        if loose:
-            self.unreadable.append(Distrusted.of(
-                where, rtype, "; ".join(f"{p}: a string where FHIR requires a number or boolean"
-                                        for p in loose[:3]), raw))
+        if self.full_models:
+            model, problem = read_with_full_models(rtype, raw)
+        else:   # read_resource(), inline: this is the path of every resource
+            model, problem = fast_read(rtype, raw), ""
+            if type(model) is NotRead:
+                model, problem = not_read_by_fast_models(rtype, raw, model)
+        if model is None:
+            self.unreadable.append(Distrusted.of(reference_of(raw, full_url), rtype, problem, raw))
             return
         if model.id is None:
             # Each resource without an id is its own: never one key for several of them.
@@ -261,18 +327,34 @@ class PatientRecord:
             self.full_urls[id(model)] = full_url
         elif full_url:
             self.aliases[full_url] = f"{rtype}/{model.id}"
-        self._file(rtype, model, f"{rtype}/{model.id}" if model.id else (full_url or f"{rtype}/(no id)"))
+        self._file(rtype, model, full_url)
 
-    def _file(self, rtype: str, model: Any, key: str) -> None:
-        if rtype == "Patient":
+    def _attribute(self, rtype: str, raw: dict) -> Attribution:
+        """``self.identity.attribute(raw)``. A subject given by its reference alone is
+        attributed once per record: the answer depends only on the element's name and
+        the reference."""
+        if rtype not in SHARED_TYPES and rtype != "Patient":
+            for name in SUBJECT_ELEMENTS:
+                if name in raw:
+                    subject = raw[name]
+                    if type(subject) is dict and len(subject) == 1 and type(subject.get("reference")) is str:
+                        key = (name, subject["reference"])
+                        found = self._attributions.get(key)
+                        if found is None:
+                            found = self._attributions[key] = self.identity.attribute(raw)
+                        return found
+                    break
+        return self.identity.attribute(raw)
+
+    def _file(self, rtype: str, model: Any, full_url: str | None) -> None:
+        if rtype in _LISTS:
+            getattr(self, _LISTS[rtype]).append(model)
+        elif rtype == "Patient":
             if self.patient is None:
                 self.patient = model
-        elif rtype == "Medication":
-            self.medications[key] = model
-        elif rtype == "BodyStructure":
-            self.body_structures[key] = model
         else:
-            getattr(self, _LISTS[rtype]).append(model)
+            key = f"{rtype}/{model.id}" if model.id else (full_url or f"{rtype}/(no id)")
+            (self.medications if rtype == "Medication" else self.body_structures)[key] = model
 
 
 _LISTS = {"Observation": "observations", "Condition": "conditions", "Procedure": "procedures",
