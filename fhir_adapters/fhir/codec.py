@@ -23,11 +23,19 @@ def loads(data: str | bytes) -> Any:
     >>> loads('{"value": 49.9, "n": 2}')
     {'value': Decimal('49.9'), 'n': 2}
     """
+    if isinstance(data, str):
+        return _DECODER.decode(data)   # one decoder, not one per call
     return json.loads(data, parse_float=decimal.Decimal)
+
+
+_DECODER = json.JSONDecoder(parse_float=decimal.Decimal)
 
 
 def dumps(obj: Any) -> str:
     """Serialise to compact JSON, writing :class:`decimal.Decimal` as the exact number.
+    (The C encoder does the work; an object it cannot write exactly, such as
+    ``Decimal("49.90")``, is written by the exact encoder. Keys that are not strings are
+    written as the C encoder writes them, e.g. ``1`` as ``"1"``.)
 
     ``float`` is written with ``repr`` (shortest round-trip form). NaN and infinities
     are rejected (JSON has no such numbers).
@@ -35,9 +43,35 @@ def dumps(obj: Any) -> str:
     >>> dumps({"value": decimal.Decimal("49.9"), "p": 0.05, "s": "é", "ok": True})
     '{"value":49.9,"p":0.05,"s":"é","ok":true}'
     """
+    try:
+        return _FAST.encode(obj)   # C encoder; a Decimal whose float prints the same goes as that float
+    except _NotExact:
+        pass
     parts: list[str] = []
     _encode(obj, parts.append)
     return "".join(parts)
+
+
+class _NotExact(Exception):
+    """The fast path cannot write this object exactly (the exact encoder below does)."""
+
+
+def _exact_float(o: Any) -> Any:
+    """For the C encoder: a finite Decimal as a float when the float's shortest form is
+    the Decimal's text (``Decimal("0.673")``); anything else goes to the exact encoder
+    (``Decimal("49.90")``, non-dict mappings, keys that are not strings)."""
+    if isinstance(o, decimal.Decimal) and o.is_finite():
+        text = str(o)
+        if o.as_tuple().exponent == 0 and int.__repr__(int(o)) == text:
+            return int(o)          # Decimal("49")
+        f = float(o)
+        if float.__repr__(f) == text:
+            return f               # Decimal("0.673")
+    raise _NotExact
+
+
+_FAST = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_exact_float,
+                         check_circular=False)
 
 
 def _encode(o: Any, out: Any) -> None:

@@ -26,6 +26,9 @@ from typing import Any, Literal
 UTC = dt.timezone.utc
 
 
+_TEXT_FORMATS = {"instant": "%Y-%m-%dT%H:%M:%SZ", "day": "%Y-%m-%d", "month": "%Y-%m", "year": "%Y"}
+
+
 @dataclass(frozen=True)
 class When:
     """A span [start, end) of the UTC timeline; an instant has start == end."""
@@ -98,10 +101,7 @@ class When:
 
     @property
     def text(self) -> str:
-        if self.precision == "instant":
-            return self.start.strftime("%Y-%m-%dT%H:%M:%SZ")
-        return {"day": self.start.strftime("%Y-%m-%d"), "month": self.start.strftime("%Y-%m"),
-                "year": self.start.strftime("%Y")}[self.precision]
+        return self.start.strftime(_TEXT_FORMATS[self.precision])
 
     def after(self, other: "When") -> bool:
         """Certainly later than ``other`` (a day is not after an instant of that day)."""

@@ -59,6 +59,9 @@ ONLY_JOINED = ("Medication",)
 NDJSON_SUFFIXES = (".ndjson", ".ndjson.gz")
 
 
+_DECODER = json.JSONDecoder(parse_float=Decimal)
+
+
 class BadLine(ValueError):
     """A line that cannot be read as a FHIR resource (named by file and line)."""
 
@@ -133,7 +136,7 @@ def parse_line(line: str) -> dict | None:
     if "\ufffd" in line:
         raise BadLine("holds U+FFFD (invalid UTF-8, or text damaged by a lossy conversion upstream)")
     try:
-        resource = json.loads(line, parse_float=Decimal)
+        resource = _DECODER.decode(line)
     except (ValueError, RecursionError) as exc:
         raise BadLine(f"invalid JSON ({str(exc)[:120]})") from None
     if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):

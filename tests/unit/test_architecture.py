@@ -31,7 +31,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("fhir_adapters.features",),                               # record -> features, one module per fact
     ("fhir_adapters.writeback",),                              # RiskAssessment + Provenance, write strategies
     ("clm_stratify.pipeline",),                                # fetch -> map -> classify -> write
-    ("clm_stratify.service", "clm_stratify.interop"),          # receiver + worker; interoperability test
+    ("clm_stratify.service", "clm_stratify.interop",           # receiver + worker; interoperability test;
+     "clm_stratify.population"),                               # population runs (local, Spark), write-back
     ("clm_stratify.cli",),                                     # the commands
     ("clm_stratify",),                                         # the package root (__main__ runs the CLI)
 ]
