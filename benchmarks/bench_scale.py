@@ -15,7 +15,9 @@ both cores). Figures are printed with the baseline measured in the same run:
     reads, the C JSON encoder, assessments validated at write-back);
 (c) Spark local[2] on the same input, at two sizes: fixed cost = the intercept, per
     patient cost = the slope;
-(d) re-stratification from features (no NDJSON, no mapping).
+(d) re-stratification from features (no NDJSON, no mapping);
+(e) write-back of the assessments to a SEKMET server on loopback (holding the same
+    patients), with 1 and 4 writers, and once more (everything unchanged).
 """
 
 from __future__ import annotations
@@ -92,12 +94,47 @@ def after(records: list, broadcast: list, config: CoreConfig) -> int:
     return sum(len(r.text) for r in classify_records(records, config, broadcast))
 
 
+def write_back_figures(root: Path, rules: Rules, n: int) -> None:
+    import random
+
+    from clm_stratify.population.writeback import write_back
+    from fhir_adapters.fhir.client import FhirClient
+    from fhir_adapters.fhir.local_server import LocalFhirServer
+    from fixtures.population import MEDICATIONS, patient_resources
+
+    src = root / f"wb-in-{n}"
+    write_ndjson(src, n, seed=9)
+    run_population([str(src)], str(root / f"wb-{n}"), rules, base=BASE, occurrence=WHEN)
+    for writers in (1, 4):
+        with LocalFhirServer(data_dir=root / f"wb-sekmet-{writers}") as srv:
+            with FhirClient(srv.base_url) as c:
+                rng = random.Random(9)
+                batch = list(MEDICATIONS)
+                for i in range(n):
+                    batch += patient_resources(i, rng)
+                for start in range(0, len(batch), 500):
+                    c.transaction([{"resource": r, "request": {"method": "PUT",
+                                                               "url": f"{r['resourceType']}/{r['id']}"}}
+                                   for r in batch[start:start + 500]])
+            for journal in (root / f"wb-{n}" / "write-back").glob("*") if (root / f"wb-{n}" / "write-back").exists() else []:
+                journal.unlink()
+            t, s = timed(write_back, root / f"wb-{n}", lambda: FhirClient(srv.base_url), max_writers=writers)
+            written = sum(s.actions.values())
+            print(f"(e) write-back, {writers} writer(s): {written} assessments in {t:.1f} s "
+                  f"({written / t:.0f}/s; {dict(s.actions)})")
+            for journal in (root / f"wb-{n}" / "write-back").glob("*"):
+                journal.unlink()
+            t2, s2 = timed(write_back, root / f"wb-{n}", lambda: FhirClient(srv.base_url), max_writers=writers)
+            print(f"    again (nothing changed): {t2:.1f} s ({dict(s2.actions)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=20_000, help="patients for the local path (default 20 000)")
     ap.add_argument("--before-n", type=int, default=2_000, help="patients for the 'before' path (default 2 000)")
     ap.add_argument("--spark-n", type=int, nargs=2, default=(2_000, 20_000), metavar=("SMALL", "LARGE"))
     ap.add_argument("--no-spark", action="store_true")
+    ap.add_argument("--write-back-n", type=int, default=2_000, help="patients for (e), 0 to skip (default 2 000)")
     args = ap.parse_args()
     rules = Rules.load()
     config = CoreConfig.of(rules, WHEN, BASE)
@@ -128,6 +165,8 @@ def main() -> None:
         t_re, _ = timed(restratify, str(root / "local" / "features"), str(root / "re"), rules, occurrence=WHEN)
         print(f"(d) re-stratification from features: {args.n / t_re:8.0f} patients/s ({t_re:.1f} s; "
               f"{t_re / args.n * 1e6:.0f} us/patient)  vs NDJSON end to end {t_local / t_re:.1f}x faster")
+        if args.write_back_n:
+            write_back_figures(root, rules, args.write_back_n)
         if args.no_spark:
             return
         small, large = args.spark_n

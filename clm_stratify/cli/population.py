@@ -17,7 +17,7 @@ SHOWN_FAILURES = 20
 
 
 def cmd_population(args: argparse.Namespace) -> int:
-    from clm_stratify.population import InputError, restratify, run_population
+    from clm_stratify.population import InputError, SparkJobFailed, restratify, run_population
 
     if bool(args.ndjson) == bool(args.from_features):
         raise UsageError("give --ndjson DIR_OR_URI (a FHIR NDJSON export) or --from-features OUT/features")
@@ -38,9 +38,12 @@ def cmd_population(args: argparse.Namespace) -> int:
     except InputError as exc:
         output.err(f"error: {exc}")
         return EXIT_BAD_INPUT
-    except ValueError as exc:   # a source that is not there, not a file, not NDJSON
+    except ValueError as exc:   # a source that is not there, not a file, not NDJSON, damaged
         output.err(f"error: {exc}")
         return EXIT_BAD_INPUT
+    except SparkJobFailed as exc:
+        output.err(f"error: {exc}")
+        return EXIT_FAILED
     if args.format == "json":
         output.out(json.dumps({"out": args.out, "engine": summary.engine, **summary.counts(),
                                "failures": [json.loads(t) for t in list(summary.failed.values())[:1000]]}, indent=2))

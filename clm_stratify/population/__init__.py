@@ -21,7 +21,7 @@ from clm_stratify.population.local import run_local, write_chunk, batched
 from clm_stratify.population.output import (InputError, Summary, manifest, prepare_out, read_lines, read_manifest,
                                             terminology_sha256, write_manifest)
 
-__all__ = ["run_population", "restratify", "InputError", "Summary"]
+__all__ = ["run_population", "restratify", "InputError", "SparkJobFailed", "Summary"]
 
 
 def now() -> str:
@@ -35,7 +35,12 @@ def _is_uri(text: str) -> bool:
 def run_population(sources: list[str], out: str, rules: Rules, *, master: str | None = None, workers: int = 1,
                    base: str | None = None, occurrence: str | None = None,
                    progress: Callable[[int], None] | None = None) -> Summary:
-    """Classify every patient of the NDJSON ``sources`` into ``out`` (local, or Spark with ``master``)."""
+    """Classify every patient of the NDJSON ``sources`` into ``out`` (local, or Spark with ``master``).
+    Local sources are listed first (:func:`ndjson_files`: a file that would not be read is
+    refused), and Spark is given exactly those files. A run that fails leaves ``out`` as
+    it found it (absent or empty)."""
+    from fhir_adapters.sources.ndjson import ndjson_files
+
     occurrence = occurrence or now()
     config = CoreConfig.of(rules, occurrence, base)
     if master is None:
@@ -43,27 +48,62 @@ def run_population(sources: list[str], out: str, rules: Rules, *, master: str | 
         if remote:
             raise InputError(f"{remote[0]}: a URI needs --master (Spark reads it); without --master the files "
                              "and --out are local paths")
-        out_path = Path(out)
-        prepare_out(out_path)
-        summary = run_local(sources, out_path, config, rules.terminology, workers=workers, progress=progress)
-        write_manifest(out_path, manifest(summary, rules=rules, occurrence=occurrence, base=config.base,
-                                          source="ndjson"))
-        return summary
-    from clm_stratify.population.spark import run_spark
-
+    files = [str(f) for s in sources if not _is_uri(s) for f in ndjson_files(s.removeprefix("file://"))]
+    files += [s for s in sources if _is_uri(s)]
     local_out = not _is_uri(out)
+    out_path = Path(out.removeprefix("file://"))
+    created = local_out and not out_path.exists()
     if local_out:
-        prepare_out(Path(out.removeprefix("file://")))
-        for s in sources:
-            if not _is_uri(s) and not Path(s.removeprefix("file://")).exists():
-                raise InputError(f"{s}: no such file or directory")
-    summary = run_spark(sources, out, config, rules.terminology, master)
+        prepare_out(out_path)
+    try:
+        if master is None:
+            summary = run_local(files, out_path, config, rules.terminology, workers=workers, progress=progress)
+        else:
+            summary = _spark(files, out, config, rules, master)
+    except BaseException:
+        if local_out:
+            _undo(out_path, created)
+        raise
     data = manifest(summary, rules=rules, occurrence=occurrence, base=config.base, source="ndjson")
     if local_out:
-        write_manifest(Path(out.removeprefix("file://")), data)
+        write_manifest(out_path, data)
     else:
         _write_remote_manifest(master, out, data)
     return summary
+
+
+class SparkJobFailed(RuntimeError):
+    """The Spark job failed (its first line says why); nothing of the run is usable."""
+
+
+def _spark(files: list[str], out: str, config: CoreConfig, rules: Rules, master: str) -> Summary:
+    from clm_stratify.population.spark import run_spark
+
+    try:
+        return run_spark(files, out, config, rules.terminology, master)
+    except (InputError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] not in ("py4j", "pyspark"):
+            raise
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise SparkJobFailed(f"the Spark job failed: {first[:400]}") from None
+
+
+def _undo(out: Path, created: bool) -> None:
+    """Remove what a failed run wrote (``out`` was absent or empty when it started)."""
+    import shutil
+
+    if not out.is_dir():
+        return
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for entry in out.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _write_remote_manifest(master: str, out: str, data: dict) -> None:
@@ -85,10 +125,6 @@ def features_dir(path: str) -> tuple[Path, dict]:
 def restratify(features_from: str, out: str, rules: Rules, *, occurrence: str | None = None,
                progress: Callable[[int], None] | None = None) -> Summary:
     """Classify the features of an earlier run with ``rules`` (no NDJSON, no mapping)."""
-    from pydantic import ValidationError
-
-    from clm_stratify.population.core import features_of
-
     run, earlier = features_dir(features_from)
     mapped_with = (earlier.get("terminology") or {}).get("sha256")
     if mapped_with != terminology_sha256(rules.terminology):
@@ -97,10 +133,32 @@ def restratify(features_from: str, out: str, rules: Rules, *, occurrence: str | 
                          "population --ndjson again")
     occurrence = occurrence or now()
     config = CoreConfig.of(rules, occurrence, earlier.get("base"))
+    expected = ((earlier.get("counts") or {}).get("outputs") or {}).get("features")
+    found = sum(1 for _ in read_lines(run, "features"))
+    if found != expected:
+        raise InputError(f"{run}/features: {found} lines, the manifest says {expected}: the run's files were changed "
+                         "or cut; run population --ndjson again")
     out_path = Path(out)
+    created = not out_path.exists()
     prepare_out(out_path)
+    try:
+        summary = _restratify(run, out_path, config, progress)
+    except BaseException:
+        _undo(out_path, created)
+        raise
+    data = manifest(summary, rules=rules, occurrence=occurrence, base=config.base, source="features")
+    data["restratified_from"] = {"out": str(run), "ruleset": earlier.get("ruleset")}
+    write_manifest(out_path, data)
+    return summary
+
+
+def _restratify(run: Path, out: Path, config: CoreConfig, progress: Callable[[int], None] | None) -> Summary:
+    from pydantic import ValidationError
+
+    from clm_stratify.population.core import features_of
+
     for kind in KINDS:
-        (out_path / kind).mkdir()
+        (out / kind).mkdir()
     summary = Summary(engine="local, from features", inputs=[str(run / "features")])
 
     def features():
@@ -108,15 +166,14 @@ def restratify(features_from: str, out: str, rules: Rules, *, occurrence: str | 
             try:
                 yield features_of(line)
             except ValidationError as exc:
-                raise InputError(f"{path}:{n}: not a features line ({exc.errors()[0]['msg']})") from None
+                first = exc.errors()[0]
+                raise InputError(f"{path}:{n}: not a features line ({'.'.join(map(str, first['loc']))}: "
+                                 f"{first['msg']})") from None
             except ValueError as exc:
                 raise InputError(f"{path}:{n}: not a features line ({exc})") from None
 
     for i, chunk in enumerate(batched(features(), 5000)):
-        summary.add(write_chunk(out_path, i, classify_features(chunk, config)))
+        summary.add(write_chunk(out, i, classify_features(chunk, config)))
         if progress:
             progress(summary.patients)
-    data = manifest(summary, rules=rules, occurrence=occurrence, base=config.base, source="features")
-    data["restratified_from"] = {"out": str(run), "ruleset": earlier.get("ruleset")}
-    write_manifest(out_path, data)
     return summary

@@ -27,10 +27,10 @@ from typing import Iterable, Iterator
 
 from clm_stratify.pipeline import Rules
 from engine.classify import Classification, Engine
-from engine.features import Features
+from engine.features import NUMERIC_FEATURES as NUMBER_FACTS, Fact, Features
 from engine.ruleset import RuleSet
 from fhir_adapters.fhir.codec import dumps, loads
-from fhir_adapters.fhir.reference import PatientIdentity
+from fhir_adapters.fhir.reference import PatientIdentity, PatientRef
 from fhir_adapters.features.mapping import FeatureMapper
 from fhir_adapters.sources.ndjson import parse_line
 from fhir_adapters.sources.record import PatientRecord
@@ -161,10 +161,31 @@ def features_line(features: Features) -> str:
     return dumps(features.model_dump())
 
 
+_FACT_KEYS = frozenset(Fact.model_fields)
+_FEATURE_KEYS = frozenset(Features.model_fields)
+
+
 def features_of(line: str) -> Features:
     """A ``features`` line read back (decimals exact); pydantic.ValidationError or
-    ValueError when it is not one."""
-    return Features.model_validate(loads(line))
+    ValueError when it is not one. Strict: every field present as written (a missing
+    ``lower_bound`` must not become an exact value), numbers as JSON numbers, the patient
+    a ``Patient/<id>``."""
+    data = loads(line)
+    if not isinstance(data, dict) or set(data) != _FEATURE_KEYS:
+        missing = sorted(_FEATURE_KEYS - set(data)) if isinstance(data, dict) else []
+        raise ValueError(f"not the features of one patient (fields missing: {', '.join(missing) or 'none'}; "
+                         f"unknown: {', '.join(sorted(set(data) - _FEATURE_KEYS)) if isinstance(data, dict) else '-'})")
+    patient = data["patient"]
+    if not isinstance(patient, str) or not patient.startswith("Patient/"):
+        raise ValueError(f"patient: {patient!r} is not a Patient/<id> reference")
+    PatientRef.parse(patient)
+    for name in _FEATURE_KEYS - {"patient", "warnings"}:
+        fact = data[name]
+        if not isinstance(fact, dict) or set(fact) != _FACT_KEYS:
+            raise ValueError(f"{name}: every fact has exactly {', '.join(sorted(_FACT_KEYS))}")
+        if isinstance(fact["at_most"], str) or isinstance(fact["value"], str) and name in NUMBER_FACTS:
+            raise ValueError(f"{name}: a number is written as a JSON number")
+    return Features.model_validate(data)
 
 
 def _failure(pid: str, exc: Exception) -> Row:

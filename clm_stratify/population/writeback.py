@@ -29,7 +29,8 @@ from typing import Callable, Iterator
 
 from clm_stratify.population.output import InputError, read_lines, read_manifest
 from fhir_adapters.fhir.client import FhirClient
-from fhir_adapters.writeback.resources import validated
+from fhir_adapters.project import IDENTIFIER_SYSTEM, TAG, TAG_SYSTEM
+from fhir_adapters.writeback.resources import assessment_id, assessment_key, validated
 from fhir_adapters.writeback.writer import AssessmentWriter, Prepared, WriteNotIdempotent, WriteResult
 
 #: Patients per chunk: one read batch and one transaction each.
@@ -49,18 +50,19 @@ def journal_path(out: Path, base_url: str) -> Path:
     return out / "write-back" / f"{key}.journal"
 
 
-def _chunks(out: Path, summary: WriteBackSummary) -> Iterator[tuple[str, list[Prepared]]]:
-    """(chunk key, prepared assessments); a line that is not a valid assessment is a
-    failure of its patient."""
+def _chunks(out: Path, summary: WriteBackSummary, ruleset: dict) -> Iterator[tuple[str, list[Prepared]]]:
+    """(chunk key, prepared assessments); a line that is not a valid assessment of this
+    run is a failure of its patient (named by file and line), never sent."""
     chunk: list[Prepared] = []
     key = None
     for path, n, line in read_lines(out, "assessments"):
         if key is None:
             key = f"{path.name}:{n}"
         try:
-            chunk.append(_prepared(line))
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
-            summary.failed.append((_patient_hint(line), f"{path.name}:{n}: not a valid assessment ({str(exc)[:300]})"))
+            chunk.append(_prepared(line, ruleset))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            summary.failed.append((_patient_hint(line), f"{path.name}:{n}: not a valid assessment of this run "
+                                                        f"({str(exc)[:300]}); not written"))
         if len(chunk) >= CHUNK:
             yield key, chunk
             chunk, key = [], None
@@ -68,28 +70,59 @@ def _chunks(out: Path, summary: WriteBackSummary) -> Iterator[tuple[str, list[Pr
         yield key, chunk
 
 
-def _prepared(line: str) -> Prepared:
+def _prepared(line: str, ruleset: dict) -> Prepared:
+    """One line checked: a collection Bundle of a RiskAssessment and its Provenance, as
+    this program builds them for this run's rule set: its id and identifier are those of
+    its subject (an edited line cannot overwrite another patient's assessment), and both
+    resources are valid R4."""
     from fhir_adapters.fhir.codec import loads
+    from fhir_adapters.fhir.reference import PatientRef
 
     bundle = loads(line)
-    ra, provenance = (e["resource"] for e in bundle["entry"])
-    if ra.get("resourceType") != "RiskAssessment" or provenance.get("resourceType") != "Provenance":
-        raise ValueError("expected a Bundle of a RiskAssessment and its Provenance")
+    entries = bundle.get("entry") if isinstance(bundle, dict) and bundle.get("type") == "collection" else None
+    if not isinstance(entries, list) or len(entries) != 2 or not all(isinstance(e, dict) for e in entries):
+        raise ValueError("expected a collection Bundle of a RiskAssessment and its Provenance")
+    ra, provenance = (e.get("resource") for e in entries)
+    if not isinstance(ra, dict) or ra.get("resourceType") != "RiskAssessment" or not isinstance(provenance, dict) \
+            or provenance.get("resourceType") != "Provenance":
+        raise ValueError("expected a RiskAssessment, then its Provenance")
+    subject = (ra.get("subject") or {}).get("reference")
+    if not isinstance(subject, str) or not subject.startswith("Patient/"):
+        raise ValueError(f"subject {subject!r} is not a Patient/<id> reference")
+    patient = PatientRef.parse(subject).reference
+    coding = ((ra.get("method") or {}).get("coding") or [{}])[0]
+    if (coding.get("code"), coding.get("version")) != (ruleset.get("id"), ruleset.get("version")):
+        raise ValueError(f"rule set {coding.get('code')} {coding.get('version')}, not the run's "
+                         f"{ruleset.get('id')} {ruleset.get('version')}")
+    if ra.get("id") != assessment_id(patient, ruleset["id"]) or ra.get("identifier") != [
+            {"system": IDENTIFIER_SYSTEM, "value": assessment_key(patient, ruleset["id"])}]:
+        raise ValueError(f"its id or identifier is not the one of {patient}")
+    if ra.get("status") not in ("preliminary", "final"):
+        raise ValueError(f"status {ra.get('status')!r} (this program writes preliminary or final)")
+    if {"system": TAG_SYSTEM, "code": TAG} not in ((ra.get("meta") or {}).get("tag") or []):
+        raise ValueError("not tagged as written by this program")
+    if provenance.get("target") != [{"reference": f"RiskAssessment/{ra['id']}"}]:
+        raise ValueError("the Provenance does not target this RiskAssessment")
     validated(ra)
     validated(provenance)
-    return Prepared(ra["subject"]["reference"], ra, provenance)
+    return Prepared(patient, ra, provenance)
 
 
 def _patient_hint(line: str) -> str:
     marker = '"subject":{"reference":"'
     at = line.find(marker)
-    return line[at + len(marker):].split('"', 1)[0] if at >= 0 else "(unknown patient)"
+    return line[at + len(marker):].split('"', 1)[0][:80] if at >= 0 else "(unknown patient)"
 
 
 def write_back(out: Path, make_client: Callable[[], FhirClient], *, max_writers: int = 4, dry_run: bool = False,
                progress: Callable[[WriteBackSummary], None] | None = None) -> WriteBackSummary:
     """Write every assessment of a finished run (see the module docstring)."""
-    read_manifest(out)
+    manifest = read_manifest(out)
+    expected = ((manifest.get("counts") or {}).get("outputs") or {}).get("assessments", 0)
+    found = sum(1 for _ in read_lines(out, "assessments"))
+    if found != expected:
+        raise InputError(f"{out}/assessments: {found} lines, the manifest says {expected}: the run's files were "
+                         "changed or cut; nothing written")
     summary = WriteBackSummary()
     local = threading.local()
     clients: list[FhirClient] = []
@@ -109,6 +142,7 @@ def write_back(out: Path, make_client: Callable[[], FhirClient], *, max_writers:
 
     probe = make_client()
     clients.append(probe)
+    probe.capabilities()   # a server that cannot be used fails the command (FhirError), not every patient
     journal = journal_path(out, probe.base_url)
     done = set() if dry_run else _read_journal(journal)
     if not dry_run:
@@ -128,7 +162,7 @@ def write_back(out: Path, make_client: Callable[[], FhirClient], *, max_writers:
 
     try:
         def chunks_left() -> Iterator[tuple[str, list[Prepared]]]:
-            for key, chunk in _chunks(out, summary):
+            for key, chunk in _chunks(out, summary, manifest.get("ruleset") or {}):
                 if key in done:
                     summary.skipped_chunks += 1
                 else:

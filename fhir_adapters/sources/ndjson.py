@@ -42,6 +42,7 @@ import gzip
 import io
 import json
 import re
+import zlib
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -183,30 +184,48 @@ def wanted(resource: dict) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- files
 def ndjson_files(source: str | Path) -> list[Path]:
     """The NDJSON files of a file or a directory (``*.ndjson``, ``*.ndjson.gz``, sorted);
-    ValueError naming the problem when there are none."""
+    ValueError naming the problem otherwise. A directory must hold nothing else: a file
+    that would not be read (another suffix, hidden ``.x`` or ``_x`` as Spark hides them,
+    a subdirectory) may hold a patient's data, so it is refused, never skipped."""
     path = Path(source)
     if path.is_file():
-        if not path.name.endswith(NDJSON_SUFFIXES):
-            raise ValueError(f"{source}: not an NDJSON file (*.ndjson or *.ndjson.gz)")
+        if not _readable_name(path.name):
+            raise ValueError(f"{source}: not an NDJSON file that is read (*.ndjson or *.ndjson.gz, not starting "
+                             "with . or _)")
         return [path]
     if not path.exists():
         raise ValueError(f"{source}: no such file or directory")
     if not path.is_dir():
         raise ValueError(f"{source}: not a file or a directory")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(NDJSON_SUFFIXES))
-    if not files:
+    entries = sorted(path.iterdir())
+    skipped = [p.name + ("/" if p.is_dir() else "") for p in entries if not (p.is_file() and _readable_name(p.name))]
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        raise ValueError(f"{source}: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} would not be read: "
+                         f"{shown} (a directory holds only *.ndjson / *.ndjson.gz files, none starting with . or _; "
+                         "move the others out, or name the files one by one)")
+    if not entries:
         raise ValueError(f"{source}: no NDJSON files in it (*.ndjson or *.ndjson.gz)")
-    return files
+    return entries
+
+
+def _readable_name(name: str) -> bool:
+    return name.endswith(NDJSON_SUFFIXES) and not name.startswith((".", "_"))
 
 
 def lines_of(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of a file, split on ``\\n`` only (as the Spark reader is told
     to), decoded as UTF-8; an undecodable line becomes text with U+FFFD (refused later)."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as raw:
-        stream = io.BufferedReader(raw) if not isinstance(raw, io.BufferedReader) else raw
-        for n, chunk in enumerate(_split_lf(stream), 1):
-            yield n, chunk.decode("utf-8", errors="replace")
+    n = 0
+    try:
+        with opener(path, "rb") as raw:
+            stream = io.BufferedReader(raw) if not isinstance(raw, io.BufferedReader) else raw
+            for n, chunk in enumerate(_split_lf(stream), 1):
+                yield n, chunk.decode("utf-8", errors="replace")
+    except (OSError, EOFError, zlib.error) as exc:
+        raise ValueError(f"{path}: cannot be read after line {n} ({type(exc).__name__}: {exc}); a cut or "
+                         "damaged file is never classified in part") from None
 
 
 def _split_lf(stream: io.BufferedReader) -> Iterator[bytes]:

@@ -43,8 +43,8 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import BaseModel, ValidationError
 
 from engine.yamlfile import describe_validation_error
-from fhir_adapters.fhir.reference import (SHARED_TYPES, SUBJECT_ELEMENTS, Attribution, PatientIdentity, patient_of,
-                                          plain_ref)
+from fhir_adapters.fhir.reference import (SHARED_TYPES, SUBJECT_ELEMENTS, Attribution, PatientIdentity, Reference,
+                                          patient_of, plain_ref)
 from fhir_adapters.sources.models import NotRead
 from fhir_adapters.sources.models import read as fast_read
 
@@ -281,7 +281,14 @@ class PatientRecord:
             return None
         if reference.count("/") == 1 and reference[-1] != "\n":   # Type/id (or urn, contained, unparsed): plain
             return self.aliases.get(reference) or reference
-        return self.aliases.get(reference) or plain_ref(reference)
+        alias = self.aliases.get(reference)
+        if alias:
+            return alias
+        parsed = Reference.parse(reference)
+        if parsed.kind == "absolute" and parsed.base not in self.identity.bases:
+            # On another server (or one this record cannot place): never this record's Type/id.
+            return reference.split("/_history/")[0]
+        return plain_ref(reference)
 
     @property
     def patient_ref(self) -> str | None:

@@ -224,3 +224,84 @@ def test_write_back_refuses_an_unfinished_run(tmp_path, loaded_server, capsys):
     (tmp_path / "x").mkdir()
     assert main(["write-back", "--from", str(tmp_path / "x"), "--fhir-url", loaded_server.base_url]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_files_that_would_not_be_read_are_refused_not_skipped(tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "Patient.ndjson").write_text('{"resourceType":"Patient","id":"a"}\n')
+    for name in ("_part2.ndjson", ".hidden.ndjson", "b.jsonl", "b.NDJSON", "c.ndjson.bz2"):
+        (src / name).write_text('{"resourceType":"Patient","id":"b"}\n')
+        assert main(["population", "--ndjson", str(src), "--out", str(tmp_path / "out")]) == 2
+        assert f"would not be read: {name}" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()   # a failed run leaves no OUT behind
+        (src / name).unlink()
+    (src / "sub").mkdir()
+    assert main(["population", "--ndjson", str(src), "--out", str(tmp_path / "out")]) == 2
+    assert "sub/" in capsys.readouterr().err
+
+
+def test_a_damaged_gzip_file_is_one_clear_error(tmp_path, capsys):
+    import gzip
+
+    src = tmp_path / "in"
+    src.mkdir()
+    blob = gzip.compress(b'{"resourceType":"Patient","id":"a"}\n' * 1000)
+    (src / "Patient.ndjson.gz").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "out").mkdir()
+    assert main(["population", "--ndjson", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Patient.ndjson.gz: cannot be read" in err and "Traceback" not in err
+    assert list((tmp_path / "out").iterdir()) == []   # an empty OUT stays empty
+
+
+def test_a_features_file_must_be_complete_and_strict(tmp_path, population, capsys):
+    import shutil
+
+    _, out = population
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("write-back"))
+    part = next((copy / "features").iterdir())
+    text = part.read_text().splitlines()
+    part.write_text("\n".join(text[:20]) + "\n")   # cut
+    assert main(["population", "--from-features", str(copy), "--out", str(tmp_path / "x")]) == 2
+    assert "the manifest says" in capsys.readouterr().err
+    bad = json.loads(text[0])
+    del bad["tumour_count"]["lower_bound"]   # must not become an exact count
+    part.write_text("\n".join([json.dumps(bad), *text[1:]]) + "\n")
+    assert main(["population", "--from-features", str(copy), "--out", str(tmp_path / "y")]) == 2
+    assert "tumour_count: every fact has exactly" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
+def test_write_back_sends_only_this_runs_own_assessments(tmp_path, population, loaded_server, capsys):
+    import shutil
+
+    _, out = population
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("write-back"))
+    part = next((copy / "assessments").iterdir())
+    lines_ = part.read_text().splitlines()
+    first, second = json.loads(lines_[0]), json.loads(lines_[1])
+    second["entry"][0]["resource"]["id"] = first["entry"][0]["resource"]["id"]   # overwrite another patient's
+    third = json.loads(lines_[2])
+    third["entry"][0]["resource"]["status"] = "bogus"
+    fourth = json.loads(lines_[3])
+    fourth["entry"][0]["resource"]["subject"] = {"reference": "Group/x"}
+    part.write_text("\n".join([lines_[0], json.dumps(second), json.dumps(third), json.dumps(fourth), *lines_[4:]]) + "\n")
+    assert main(["write-back", "--from", str(copy), "--fhir-url", loaded_server.base_url, "--dry-run"]) == 1
+    printed = capsys.readouterr().out
+    assert printed.count("not a valid assessment of this run") == 3
+    assert "its id or identifier is not the one of" in printed and "status 'bogus'" in printed
+    part.write_text("\n".join(lines_[:10]) + "\n")   # cut: refused before anything is written
+    assert main(["write-back", "--from", str(copy), "--fhir-url", loaded_server.base_url]) == 2
+    assert "the manifest says" in capsys.readouterr().err
+
+
+def test_write_back_to_a_server_that_cannot_be_used_is_exit_3(tmp_path, population, capsys):
+    from fhir_adapters.fhir.local_server import free_port
+
+    _, out = population
+    assert main(["write-back", "--from", str(out), "--fhir-url", f"http://127.0.0.1:{free_port()}/fhir",
+                 "--connect-timeout", "1"]) == 3
+    assert "error:" in capsys.readouterr().err

@@ -174,3 +174,23 @@ def test_without_measurements_a_newer_imaging_report_still_makes_a_judgement_sta
     c = classify_bundle(bundle(*res))
     assert c.facts["technical_resectability"].state == "not-assessed"
     assert c.status == "preliminary"
+
+
+def test_a_focus_on_another_server_is_not_the_local_lesion_of_that_id():
+    """Fixture 46 (a lesion not accounted for: indeterminate) with the unaccounted lesion's
+    focus written as an absolute URL on another server that ends in the local lesion's id:
+    it must stay another lesion, never "measured again"."""
+    import json
+
+    from fhir_adapters.sources.bundle import record_from_bundle
+    from fixtures import FIXTURES_DIR
+
+    data = json.loads((FIXTURES_DIR / "46-lesion-not-accounted-for.json").read_text())
+    expected = classify_bundle(copy.deepcopy(data)).group
+    for e in data["entry"]:
+        if e["resource"].get("id") == "f46-ct-lesB":
+            e["resource"]["focus"] = [{"reference": "http://other.org/fhir/BodyStructure/f46-lesion-a"}]
+    assert expected == "indeterminate"
+    assert classify_bundle(data).group == "indeterminate"
+    record = record_from_bundle(data)
+    assert record.canonical("http://other.org/fhir/BodyStructure/a/_history/2") == "http://other.org/fhir/BodyStructure/a"
