@@ -19,7 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any as AnyType, Literal, Sequence
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from engine.compile import (DECIDED_KIND, FEATURES_KIND, STATES_KIND, CompiledRuleset, compile_ruleset,
                             post_value, representative_value)
@@ -149,9 +149,16 @@ def _json_value(v: AnyType) -> AnyType:
     return v
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _json(obj: AnyType) -> dict:
-    """A result dataclass as JSON-ready data (decimals as exact strings)."""
-    return {k: _json_value(v) for k, v in asdict(obj).items()}
+    """A result dataclass as JSON-ready data (decimals as exact strings). Its fields hold
+    immutable scalars and tuples only, so no deep copy (``dataclasses.asdict``) is needed."""
+    names = _FIELD_NAMES.get(type(obj))
+    if names is None:
+        names = _FIELD_NAMES[type(obj)] = tuple(f.name for f in fields(obj))
+    return {k: _json_value(getattr(obj, k)) for k in names}
 
 
 def _fact_state(fact: str, f: Fact) -> str:
