@@ -170,6 +170,11 @@ def main() -> None:
         if args.no_spark:
             return
         small, large = args.spark_n
+        warm = root / "spark-warm"
+        write_ndjson(warm, 200, seed=4)
+        t_warm, _ = timed(run_population, [str(warm)], str(root / "spark-warm-out"), rules, master="local[2]",
+                          base=BASE, occurrence=WHEN)
+        print(f"(c) Spark local[2] first run (JVM start, 200 patients): {t_warm:.1f} s (not counted below)")
         walls = []
         for n in (small, large):
             src = root / f"spark-in-{n}"
