@@ -39,7 +39,7 @@ class Summary:
 
     engine: str = "local"
     inputs: list[str] = field(default_factory=list)
-    lines_read: int = 0
+    lines_read: int | None = 0    # None: not counted (Spark)
     lines_kept: int = 0
     broadcast: int = 0
     groups: Counter = field(default_factory=Counter)   # group (or no-recurrence) -> patients

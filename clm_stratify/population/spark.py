@@ -162,6 +162,7 @@ def run_spark(sources: list[str], out: str, config: CoreConfig, terminology: Ter
 
     spark = session(master)
     summary = Summary(engine=f"spark {master}", inputs=list(sources))
+    summary.lines_read = None   # not counted on Spark (it would cost a pass over the input)
     try:
         selected = keyed_lines(spark, sources, Prefilter.of(terminology), config.base).filter(
             F.col("kept") | F.col("error").isNotNull()).persist(StorageLevel.MEMORY_AND_DISK)
