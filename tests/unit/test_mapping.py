@@ -244,11 +244,20 @@ def test_same_focus_twice_on_the_same_date_is_one_lesion_with_the_largest_size()
 
 
 def test_same_focus_with_different_reference_spellings_is_one_lesion():
+    """On the record's own server (the Bundle's fullUrls name it) a relative and an
+    absolute, versioned focus are one lesion; where the server of an absolute focus is
+    unknown it may be another server's lesion of that id: counted apart (never fewer
+    lesions than there may be)."""
+    from fhir_adapters.sources.bundle import record_from_bundle
+
     bs = body_structure(P, id="bs-a")
-    f = features(*base(), bs, tumour_size(P, 30, focus="bs-a"),
+    resources = (*base(), bs, tumour_size(P, 30, focus="bs-a"),
                  tumour_size(P, 35, focus="https://example.org/fhir/BodyStructure/bs-a/_history/2"))
+    f = map_features(record_from_bundle(bundle(*resources)), terminology())
     assert f.tumour_count.value == 1
     assert f.largest_diameter_mm.value == 35
+    unknown_server = features(*resources)
+    assert unknown_server.tumour_count.value == 2 and unknown_server.largest_diameter_mm.value == 35
 
 
 def test_distinct_foci_count_separately():

@@ -102,7 +102,6 @@ def test_files_split_on_newline_only_and_gzip(tmp_path):
     (tmp_path / "a.ndjson").write_bytes(b'{"resourceType":"Patient","id":"a"}\r\n\n{"resourceType":"Patient",\r"id":"b"}')
     with gzip.open(tmp_path / "b.ndjson.gz", "wb") as fh:
         fh.write(b'{"resourceType":"Patient","id":"c"}\n\xff\n')
-    (tmp_path / "notes.txt").write_text("ignored")
     files = ndjson_files(tmp_path)
     assert [f.name for f in files] == ["a.ndjson", "b.ndjson.gz"]
     assert [n for n, _ in lines_of(files[0])] == [1, 2, 3]
@@ -113,10 +112,12 @@ def test_files_split_on_newline_only_and_gzip(tmp_path):
 
 
 def test_sources_that_are_not_ndjson_are_refused(tmp_path):
-    (tmp_path / "x.json").write_text("{}")
-    with pytest.raises(ValueError, match="not an NDJSON file"):
-        ndjson_files(tmp_path / "x.json")
     with pytest.raises(ValueError, match="no NDJSON files"):
+        ndjson_files(tmp_path)
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match="not an NDJSON file that is read"):
+        ndjson_files(tmp_path / "x.json")
+    with pytest.raises(ValueError, match="1 entry would not be read: x.json"):
         ndjson_files(tmp_path)
     with pytest.raises(ValueError, match="no such file"):
         ndjson_files(tmp_path / "missing")
