@@ -199,6 +199,10 @@ def read_with_full_models(rtype: str, raw: dict) -> tuple[Any, str]:
     except (ValidationError, RecursionError) as exc:
         return None, ("nested too deeply to validate" if isinstance(exc, RecursionError)
                       else "; ".join(describe_validation_error(exc)[:3]))
+    except (AttributeError, TypeError, ValueError) as exc:
+        # fhir.resources' own validators fail this way on some damaged shapes (a number
+        # where an object is expected, found by hypothesis): unreadable, never a crash.
+        return None, f"not valid FHIR R4 ({type(exc).__name__}: {str(exc)[:200]})"
     loose = strings_for_numbers(raw, model)
     if loose:
         return None, "; ".join(f"{p}: a string where FHIR requires a number or boolean" for p in loose[:3])
