@@ -9,6 +9,14 @@
     ...     extrahepatic_disease=Fact[bool](value=False)))
     >>> result.group, result.status, result.criteria_values()
     ('borderline-resectable', 'preliminary', {'tumour_count_ge_4': True, 'largest_ge_50mm': False, 'extrahepatic_disease': False})
+
+Every group, status and factor state comes from durable-rules firing; what the engine
+makes of the rules that fired (the group's texts, the recommendations, the next stage's
+fact) is a function of those rules and the posted facts only, so it is prepared once per
+combination and reused (engine/lookup.py). The traced parts of a result (``criteria``,
+``facts``, ``missing``) are built from the features and the fired rules when first read.
+``Engine(..., reuse_firings=True)`` also asks durable-rules only once per distinct
+posted fact (exact; off by default). engine/reference.py keeps the earlier path.
 """
 
 from __future__ import annotations
@@ -21,16 +29,12 @@ from typing import Any as AnyType, Literal, Sequence
 
 from dataclasses import dataclass, fields
 
-from engine.compile import (DECIDED_KIND, FEATURES_KIND, STATES_KIND, CompiledRuleset, compile_ruleset,
-                            post_value, representative_value)
+from engine.compile import FEATURES_KIND, STATES_KIND, CompiledRuleset, compile_ruleset, post_value
+from engine.coverage import RulesetInconsistentError, check_coverage
 from engine.durable_session import DurableRuleset
 from engine.features import Fact, Features
-from engine.ruleset import (BASE_FACTS, FACTOR_STATES, MISSING_STATES, GroupId, RuleSet, holds,
-                            load_ruleset)
-
-
-class RulesetInconsistentError(RuntimeError):
-    """The rule set did not produce exactly one group / status / factor state."""
+from engine.lookup import AfterFactors, ReusedFirings, StageTables, bounded_put
+from engine.ruleset import BASE_FACTS, MISSING_STATES, GroupId, RuleSet, load_ruleset
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +91,18 @@ class RulesetRef:
     citation: str
 
 
-@dataclass(frozen=True, slots=True)
+_TRACED = ("criteria", "facts", "missing")
+
+
+@dataclass(frozen=True)
 class Classification:
-    """The engine's answer with everything needed to explain it."""
+    """The engine's answer with everything needed to explain it.
+
+    The engine builds the traced fields (``criteria``, ``facts``, ``missing``) when one
+    of them is first read, from the features and the rules that fired, exactly as it
+    would have built them at once (tests/unit/test_engine_lazy.py); they are then kept.
+    Reading them from several threads at once is safe: all readers get the same objects.
+    Not a slots class: the traced fields live in the instance dict once built."""
 
     patient: str | None
     group: GroupId
@@ -108,6 +121,24 @@ class Classification:
     warnings: tuple[str, ...]
     assessed: bool = True                 # False: the rule set writes no assessment (no recurrence)
     not_assessed_reason: str | None = None
+
+    def __getattr__(self, name: str) -> AnyType:
+        # Only called for attributes not set yet: the traced fields of an engine result.
+        if name in _TRACED:
+            d = self.__dict__
+            source = d.get("_trace_with")
+            if source is not None:
+                build, decided = source
+                # setdefault is atomic: concurrent first readers all keep the first trace built.
+                trace = d.setdefault("_trace", build(d["_features"], decided))
+                for field, value in zip(_TRACED, trace):
+                    d.setdefault(field, value)
+                return d[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __reduce__(self) -> tuple:
+        # copy, deepcopy and pickle see the fields only (the traced ones built), never the engine.
+        return type(self), tuple(getattr(self, f.name) for f in fields(self))
 
     def criteria_values(self) -> dict[str, bool | None]:
         """Each factor as true (present) / false (absent) / None (unknown)."""
@@ -173,15 +204,19 @@ def _fact_state(fact: str, f: Fact) -> str:
     return {True: "present", False: "absent"}.get(f.value, "unknown")
 
 
+_SHARED_VALUE_TYPES = (type(None), bool, int, str)  # Criterion values shared between results
 
 
 class Engine:
-    """A compiled rule set, registered once with durable_rules; thread-safe."""
+    """A compiled rule set, registered once with durable_rules; thread-safe.
+
+    ``reuse_firings=True``: each stage asks durable-rules once per distinct posted fact
+    and answers repeats with the rules it fired then (:class:`engine.lookup.ReusedFirings`)."""
 
     _default: "Engine | None" = None
     _default_lock = threading.Lock()
 
-    def __init__(self, ruleset: RuleSet, check_coverage: bool = True):
+    def __init__(self, ruleset: RuleSet, check_coverage: bool = True, reuse_firings: bool = False):
         self.ruleset = ruleset
         self.compiled: CompiledRuleset = compile_ruleset(ruleset)
         c = self.compiled
@@ -205,6 +240,15 @@ class Engine:
                               caveat=ruleset.cohort.caveat.strip(), outcome=ruleset.survival.outcome,
                               horizon_years=ruleset.survival.horizon_years)
             for g, pct in ruleset.survival.five_year_os_percent.items()}
+        # Reused between classifications (see classify_many); every entry is immutable.
+        self._tables = StageTables(self)
+        stages = (self._factors, self._decision, self._recommend)
+        # reuse_firings: durable-rules is asked once per distinct posted fact (exact; see ReusedFirings).
+        self._fire = tuple(ReusedFirings(s.fire_fragments).fire_fragments if reuse_firings else s.fire_fragments
+                           for s in stages)
+        self._factor_features = tuple((fid, f.feature) for fid, f in ruleset.factors.items())
+        self._criteria: dict[tuple, Criterion] = {}
+        self._missing_facts: dict[tuple, MissingFact] = {}
         if check_coverage:
             self.check_coverage()
 
@@ -232,20 +276,70 @@ class Engine:
         return self.classify_many([features])[0]
 
     def classify_many(self, features: Sequence[Features], batch: int = 200) -> list[Classification]:
-        """Classify many patients; each stage asserts ``batch`` facts per engine call."""
+        """Classify many patients; each stage asserts ``batch`` facts per engine call.
+
+        Every stage is fired through durable-rules for every patient. The facts posted
+        (checked JSON fragments) and what the engine makes of the rules that fired are
+        looked up by what determines them; the traced parts of each result are built
+        when first read (see :class:`Classification`)."""
         out: list[Classification] = []
+        new, set_dict, cls, tables = object.__new__, object.__setattr__, Classification, self._tables
+        fire1, fire2, fire3 = self._fire
         for start in range(0, len(features), batch):
             chunk = features[start:start + batch]
-            fired = self._factors.fire_many([self.features_fact(f) for f in chunk])
-            states = [self._states(f, rules) for f, rules in zip(chunk, fired)]
-            for rules, more in zip(fired, self._decision.fire_many(states)):
-                rules.extend(more)
-            groups = [self._groups[self._one(rules, "group.", "group", f)] for f, rules in zip(chunk, fired)]
-            decided = [{**st, "kind": DECIDED_KIND, "group": g.id} for st, g in zip(states, groups)]
-            for rules, more in zip(fired, self._recommend.fire_many(decided)):
-                rules.extend(more)
-            out += [self._interpret(f, rules) for f, rules in zip(chunk, fired)]
+            records = [f.__dict__ for f in chunk]  # a pydantic model's field values
+            fired1 = fire1(list(map(tables.stage1_fragment, records)))
+            after1 = list(map(tables.after_factors, chunk, records, fired1))
+            fired2 = fire2([a.fragment for a in after1])
+            after2 = [a.decided.get(r) or tables.after_decision(f, a, r) for f, a, r in zip(chunk, after1, fired2)]
+            fired3 = fire3([a.fragment for a in after2])
+            for f, record, a, r in zip(chunk, records, after2, fired3):
+                d = (a.outcomes.get(r) or tables.outcome(f, a, r)).copy()
+                d["patient"] = record["patient"]
+                d["warnings"] = record["warnings"]
+                d["_features"] = f
+                result = new(cls)
+                set_dict(result, "__dict__", d)
+                out.append(result)
         return out
+
+    def _trace(self, features: Features, node: AfterFactors) -> tuple[dict, dict, tuple]:
+        """The traced fields of a result (criteria, facts, missing), as
+        :func:`engine.reference.interpret` builds them. Criterion and MissingFact objects
+        are immutable and shared between results where everything they hold is the same."""
+        criteria = {fid: self._criterion(fid, state, getattr(features, feature), rule)
+                    for (fid, feature), (state, rule) in zip(self._factor_features, node.factors)}
+        facts = {name: self._criterion(name, state, getattr(features, name), None)
+                 for name, state in zip(BASE_FACTS, node.base)}
+        missing = []
+        for name, c in (("liver_recurrence", facts["liver_recurrence"]), *criteria.items(),
+                        *((n, facts[n]) for n in BASE_FACTS if n != "liver_recurrence")):
+            if c.state in MISSING_STATES or (name == "liver_recurrence" and c.state != "present"):
+                key = (name, c.note)
+                m = self._missing_facts.get(key)
+                if m is None:
+                    m = MissingFact(fact=name, text=self._missing_texts[name], detail=c.note)
+                    bounded_put(self._missing_facts, key, m)
+                missing.append(m)
+        return criteria, facts, tuple(missing)
+
+    def _criterion(self, name: str, state: str, f: Fact, rule: str | None) -> Criterion:
+        value, refs, note = f.value, f.refs, f.note
+        # Shared where they repeat (no evidence: unknown or default facts) and equal keys
+        # mean identical criteria (a Decimal's digits are more than its value).
+        key = (name, state, type(value), value, note) if not refs and type(value) in _SHARED_VALUE_TYPES else None
+        c = self._criteria.get(key) if key else None
+        if c is None:
+            factor = self.ruleset.factors.get(name) if rule is not None else None
+            if factor is not None:
+                c = Criterion(id=name, label=factor.label, state=state, value=value, operator=factor.operator,
+                              threshold=factor.threshold, unit=factor.unit, refs=refs, note=note, rule=rule)
+            else:
+                c = Criterion(id=name, label=self.ruleset.fact_labels[name], state=state, value=value,
+                              operator=None, threshold=None, unit=None, refs=refs, note=note, rule=None)
+            if key:
+                bounded_put(self._criteria, key, c)
+        return c
 
     def _states(self, features: Features, fired: list[str]) -> dict[str, object]:
         """Stage 2 fact: the state of every fact (factor states from stage 1's rules)."""
@@ -275,100 +369,8 @@ class Engine:
                 f"to fire, got {hits or 'none'} for features {self.features_fact(features)}")
         return hits[0]
 
-    def _interpret(self, features: Features, fired: list[str]) -> Classification:
-        """The Classification for ``fired``, built without re-validation (every value
-        here is already typed)."""
-        rs = self.ruleset
-        by = self._by_prefix(fired)
-        criteria: dict[str, Criterion] = {}
-        for fid, factor in rs.factors.items():
-            rule = self._one(by, f"factor.{fid}.", f"state of factor {fid}", features)
-            f: Fact = getattr(features, factor.feature)
-            criteria[fid] = Criterion(
-                id=fid, label=factor.label, state=rule.rsplit(".", 1)[1], value=f.value, operator=factor.operator,
-                threshold=factor.threshold, unit=factor.unit, refs=f.refs, note=f.note, rule=rule)
-        facts = {}
-        for name in BASE_FACTS:
-            f = getattr(features, name)
-            facts[name] = Criterion(
-                id=name, label=rs.fact_labels[name], state=_fact_state(name, f), value=f.value, operator=None,
-                threshold=None, unit=None, refs=f.refs, note=f.note, rule=None)
-        g = self._groups[self._one(by, "group.", "group", features)]
-        status = self._one(by, "status.", "status", features)[len("status."):]
-        fired_recs = set(by.get("recommendation.", ()))
-        recs = tuple(self._recommendations[n] for n in self.compiled.recommendation_rule_names if n in fired_recs)
-        missing = []
-        for name, c in (("liver_recurrence", facts["liver_recurrence"]), *criteria.items(),
-                        *((n, facts[n]) for n in BASE_FACTS if n != "liver_recurrence")):
-            if c.state in MISSING_STATES or (name == "liver_recurrence" and c.state != "present"):
-                missing.append(MissingFact(fact=name, text=self._missing_texts[name], detail=c.note))
-        states = {**{n: c.state for n, c in facts.items()}, **{n: c.state for n, c in criteria.items()}}
-        return Classification(
-            patient=features.patient, group=g.id, group_label=rs.group_labels[g.id], group_rule=g.rule,
-            reason=self._reasons[g.rule],
-            status=status, status_note=None if status == "final" else self._preliminary_note,
-            criteria=criteria, facts=facts, missing=tuple(missing), recommendations=recs,
-            rules_fired=tuple(fired), cohort_survival=self._survival.get(g.id), ruleset=self.ref,
-            warnings=features.warnings, assessed=holds(rs.write_when, states),
-            not_assessed_reason=None if holds(rs.write_when, states) else self._not_written)
-
     # ------------------------------------------------------------------ load-time check
     def check_coverage(self) -> int:
-        """Fire every combination of states through durable_rules: each factor's rules
-        must give exactly its state, and the group and status rules exactly one rule
-        for every combination of fact states. Returns the number of combinations."""
-        rs = self.ruleset
-        fids = list(rs.factors)
-        for states in itertools.product(FACTOR_STATES, repeat=len(fids)):
-            fact: dict[str, object] = {"kind": FEATURES_KIND}
-            for fid, state in zip(fids, states):
-                post_value(fact, rs.factors[fid].feature, representative_value(rs, fid, state))
-            fired = self._factors.fire(fact)
-            expected = sorted(f"factor.{fid}.{state}" for fid, state in zip(fids, states))
-            if sorted(fired) != expected:
-                raise RulesetInconsistentError(
-                    f"rule set {rs.id} {rs.version}: factor rules fired {sorted(fired)} for {fact}, "
-                    f"expected {expected}")
-        # A lower bound at the threshold proves a ">=" factor; below it, it decides nothing.
-        # An upper bound below the threshold (or at it, when the bound is excluded) proves
-        # it absent; above it, nothing. (Mirrored for "<=" / "<" factors.)
-        for fid, factor in rs.factors.items():
-            if factor.operator == "is_true":
-                continue
-            upward = factor.operator in (">=", ">")
-            t = factor.threshold
-            step = Decimal(1) if factor.feature == "tumour_count" else Decimal("0.1")
-            cases = [  # (lower bound, upper bound, upper strict, expected state)
-                (representative_value(rs, fid, "present"), None, False, "present" if upward else "unknown"),
-                (representative_value(rs, fid, "absent"), None, False, "unknown" if upward else "absent"),
-                (None, t, True, "absent" if upward else "present"),
-                (None, t + step, True, "unknown"),
-                (None, t - step, False, "absent" if upward else "present"),
-                (None, t + step, False, "unknown"),
-            ]
-            if factor.feature == "tumour_count":
-                cases = [c for c in cases if c[1] is None]
-            for low, high, strict, expect in cases:
-                fact = {"kind": FEATURES_KIND}
-                for other in rs.factors.values():
-                    post_value(fact, other.feature, None)
-                post_value(fact, factor.feature, low, lower_bound=True, operator=factor.operator,
-                           at_most=high, at_most_strict=strict)
-                hits = [r for r in self._factors.fire(fact) if r.startswith(f"factor.{fid}.")]
-                if hits != [f"factor.{fid}.{expect}"]:
-                    raise RulesetInconsistentError(
-                        f"rule set {rs.id} {rs.version}: bounds {fact} gave {hits}, expected {expect}")
-        domains = rs.fact_domains
-        names = list(domains)
-        n = 0
-        for states in itertools.product(*(domains[f] for f in names)):
-            fired = self._decision.fire({"kind": STATES_KIND, **dict(zip(names, states))})
-            for prefix in ("group.", "status."):
-                hits = [r for r in fired if r.startswith(prefix)]
-                if len(hits) != 1:
-                    combo = ", ".join(f"{k}={s}" for k, s in zip(names, states))
-                    raise RulesetInconsistentError(
-                        f"rule set {rs.id} {rs.version}: for {combo} the {prefix.rstrip('.')} rules "
-                        f"that fire are {hits or 'none'}; exactly one must")
-            n += 1
-        return n
+        """Fire every combination of states through durable_rules (see
+        :func:`engine.coverage.check_coverage`). Returns the number of combinations."""
+        return check_coverage(self)

@@ -149,6 +149,21 @@ def _rule(kind: str, *terms: dict) -> dict:
 class Stage:
     rules: dict[str, dict]
     fields: dict[str, FieldType]
+    # The fields some rule of the stage tests, in ``fields`` order: a fact needs no other
+    # (a rule cannot match on a field it does not name), so the engine posts only these.
+    tested: tuple[str, ...] = ()
+
+
+def condition_facts(cond: Condition) -> set[str]:
+    """The facts a condition tree tests."""
+    if isinstance(cond, Leaf):
+        return {cond.fact}
+    return set().union(*(condition_facts(c) for c in cond.items))
+
+
+def _tested(fields: dict[str, FieldType], *conditions: Condition) -> tuple[str, ...]:
+    named = {"kind"}.union(*(condition_facts(c) for c in conditions))
+    return tuple(f for f in fields if f in named)
 
 
 @dataclass(frozen=True)
@@ -188,10 +203,12 @@ def compile_ruleset(rs: RuleSet) -> CompiledRuleset:
     rec_rules = {}
     for r, cond in zip(rs.recommendations, rs.recommendation_conditions):
         rec_rules[f"recommendation.{r.rule}"] = _rule(DECIDED_KIND, condition_expr(cond))
+    rec_fields: dict[str, FieldType] = {**state_fields, "group": "string"}
     return CompiledRuleset(
-        factors=Stage(factor_rules, factor_fields),
-        decision=Stage(decision_rules, state_fields),
-        recommendations=Stage(rec_rules, {**state_fields, "group": "string"}),
+        factors=Stage(factor_rules, factor_fields, tuple(factor_fields)),
+        decision=Stage(decision_rules, state_fields,
+                       _tested(state_fields, *rs.group_conditions, rs.final_when)),
+        recommendations=Stage(rec_rules, rec_fields, _tested(rec_fields, *rs.recommendation_conditions)),
         group_rule_names=tuple(group_names),
         recommendation_rule_names=tuple(rec_rules),
     )

@@ -244,3 +244,135 @@ def test_reloading_the_same_rule_set_registers_new_names():
     assert first._factors.name != second._factors.name
     f = features(count=5)
     assert first.classify(f).group == second.classify(f).group == "borderline-resectable"
+
+
+# --------------------------------------------------------------------------- the fast path
+def test_only_fragments_the_ruleset_made_can_be_posted():
+    rs = DurableRuleset("fragments", {"r": GE4}, FIELDS)
+    other = DurableRuleset("fragments-other", {"r": GE4}, FIELDS)
+    good = rs.fragment({"kind": "t", "n": 5})
+    assert rs.fire_fragments([good, good]) == [("r",), ("r",)]
+    for bad in ('"a":"t","b":5', other.fragment({"kind": "t", "n": 5})):
+        with pytest.raises(FactTypeError, match="was not made by ruleset"):
+            rs.fire_fragments([good, bad])
+    with pytest.raises(FactTypeError, match="'n' must be a number"):
+        rs.fragment({"kind": "t", "n": "5"})
+    with pytest.raises(FactTypeError, match="not declared"):
+        rs.fragment({"kind": "t", "n": 5, "id": "7"})
+    with pytest.raises(FactTypeError, match="post a field twice"):
+        rs.join(rs.fragment({"kind": "t"}), rs.fragment({"kind": "t", "n": 5}))
+    with pytest.raises(FactTypeError, match="was not made by ruleset"):
+        rs.join(rs.fragment({"kind": "t"}), other.fragment({"n": 5}))
+    assert rs.fire_fragments([rs.join(rs.fragment({"kind": "t"}), rs.fragment({"n": 5}))]) == [("r",)]
+
+
+def test_equal_facts_of_one_batch_stay_separate_facts():
+    """Each fact carries its index as durable's id (without it, durable would hash equal
+    facts to one id and keep only one of them)."""
+    rs = DurableRuleset("equal-facts", {"r": GE4}, FIELDS)
+    assert rs.fire_many([{"kind": "t", "n": 5}] * 3 + [{"kind": "t", "n": 1}]) == [["r"], ["r"], ["r"], []]
+
+
+@pytest.mark.parametrize("width", [1, 4])
+def test_fact_index_widths(monkeypatch, width):
+    """Batches whose index needs more digits than the minimum width (1 digit here: 150
+    facts need 3) are read right, and so are the same rules in batches of another width."""
+    monkeypatch.setattr(durable_session, "_MIN_ID_WIDTH", width)
+    rs = DurableRuleset("widths", {"r": GE4, "big": {"all": [{"m": {"$and": [{"kind": "t"}, {"$gte": {"n": 100}}]}}]}},
+                        FIELDS)
+    for size in (5, 150, 12):
+        facts = [{"kind": "t", "n": 4 + (i * 37) % 120} for i in range(size)]
+        assert rs.fire_many(facts) == [["r", "big"] if f["n"] >= 100 else ["r"] for f in facts]
+
+
+def test_a_session_is_used_again_only_after_it_was_deleted(monkeypatch):
+    rs = DurableRuleset("sessions", {"r": GE4}, FIELDS)
+    assert rs.fire({"kind": "t", "n": 5}) == ["r"]
+    sid = rs._sid
+    assert rs.fire({"kind": "t", "n": 5}) == ["r"] and rs._sid == sid  # deleted: the same sid is empty again
+    real = durable_session._engine
+
+    class FailingDelete:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def delete_state(handle, session):
+            raise RuntimeError("delete failed")
+
+    monkeypatch.setattr(durable_session, "_engine", FailingDelete())
+    with pytest.raises(RuntimeError, match="delete failed"):
+        rs.fire({"kind": "t", "n": 5})
+    monkeypatch.setattr(durable_session, "_engine", real)
+    assert rs.fire_many([{"kind": "t", "n": 1}]) == [[]]  # in a new, primed session: no abort
+    assert rs._sid != sid  # that session may still hold its fact: never asserted into again
+    assert rs.fire_many([{"kind": "t", "n": 5}, {"kind": "t", "n": 1}]) == [["r"], []]
+
+
+def test_raw_durable_answers_not_handled_for_a_batch_with_one_unmatched_fact():
+    """The sharp edge: status 1 although the first fact's action is pending."""
+    rs = DurableRuleset("mixed-probe", {"r": GE4}, FIELDS)
+    sid = "mixed-1"
+    payload = '[{"id":"0","sid":"mixed-1","a":"t","b":5},{"id":"1","sid":"mixed-1","a":"t","b":1}]'
+    assert rs._posted_names == {"kind": "a", "n": "b", "flag": "c"}
+    status, state = durable_session._engine.assert_facts(rs._handle, payload)
+    pending = durable_session._engine.start_action_for_state(rs._handle, state)
+    while durable_session._engine.complete_and_start_action(rs._handle, state):
+        pass
+    durable_session._engine.delete_state(rs._handle, sid)
+    assert status == 1 and pending is not None
+    assert rs.fire_many([{"kind": "t", "n": 5}, {"kind": "t", "n": 1}]) == [["r"], []]  # the guard
+
+
+FIRST_BATCH_SCRIPT = textwrap.dedent("""
+    from engine.durable_session import DurableRuleset
+    GE4 = {"all": [{"m": {"$and": [{"kind": "t"}, {"$gte": {"n": 4}}]}}]}
+    for i in range(20):
+        rs = DurableRuleset("first", {"r": GE4}, {"kind": "string", "n": "number"})
+        assert rs.fire_many([{"kind": "t", "n": 1}]) == [[]]
+        assert rs.fire_many([{"kind": "t", "n": 5}, {"kind": "t", "n": 1}]) == [["r"], []]
+    print("ok")
+""")
+
+
+def test_a_first_batch_that_matches_no_rule_does_not_abort_the_process():
+    """Without the primed session, durable frees an uninitialised pointer when it
+    deletes the session (run in a child process: that aborts it)."""
+    proc = subprocess.run([sys.executable, "-c", FIRST_BATCH_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, (proc.returncode, proc.stderr[-1500:])
+
+
+def test_short_field_names_fire_the_same_rules():
+    """Fields are posted (and the rules registered) under short names; the same rules
+    fire as with the fields' own names, on every stage of the compiled rule set."""
+    import random
+
+    from benchmarks.generate import feature_sets
+    from engine.compile import DECIDED_KIND, STATES_KIND
+    from engine.ruleset import GROUP_IDS
+
+    engine = Engine.default()
+    c, rng = engine.compiled, random.Random(3)
+    domains = engine.ruleset.fact_domains
+    states = [{"kind": STATES_KIND, **{f: rng.choice(d) for f, d in domains.items()}} for _ in range(300)]
+    stages = [(c.factors, [engine.features_fact(f) for f in feature_sets(300, seed=2, unknown_share=0.3)]),
+              (c.decision, states),
+              (c.recommendations, [{**s, "kind": DECIDED_KIND, "group": rng.choice(GROUP_IDS)} for s in states])]
+    for stage, facts in stages:
+        short = DurableRuleset("short", stage.rules, stage.fields)
+        plain = DurableRuleset("plain", stage.rules, stage.fields, short_names=False)
+        assert set(short._posted_names.values()) != set(stage.fields)  # really shortened
+        assert short.fire_many(facts) == plain.fire_many(facts)
+
+
+def test_a_rule_form_the_shortener_does_not_know_keeps_every_name():
+    rules = {"r": GE4, "u": {"all": [{"m": {"$and": [{"kind": "t"}, {"undeclared": 1}]}}]}}
+    rs = DurableRuleset("unknown-form", rules, FIELDS)
+    assert rs._posted_names == {f: f for f in FIELDS}
+    assert rs.fire_many([{"kind": "t", "n": 5}, {"kind": "t", "n": 9}]) == [["r"], ["r"]]
+
+
+@pytest.mark.parametrize("name", ['a"b', "a\\b", "caf\u00e9", "", "tab\there"])
+def test_rule_names_durable_would_not_echo_verbatim_are_refused(name):
+    with pytest.raises(RulesetDefinitionError, match="rule name"):
+        DurableRuleset("names", {name: GE4}, FIELDS)
