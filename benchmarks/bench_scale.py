@@ -60,7 +60,7 @@ def before(records: list, rules: Rules) -> int:
     from fhir_adapters.fhir import codec
     from fhir_adapters.fhir.reference import PatientIdentity
     from fhir_adapters.features.mapping import FeatureMapper
-    from fhir_adapters.sources.record import PatientRecord
+    from fhir_adapters.sources.record import PatientRecord, add_distinct
     from fhir_adapters.writeback.resources import build_provenance, build_risk_assessment
 
     mapper = FeatureMapper(rules.terminology)
@@ -70,7 +70,6 @@ def before(records: list, rules: Rules) -> int:
         resources = [codec.loads(line) for line in sorted(set(lines))]
         patient = next((r for r in resources if r["resourceType"] == "Patient"), None)
         record = PatientRecord(PatientIdentity.of_patient(patient, patient_id=pid, bases=[BASE]), full_models=True)
-        from fhir_adapters.sources.record import add_distinct
         add_distinct(record, [(r, None) for r in resources])
         batch.append(mapper.map(record))
         if len(batch) == 200 or pid == records[-1][0]:
