@@ -55,6 +55,11 @@ class Criterion:
     refs: tuple[str, ...] = ()
     note: str | None = None
     rule: str | None = None  # the durable rule that decided the state (factors only)
+    # The value's bounds, as in :class:`engine.features.Fact`: ``lower_bound`` the value is
+    # only a lower bound; ``at_most`` an upper bound (``at_most_strict``: "less than").
+    lower_bound: bool = False
+    at_most: Decimal | None = None
+    at_most_strict: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,16 +332,19 @@ class Engine:
         value, refs, note = f.value, f.refs, f.note
         # Shared where they repeat (no evidence: unknown or default facts) and equal keys
         # mean identical criteria (a Decimal's digits are more than its value).
-        key = (name, state, type(value), value, note) if not refs and type(value) in _SHARED_VALUE_TYPES else None
+        key = ((name, state, type(value), value, note, f.lower_bound, f.at_most_strict)
+               if not refs and type(value) in _SHARED_VALUE_TYPES and f.at_most is None else None)
         c = self._criteria.get(key) if key else None
         if c is None:
             factor = self.ruleset.factors.get(name) if rule is not None else None
             if factor is not None:
                 c = Criterion(id=name, label=factor.label, state=state, value=value, operator=factor.operator,
-                              threshold=factor.threshold, unit=factor.unit, refs=refs, note=note, rule=rule)
+                              threshold=factor.threshold, unit=factor.unit, refs=refs, note=note, rule=rule,
+                              lower_bound=f.lower_bound, at_most=f.at_most, at_most_strict=f.at_most_strict)
             else:
                 c = Criterion(id=name, label=self.ruleset.fact_labels[name], state=state, value=value,
-                              operator=None, threshold=None, unit=None, refs=refs, note=note, rule=None)
+                              operator=None, threshold=None, unit=None, refs=refs, note=note, rule=None,
+                              lower_bound=f.lower_bound, at_most=f.at_most, at_most_strict=f.at_most_strict)
             if key:
                 bounded_put(self._criteria, key, c)
         return c

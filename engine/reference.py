@@ -47,13 +47,15 @@ def interpret(engine: Engine, features: Features, fired: list[str]) -> Classific
         f: Fact = getattr(features, factor.feature)
         criteria[fid] = Criterion(
             id=fid, label=factor.label, state=rule.rsplit(".", 1)[1], value=f.value, operator=factor.operator,
-            threshold=factor.threshold, unit=factor.unit, refs=f.refs, note=f.note, rule=rule)
+            threshold=factor.threshold, unit=factor.unit, refs=f.refs, note=f.note, rule=rule,
+            lower_bound=f.lower_bound, at_most=f.at_most, at_most_strict=f.at_most_strict)
     facts = {}
     for name in BASE_FACTS:
         f = getattr(features, name)
         facts[name] = Criterion(
             id=name, label=rs.fact_labels[name], state=_fact_state(name, f), value=f.value, operator=None,
-            threshold=None, unit=None, refs=f.refs, note=f.note, rule=None)
+            threshold=None, unit=None, refs=f.refs, note=f.note, rule=None,
+            lower_bound=f.lower_bound, at_most=f.at_most, at_most_strict=f.at_most_strict)
     g = engine._groups[engine._one(by, "group.", "group", features)]
     status = engine._one(by, "status.", "status", features)[len("status."):]
     fired_recs = set(by.get("recommendation.", ()))

@@ -18,8 +18,10 @@ Shape (README, "RiskAssessment written back"):
   ``probabilityDecimal`` = the cohort 5-year OS as a **fraction** (0.673, the convention
   of HL7's own examples; ras-2 checked), ``whenRange`` the rule set's horizon in years
   (UCUM ``a``), ``rationale`` citing the study. Texts and figures come from the rule set.
-* ``mitigation``: the recommendations; ``note``: reason, factors, missing facts,
-  cohort-estimate caveat, status note, warnings.
+* ``mitigation``: the recommendations; ``note``: reason, factors, other facts, missing
+  facts, cohort estimate with its caveat, status note, warnings (the text report's words,
+  :mod:`engine.explain`); ``text``: all of it as a generated XHTML narrative
+  (:mod:`fhir_adapters.writeback.narrative`).
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from typing import Any
 from fhir.resources.R4B.provenance import Provenance
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
+from engine import explain
 from engine.classify import Classification
 from fhir_adapters.project import (ASSESSMENT_SYSTEM, GROUP_SYSTEM, IDENTIFIER_SYSTEM, RULESET_HASH_SYSTEM,
                                    RULESET_SYSTEM, TAG, TAG_SYSTEM, VERSION)
+from fhir_adapters.writeback.narrative import check_xhtml, narrative, normal_text
 UCUM = "http://unitsofmeasure.org"
 
 _KEY_CHARS = re.compile(r"[A-Za-z0-9\-._/]{1,200}")
@@ -100,19 +104,17 @@ def _fraction(percent: Decimal) -> Decimal:
     return (percent / Decimal(100)).normalize()
 
 
-def _factor_text(c) -> str:
-    shown = c.value is not None and not isinstance(c.value, bool)
-    value = f" ({c.value}{' ' + c.unit if c.unit else ''})" if shown else ""
-    return f"{c.label}: {c.state}{value}"
-
-
 def _notes(r: Classification) -> list[dict]:
-    factors = "; ".join(_factor_text(c) for c in r.criteria.values())
-    notes = [f"{r.group} ({r.status}): {r.reason} [rule {r.group_rule}]", f"Prognostic factors at recurrence: {factors}."]
+    """The note: the text report's words (engine.explain), one annotation per part."""
+    factors = "; ".join(explain.factor_text(c) for c in r.criteria.values())
+    facts = "; ".join(explain.factor_text(c) for c in r.facts.values())
+    notes = [f"{explain.headline(r)}: {explain.reason_text(r)}", f"Prognostic factors at recurrence: {factors}.",
+             f"Other facts: {facts}."]
     if r.missing:
-        notes.append("Missing facts: " + " ".join(m.text + (f" ({m.detail})" if m.detail else "") for m in r.missing))
-    if r.cohort_survival:
-        notes.append(r.cohort_survival.caveat)
+        notes.append("Missing facts: " + " ".join(explain.missing_texts(r)))
+    cohort = explain.cohort_text(r)
+    if cohort:
+        notes.append(cohort)
     if r.status_note:
         notes.append(r.status_note)
     notes += [f"Data warning: {w}" for w in r.warnings]
@@ -128,7 +130,7 @@ def build_risk_assessment(r: Classification, *, occurrence: str | None = None, c
     rs = r.ruleset
     prediction: dict[str, Any] = {
         "qualitativeRisk": {"coding": [{"system": GROUP_SYSTEM, "code": r.group,
-                                         "display": r.group_label}], "text": r.group},
+                                         "display": r.group_label}], "text": r.group_label},
     }
     if r.cohort_survival:
         s = r.cohort_survival
@@ -148,6 +150,7 @@ def build_risk_assessment(r: Classification, *, occurrence: str | None = None, c
         "resourceType": "RiskAssessment",
         "id": assessment_id(r.patient, rs.id),
         "meta": {"tag": [{"system": TAG_SYSTEM, "code": TAG}]},
+        "text": narrative(r),
         "identifier": [{"system": IDENTIFIER_SYSTEM, "value": assessment_key(r.patient, rs.id)}],
         "status": r.status,
         "method": {"coding": [{"system": RULESET_SYSTEM, "code": rs.id, "version": rs.version, "display": rs.title}],
@@ -170,9 +173,12 @@ def build_risk_assessment(r: Classification, *, occurrence: str | None = None, c
 
 
 def validated(resource: dict) -> dict:
-    """Validate with the R4B model (raises pydantic.ValidationError) and check ras-2."""
+    """Validate with the R4B model (raises pydantic.ValidationError), check ras-2 and the
+    narrative (txt-1, txt-2: :func:`~fhir_adapters.writeback.narrative.check_xhtml`)."""
     model = {"RiskAssessment": RiskAssessment, "Provenance": Provenance}[resource["resourceType"]]
     model.model_validate(resource)
+    if "text" in resource:   # the R4B model does not look into the XHTML
+        check_xhtml(resource["text"]["div"])
     for p in resource.get("prediction", []):
         value = p.get("probabilityDecimal")
         if value is not None and not (0 <= value <= 1):
@@ -193,11 +199,10 @@ def build_provenance(ra: dict, r: Classification, *, activity: str, target: str 
         "meta": {"tag": [{"system": TAG_SYSTEM, "code": TAG}]},
         "target": [{"reference": target or f"RiskAssessment/{ra['id']}"}],
         "recorded": recorded or _now(),
-        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
-                                 "code": activity}]},
+        "activity": _activity(activity),
         "agent": [{
             "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-                                 "code": "assembler"}]},
+                                 "code": "assembler", "display": "Assembler"}]},
             "who": {"display": f"clm-stratify {VERSION}"},
         }],
         "entity": entities,
@@ -208,8 +213,18 @@ def build_provenance(ra: dict, r: Classification, *, activity: str, target: str 
 def with_activity(provenance: dict, *, activity: str, target: str) -> dict:
     """A Provenance built earlier (a population run's output), for the write it now
     records: its activity (CREATE / UPDATE) and target."""
-    return {**provenance, "target": [{"reference": target}], "activity": {"coding": [
-        {"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": activity}]}}
+    return {**provenance, "target": [{"reference": target}], "activity": _activity(activity)}
+
+
+# The v3-DataOperation codes a write records, with the code system's displays.
+_DATA_OPERATIONS = {"CREATE": "create", "UPDATE": "revise"}
+
+
+def _activity(code: str) -> dict:
+    if code not in _DATA_OPERATIONS:
+        raise ValueError(f"Provenance activity {code!r}: expected one of {', '.join(_DATA_OPERATIONS)}")
+    return {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": code,
+                        "display": _DATA_OPERATIONS[code]}]}
 
 
 # Fields that make two RiskAssessments "the same assessment" (not the time it was made).
@@ -218,10 +233,13 @@ _SIGNIFICANT = ("identifier", "status", "method", "code", "subject", "condition"
 
 
 def same_assessment(current: dict | None, new: dict) -> bool:
-    """True when ``current`` (read from the server) already says what ``new`` says."""
+    """True when ``current`` (read from the server) already says what ``new`` says. The
+    narrative is compared by what it says (:func:`~fhir_adapters.writeback.narrative.normal_text`),
+    not by its markup, which a server may serialise again in its own way."""
     if current is None:
         return False
-    return all(_normal(current.get(k)) == _normal(new.get(k)) for k in _SIGNIFICANT)
+    return (all(_normal(current.get(k)) == _normal(new.get(k)) for k in _SIGNIFICANT)
+            and normal_text(current.get("text")) == normal_text(new.get("text")))
 
 
 def _normal(value: Any) -> Any:

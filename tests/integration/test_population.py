@@ -21,6 +21,7 @@ from clm_stratify.cli import main
 from clm_stratify.population.output import read_lines
 from clm_stratify.population.core import features_line, features_of
 from engine.features import Fact, Features
+from engine.ruleset import load_ruleset
 from fhir_adapters.fhir.client import FhirClient
 from fhir_adapters.fhir.local_server import LocalFhirServer
 from fhir_adapters.project import TAG, TAG_SYSTEM
@@ -129,7 +130,7 @@ def test_restratify_with_a_40mm_threshold_moves_exactly_the_expected_patients(tm
     assert moved == expected and expected, (sorted(moved ^ expected)[:5], len(expected))
     assert all(after[p]["group"] == "borderline-resectable" for p in moved)
     manifest = json.loads((tmp_path / "40" / "manifest.json").read_text())
-    assert manifest["ruleset"]["version"] == "1.3.0" and manifest["restratified_from"]["ruleset"]["version"] == "1.2.0"
+    assert manifest["ruleset"]["version"] == "1.3.0" and manifest["restratified_from"]["ruleset"]["version"] == load_ruleset().version
 
 
 def test_restratify_refuses_another_terminology(tmp_path, population, capsys):

@@ -123,7 +123,7 @@ def test_json_output_shape(capsys):
 def test_text_report_names_deciding_facts_and_cohort_caveat(capsys):
     assert main(["classify", "--bundle", str(FIXTURES / "09-borderline-ehd-lung-snomed.json")]) == 0
     out = capsys.readouterr().out
-    assert "BORDERLINE-RESECTABLE" in out
+    assert "Patient/f09-pat: Borderline resectable (preliminary)" in out and "group borderline-resectable" in out
     assert "[present] extrahepatic disease present" in out
     assert "Cohort estimate" in out and "not a prediction for this patient" in out
 
