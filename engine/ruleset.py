@@ -27,7 +27,8 @@ from typing import Annotated, Any as AnyType, Literal, Mapping, Union
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from engine.features import BOOLEAN_FEATURES, NUMERIC_FEATURES
-from engine.yamlfile import load_model
+from engine.filekind import WrongKindOfFileError, looks_like_terminology, top_level
+from engine.yamlfile import DeclarativeFileError, load_model
 
 GroupId = Literal["resectable", "borderline-resectable", "unresectable", "indeterminate"]
 GROUP_IDS: tuple[str, ...] = GroupId.__args__  # type: ignore[attr-defined]
@@ -329,7 +330,15 @@ class RuleSet(BaseModel):
 
 
 def load_ruleset(path: Path | str | None = None) -> RuleSet:
-    """Load and validate a rule set file (the project's default when ``path`` is None)."""
+    """Load and validate a rule set file (the project's default when ``path`` is None).
+    A terminology file given as a rule set is named as such (:class:`WrongKindOfFileError`)
+    instead of with every field it lacks."""
     from rules import DEFAULT_RULESET
 
-    return load_model(path or DEFAULT_RULESET, RuleSet)
+    try:
+        return load_model(path or DEFAULT_RULESET, RuleSet)
+    except DeclarativeFileError:
+        if path is not None and looks_like_terminology(top_level(path)):
+            raise WrongKindOfFileError(path, "is a terminology file, not a rule set: "
+                                             "give it with --terminology") from None
+        raise

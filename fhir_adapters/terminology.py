@@ -23,7 +23,8 @@ from typing import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.yamlfile import load_model
+from engine.filekind import WrongKindOfFileError, looks_like_ruleset, top_level
+from engine.yamlfile import DeclarativeFileError, load_model
 
 DEFAULT_TERMINOLOGY = Path(__file__).resolve().parent.parent / "rules" / "terminology.yaml"
 
@@ -172,6 +173,13 @@ class Terminology(BaseModel):
 
 
 def load_terminology(path: Path | str | None = None) -> Terminology:
-    """Load and validate a terminology file (the project's default when ``path`` is None)."""
-    return load_model(path or DEFAULT_TERMINOLOGY, Terminology)
+    """Load and validate a terminology file (the project's default when ``path`` is None).
+    A rule set given as a terminology is named as such, in one line."""
+    try:
+        return load_model(path or DEFAULT_TERMINOLOGY, Terminology)
+    except DeclarativeFileError:
+        if path is not None and looks_like_ruleset(top_level(path)):
+            raise WrongKindOfFileError(path, "is a rule set, not a terminology file: give it as the rule set "
+                                             "(--rules, or the file of rules validate)") from None
+        raise
 
