@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from clm_stratify.cli import output
+from clm_stratify.cli.cds_hooks import add_cds_options, cds_config
 from clm_stratify.cli.common import (UsageError, add_rules_options, add_server_options,
                                      load_rules, make_client, subscription_secret)
 from fhir_adapters.project import EXIT_OK
@@ -26,6 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _check_numbers(args)
     secret = subscription_secret(args)
+    cds = cds_config(args) if args.cds_hooks else None
     hmac_secret = os.environ.get(args.hmac_secret_env) if args.hmac_secret_env else None
     if args.hmac_secret_env and not hmac_secret:
         raise UsageError(f"--hmac-secret-env {args.hmac_secret_env}: the variable is not set")
@@ -56,6 +58,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     metrics=metrics, keep=args.keep_days * 86400)
     app = create_app(inbox, ReceiverConfig(secret=secret, hmac_secret=hmac_secret, hmac_header=args.hmac_header,
                                            max_body=args.max_body), health, metrics)
+    if cds is not None:   # CDS Hooks on the same port; the rule set in force is read per call
+        from clm_stratify.service.cds_hooks import cds_router
+        app.include_router(cds_router(cds, lambda: stratifier.rules))
+        output.err(f"CDS Hooks service on http://{args.host}:{args.port}/cds-services")
     output.err(f"clm-stratify receiver on http://{args.host}:{args.port}/notify (inbox {args.inbox}); "
                f"FHIR server {client.base_url}")
     worker.start()
@@ -107,6 +113,9 @@ def add_parser(subparsers) -> None:
                    help="log level (default info: one line per evaluation, no patient identifiers)")
     p.add_argument("--health-interval", type=float, default=10.0, metavar="S",
                    help="probe the FHIR server for /healthz at most this often (default 10 s)")
+    p.add_argument("--cds-hooks", action="store_true",
+                   help="also serve the CDS Hooks service at /cds-services (see clm-stratify cds-hooks)")
+    add_cds_options(p)
     add_server_options(p)
     add_rules_options(p)
     p.set_defaults(func=cmd_serve)

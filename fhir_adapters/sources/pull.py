@@ -207,11 +207,29 @@ def patient_record(client: FhirClient, ref: PatientRef, resources: list[dict]) -
     return record
 
 
+def patient_queries(terminology: Terminology, patient_id: str) -> tuple[list[str], list[tuple[str, dict[str, str]]]]:
+    """What :func:`fetch_patient` asks first for one patient: the reads (``Patient/<id>``)
+    and the searches. The CDS Hooks prefetch templates are these, with the id a token.
+
+    >>> from fhir_adapters.terminology import load_terminology
+    >>> reads, searches = patient_queries(load_terminology(), "p1")
+    >>> reads, [rtype for rtype, _ in searches][:2]
+    (['Patient/p1'], ['Observation', 'Condition'])
+    """
+    return [f"Patient/{patient_id}"], Searches(terminology).for_patients([patient_id])
+
+
+def dependents(client: FhirClient, terminology: Terminology, resources: list[dict]) -> list[dict]:
+    """``resources`` with what they lead to: resources that name the patient only by
+    identifier, and the Medications and focus BodyStructures referenced."""
+    resources = resources + _named_by_identifier(client, terminology, resources)
+    return _with_references(client, resources)
+
+
 def fetch_patient(client: FhirClient, ref: PatientRef, terminology: Terminology) -> list[dict]:
     """All resources the mapping needs for one patient."""
-    resources = _run_searches(client, Searches(terminology).for_patients([ref.id]), extra_reads=[ref.reference])
-    resources += _named_by_identifier(client, terminology, resources)
-    return _with_references(client, resources)
+    reads, searches = patient_queries(terminology, ref.id)
+    return dependents(client, terminology, _run_searches(client, searches, extra_reads=reads))
 
 
 def _identifiers(patient: dict) -> set[tuple[str | None, str]]:

@@ -1,0 +1,264 @@
+"""A CDS Hooks 2.0 service: the classification inside the EHR at the point of care.
+
+Routes (an :class:`~fastapi.APIRouter`, mounted by ``serve --cds-hooks`` next to
+``/notify`` and by ``clm-stratify cds-hooks`` alone):
+
+* ``GET /cds-services``: discovery, one ``patient-view`` service (:data:`SERVICE_ID`)
+  with its prefetch templates (:mod:`clm_stratify.service.cds_prefetch`).
+* ``POST /cds-services/{id}``: the call; ``{"cards": [...]}`` (:mod:`clm_stratify.service.cds_cards`).
+
+Order of checks, each answered with an OperationOutcome saying why: 401 (the CDS
+client's JWT, :mod:`clm_stratify.service.cds_auth`; every route, discovery too, unless
+the sandbox mode ``--cds-no-auth`` was asked for), 404 (no such service), 413 (body over
+the limit), 415 (not JSON), 400 (malformed JSON, a request the spec does not allow, a
+malformed prefetch), 412 (the data the mapping needs is neither prefetched nor
+obtainable from the client's FHIR server), 500 (a fault of the service).
+
+The FHIR server of a request is called only when it is one of the configured servers
+(``--fhir-url`` and ``--cds-fhir-server``), with the request's ``fhirAuthorization``
+token and never the service's own credentials: a request cannot make the service call
+an arbitrary URL, nor see more than its user may. The service reads and never writes (a
+chart opening writes nothing); the rule set is taken once per call, so a SIGHUP reload
+never gives a call the engine of one version and the terminology of another.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from clm_stratify.pipeline import Rules, evaluate
+from clm_stratify.service.cds_auth import AuthFailed, JwtVerifier
+from clm_stratify.service.cds_cards import cards
+from clm_stratify.service.cds_prefetch import CdsError, Gathered, Prefetch, discovery_prefetch
+from clm_stratify.service.receiver import operation_outcome
+from engine.classify import Classification
+from fhir_adapters.fhir.auth import BearerToken
+from fhir_adapters.fhir.client import FhirClient, FhirError
+from fhir_adapters.fhir.codec import loads
+from fhir_adapters.fhir.reference import PatientRef
+from fhir_adapters.writeback.resources import build_risk_assessment, same_assessment
+from fhir_adapters.writeback.writer import AssessmentWriter
+
+log = logging.getLogger("clm_stratify.service.cds_hooks")
+
+SERVICE_ID = "clm-resectability"
+HOOK = "patient-view"
+TITLE = "Recurrent colorectal liver metastases: resectability group"
+DESCRIPTION = ("Classifies a recurrence of colorectal liver metastases as resectable, borderline resectable, "
+               "unresectable or indeterminate (Kobayashi et al., Ann Surg Oncol 2024) from the patient's FHIR "
+               "data, and shows the group, its factors, missing facts and recommendations.")
+USAGE = ("Needs the prefetch below, or fhirServer with fhirAuthorization (read access to the patient's "
+         "Patient, Observation, Condition, Procedure, MedicationAdministration, MedicationStatement, "
+         "DiagnosticReport, Medication, BodyStructure and RiskAssessment). Answers 412 when neither gives "
+         "the whole record.")
+
+
+@dataclass(frozen=True)
+class CdsConfig:
+    """How the service is reached and what it may call."""
+
+    public_url: str                        # the base URL CDS clients call (the JWT's aud)
+    verifier: JwtVerifier | None           # None: sandbox mode, no authentication
+    fhir_servers: tuple[str, ...] = ()     # FHIR base URLs a request's fhirServer may name
+    max_body: int = 5_000_000
+    verify_tls: bool | str = True
+    timeout: tuple[float, float] = (5.0, 20.0)
+
+    def allowed(self, fhir_server: str) -> bool:
+        return fhir_server.rstrip("/") in {s.rstrip("/") for s in self.fhir_servers}
+
+
+# --------------------------------------------------------------------------- the request
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)   # the spec allows extensions
+
+
+class FhirAuthorization(_Open):
+    access_token: StrictStr
+    token_type: StrictStr
+    expires_in: StrictInt
+    scope: StrictStr
+    subject: StrictStr
+    patient: StrictStr | None = None
+
+
+class PatientViewContext(_Open):
+    userId: StrictStr
+    patientId: StrictStr
+    encounterId: StrictStr | None = None
+
+
+class HookRequest(_Open):
+    hook: StrictStr
+    hookInstance: StrictStr
+    fhirServer: StrictStr | None = None
+    fhirAuthorization: FhirAuthorization | None = None
+    context: PatientViewContext
+    prefetch: dict[str, Any] | None = None
+
+
+def parse_request(body: Any) -> HookRequest:
+    """The request, checked against the spec and the ``patient-view`` hook; :class:`CdsError` 400."""
+    if not isinstance(body, dict):
+        raise CdsError(400, "the request body is not a JSON object")
+    try:
+        req = HookRequest.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+        raise CdsError(400, f"not a CDS Hooks request: {problems}") from None
+    if req.hook != HOOK:
+        raise CdsError(400, f"hook {req.hook!r}: this service answers {HOOK} only")
+    if not req.hookInstance.strip():
+        raise CdsError(400, "hookInstance is empty")
+    if req.fhirAuthorization is not None:
+        if not req.fhirServer:
+            raise CdsError(400, "fhirAuthorization without fhirServer (the spec requires fhirServer with it)")
+        if req.fhirAuthorization.token_type.lower() != "bearer":
+            raise CdsError(400, f"fhirAuthorization.token_type {req.fhirAuthorization.token_type!r}: must be Bearer")
+        if req.fhirAuthorization.patient not in (None, req.context.patientId):
+            raise CdsError(400, "fhirAuthorization.patient names another patient than context.patientId")
+    if req.fhirServer is not None and not req.fhirServer.lower().startswith(("http://", "https://")):
+        raise CdsError(400, f"fhirServer {req.fhirServer!r} is not an http(s) URL")
+    try:
+        PatientRef(req.context.patientId)
+    except ValueError as exc:
+        raise CdsError(400, f"context.patientId: {exc}") from None
+    return req
+
+
+# --------------------------------------------------------------------------- answering
+def _client(config: CdsConfig, req: HookRequest) -> tuple[FhirClient | None, str]:
+    """The CDS client's FHIR server with its token, or None and why there is none."""
+    if not req.fhirServer or req.fhirAuthorization is None:
+        return None, "the request gives no fhirServer with fhirAuthorization to fetch it from"
+    if not config.allowed(req.fhirServer):
+        return None, (f"fhirServer {req.fhirServer} is not one this service may call "
+                      "(--fhir-url / --cds-fhir-server)")
+    return FhirClient(req.fhirServer, BearerToken(req.fhirAuthorization.access_token), verify=config.verify_tls,
+                      timeout=config.timeout, retries=1, backoff=0.2, max_backoff=2.0), ""
+
+
+def assessment_url(result: Classification, req: HookRequest, client: FhirClient | None,
+                   gathered: Gathered) -> str | None:
+    """The RiskAssessment on the client's FHIR server when it says what ``result`` says."""
+    if not result.assessed or not req.fhirServer:
+        return None
+    ra = build_risk_assessment(result, check=False)
+    if gathered.assessments is not None:
+        candidates = gathered.assessments
+    elif client is not None:
+        try:
+            candidates = [AssessmentWriter(client).strategy.find_current(ra)]
+        except FhirError as exc:
+            log.warning("the current RiskAssessment could not be looked up: %s", exc)
+            return None
+    else:
+        return None
+    same = next((c for c in candidates if same_assessment(c, ra) and isinstance(c.get("id"), str)), None)
+    return f"{req.fhirServer.rstrip('/')}/RiskAssessment/{same['id']}" if same else None
+
+
+def answer(config: CdsConfig, rules: Rules, req: HookRequest) -> tuple[dict, Gathered]:
+    """The response to one checked request, and where its data came from."""
+    patient = PatientRef(req.context.patientId)
+    client, why = _client(config, req)
+    try:
+        prefetch = Prefetch(rules.terminology, patient, req.prefetch, client, why)
+        gathered = prefetch.gather()
+        result = evaluate(prefetch.record(req.fhirServer), rules, patient)
+        return cards(result, assessment_url(result, req, client, gathered)), gathered
+    finally:
+        if client is not None:
+            client.close()
+
+
+def discovery(rules: Rules) -> dict:
+    return {"services": [{"hook": HOOK, "id": SERVICE_ID, "title": TITLE, "description": DESCRIPTION,
+                          "prefetch": discovery_prefetch(rules.terminology, rules.engine.ref.id),
+                          "usageRequirements": USAGE}]}
+
+
+def _error(exc: CdsError | AuthFailed) -> JSONResponse:
+    if isinstance(exc, AuthFailed):
+        return operation_outcome(401, "security", str(exc), headers={"WWW-Authenticate": "Bearer"})
+    code = {400: "invalid", 404: "not-found", 412: "incomplete", 413: "too-costly", 415: "not-supported"}
+    return operation_outcome(exc.status, code.get(exc.status, "exception"), str(exc))
+
+
+def cds_router(config: CdsConfig, rules_of: Callable[[], Rules]) -> APIRouter:
+    """The CDS Hooks routes; ``rules_of()`` gives the rule set in force (read once per call)."""
+    router = APIRouter()
+    base = config.public_url.rstrip("/")
+
+    def authenticate(request: Request, path: str) -> None:
+        if config.verifier is not None:
+            config.verifier.verify(request.headers.get("authorization"), f"{base}{path}")
+
+    @router.get("/cds-services")
+    async def discover(request: Request) -> Response:
+        try:
+            authenticate(request, "/cds-services")
+        except AuthFailed as exc:
+            return _error(exc)
+        return JSONResponse(discovery(rules_of()))
+
+    @router.post("/cds-services/{service_id}")
+    async def call(service_id: str, request: Request) -> Response:
+        started = time.monotonic()
+        try:
+            authenticate(request, f"/cds-services/{service_id}")
+            if service_id != SERVICE_ID:
+                raise CdsError(404, f"no CDS service {service_id!r} here (GET /cds-services lists {SERVICE_ID})")
+            req = parse_request(await _body(request, config.max_body))
+            rules = rules_of()
+            response, gathered = await run_in_threadpool(answer, config, rules, req)
+        except (CdsError, AuthFailed) as exc:
+            # No patient identifiers in the log: the reasons of 400 and 404 may quote the request.
+            status = 401 if isinstance(exc, AuthFailed) else exc.status
+            log.info("CDS call refused: %s%s", status, f" {exc}" if status in (401, 412) else "")
+            return _error(exc)
+        except Exception:   # a fault of ours: 500, logged without patient data
+            log.exception("CDS call failed")
+            return operation_outcome(500, "exception", "the service failed; nothing was classified")
+        log.info("CDS %s: %d card(s) in %.0f ms; prefetched %d, fetched %d", HOOK, len(response["cards"]),
+                 (time.monotonic() - started) * 1000, len(gathered.from_prefetch), len(gathered.from_server))
+        return JSONResponse(response)
+
+    return router
+
+
+async def _body(request: Request, limit: int) -> Any:
+    mime = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if mime != "application/json" and not (mime.startswith("application/") and mime.endswith("+json")):
+        raise CdsError(415, f"content type {mime}: a CDS Hooks request is application/json")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise CdsError(413, f"request body over {limit} bytes")
+    try:
+        return loads(bytes(body))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise CdsError(400, "the request body is not valid JSON") from None
+
+
+def create_cds_app(config: CdsConfig, rules_of: Callable[[], Rules]) -> "FastAPI":
+    """The service alone (``clm-stratify cds-hooks``): the routes and ``GET /healthz``."""
+    from fastapi import FastAPI
+
+    app = FastAPI(title="clm-stratify CDS Hooks service", docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(cds_router(config, rules_of))
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    return app

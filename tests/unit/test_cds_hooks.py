@@ -1,0 +1,300 @@
+"""The CDS Hooks service in process (FastAPI's TestClient, no server process): request
+checks and their status codes, the JWT, discovery, prefetch shapes, cards per group.
+The FHIR-server fallback is in tests/integration/test_cds_hooks.py."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import uuid
+from pathlib import Path
+
+import jwt
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from fastapi.testclient import TestClient
+
+from clm_stratify.pipeline import Rules, evaluate
+from clm_stratify.service.cds_auth import JwtVerifier
+from clm_stratify.service.cds_hooks import SERVICE_ID, CdsConfig, create_cds_app
+from clm_stratify.service.cds_prefetch import templates
+from engine import explain
+from fhir_adapters.sources.bundle import read_bundle_file
+from fixtures import FIXTURES_DIR
+from tests.support.cds_validator.spec_checks import check_card, check_discovery
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "cds_hooks"
+EXPECTED = yaml.safe_load((FIXTURES_DIR / "expected.yaml").read_text())
+BASE = "http://cds.test"
+ISS = "https://ehr.test/"
+RULES = Rules.load()
+
+
+def prefetch_of(fixture: str) -> tuple[str, dict]:
+    """(patient id, a full prefetch) built from a fixture Bundle: each template's resources
+    in a searchset Bundle; Medications and BodyStructures as ``include`` entries."""
+    entries = json.loads((FIXTURES_DIR / fixture).read_text())["entry"]
+    resources = [e["resource"] for e in entries]
+    patient = next(r for r in resources if r["resourceType"] == "Patient")
+    out: dict = {}
+    for t in templates(RULES.terminology):
+        if t.params is None:
+            out[t.key] = patient
+            continue
+        matches = [{"resource": r, "search": {"mode": "match"}} for r in resources if r["resourceType"] == t.rtype]
+        if t.rtype == "MedicationAdministration":
+            matches += [{"resource": r, "search": {"mode": "include"}} for r in resources
+                        if r["resourceType"] in ("Medication", "BodyStructure")]
+        out[t.key] = {"resourceType": "Bundle", "type": "searchset", "entry": matches} if matches else None
+    return patient["id"], out
+
+
+def request(patient_id: str, prefetch: dict | None = None, **extra) -> dict:
+    body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
+            "context": {"userId": "Practitioner/example", "patientId": patient_id}, **extra}
+    if prefetch is not None:
+        body["prefetch"] = prefetch
+    return body
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> TestClient:
+    return TestClient(create_cds_app(CdsConfig(public_url=BASE, verifier=None), lambda: RULES))
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return {"RS384": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            "ES384": ec.generate_private_key(ec.SECP384R1())}
+
+
+@pytest.fixture(scope="module")
+def secured(keys) -> TestClient:
+    jwks = {"keys": []}
+    for alg, key in keys.items():
+        jwk = json.loads(jwt.algorithms.get_default_algorithms()[alg].to_jwk(key.public_key()))
+        jwks["keys"].append({**jwk, "kid": alg, "alg": alg, "use": "sig"})
+    verifier = JwtVerifier({ISS: jwt.PyJWKSet.from_dict(jwks)})
+    return TestClient(create_cds_app(CdsConfig(public_url=BASE, verifier=verifier), lambda: RULES))
+
+
+def token(keys, alg="ES384", aud=f"{BASE}/cds-services/{SERVICE_ID}", **claims) -> str:
+    now = int(time.time())
+    payload = {"iss": ISS, "aud": aud, "exp": now + 300, "iat": now, "jti": str(uuid.uuid4()), **claims}
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return jwt.encode(payload, keys[alg], algorithm=alg, headers={"kid": alg, "typ": "JWT"})
+
+
+def post(client: TestClient, body, auth: str | None = None, service: str = SERVICE_ID):
+    headers = {"Authorization": f"Bearer {auth}"} if auth else {}
+    return client.post(f"/cds-services/{service}", json=body, headers=headers)
+
+
+# --------------------------------------------------------------------------- discovery
+def test_discovery_lists_the_service_with_the_pipelines_searches(sandbox):
+    body = sandbox.get("/cds-services").json()
+    check_discovery(body)
+    (service,) = body["services"]
+    assert service["hook"] == "patient-view" and service["id"] == SERVICE_ID
+    prefetch = service["prefetch"]
+    assert prefetch["patient"] == "Patient/{{context.patientId}}"
+    for t in templates(RULES.terminology):   # every search of `run`, with the id a token
+        assert prefetch[t.key].startswith(f"{t.rtype}") and "{{context.patientId}}" in prefetch[t.key]
+    assert "code=http://loinc.org|21889-1" in prefetch["observation"]
+    assert prefetch["assessment"].startswith("RiskAssessment?identifier=")
+
+
+def test_our_checks_accept_the_specifications_own_examples():
+    check_discovery(json.loads((DATA / "spec-discovery.json").read_text()))
+    for c in json.loads((DATA / "spec-response.json").read_text())["cards"]:
+        check_card(c)
+    # The spec's autolaunchable example leaves out `indicator`, which its own table makes
+    # REQUIRED: with it added, the card passes.
+    (auto,) = json.loads((DATA / "spec-response-autolaunchable.json").read_text())["cards"]
+    with pytest.raises(AssertionError):
+        check_card(auto)
+    check_card({**auto, "indicator": "info"})
+
+
+# --------------------------------------------------------------------------- bad requests
+@pytest.mark.parametrize("mutate, status, says", [
+    (lambda b: b.pop("hookInstance"), 400, "hookInstance"),
+    (lambda b: b.update(hook="order-sign"), 400, "patient-view only"),
+    (lambda b: b["context"].pop("patientId"), 400, "context.patientId"),
+    (lambda b: b["context"].update(patientId="../Patient/x"), 400, "context.patientId"),
+    (lambda b: b.update(fhirAuthorization={"access_token": "t", "token_type": "Bearer", "expires_in": 300,
+                                           "scope": "user/*.read", "subject": "s"}), 400, "without fhirServer"),
+    (lambda b: b.update(fhirServer="http://127.0.0.1:1/fhir", fhirAuthorization={
+        "access_token": "t", "token_type": "MAC", "expires_in": 300, "scope": "s", "subject": "s"}), 400, "Bearer"),
+    (lambda b: b.update(context=["not", "an", "object"]), 400, "context"),
+    (lambda b: b["prefetch"].update(condition=[1, 2]), 400, "prefetch condition"),
+    (lambda b: b["prefetch"].update(condition={"resourceType": "Bundle", "type": "collection", "entry": []}),
+     400, "searchset"),
+    (lambda b: b["prefetch"].update(patient={"resourceType": "Patient", "id": "someone-else"}), 400, "someone-else"),
+    (lambda b: b["prefetch"].pop("observation"), 412, "prefetch observation"),
+])
+def test_bad_requests_get_the_specs_status_with_a_reason(sandbox, mutate, status, says):
+    pid, prefetch = prefetch_of("12-borderline-three-factors-adjuvant.json")
+    body = request(pid, prefetch)
+    mutate(body)
+    r = post(sandbox, body)
+    assert r.status_code == status, r.text
+    assert says in r.json()["issue"][0]["diagnostics"]
+
+
+def test_malformed_json_unknown_service_and_wrong_media_type(sandbox):
+    assert sandbox.post(f"/cds-services/{SERVICE_ID}", content=b"{not json",
+                        headers={"Content-Type": "application/json"}).status_code == 400
+    assert sandbox.post(f"/cds-services/{SERVICE_ID}", content=b"x", headers={"Content-Type": "text/plain"}
+                        ).status_code == 415
+    r = post(sandbox, request("p1", {}), service="no-such-service")
+    assert r.status_code == 404 and SERVICE_ID in r.json()["issue"][0]["diagnostics"]
+
+
+def test_the_specifications_example_request_is_refused_412_not_guessed(sandbox):
+    """The spec's request prefetches only a Patient and names a FHIR server this service
+    may not call: the record would be partial, so 412, never a card."""
+    body = json.loads((DATA / "spec-request-patient-view.json").read_text())
+    r = post(sandbox, body)
+    assert r.status_code == 412
+    assert "not one this service may call" in r.json()["issue"][0]["diagnostics"]
+
+
+# --------------------------------------------------------------------------- the JWT
+def test_a_valid_jwt_is_accepted_for_each_algorithm(secured, keys):
+    pid, prefetch = prefetch_of("02-resectable-final-two-lesions.json")
+    for alg in ("RS384", "ES384"):
+        assert post(secured, request(pid, prefetch), token(keys, alg)).status_code == 200
+    assert secured.get("/cds-services", headers={
+        "Authorization": f"Bearer {token(keys, aud=f'{BASE}/cds-services')}"}).status_code == 200
+
+
+@pytest.mark.parametrize("case", ["none", "garbage", "wrong-aud", "expired", "future-iat", "no-jti", "other-iss",
+                                  "unknown-kid", "hmac", "alg-none", "replay", "discovery-without"])
+def test_jwt_problems_are_401(secured, keys, case):
+    pid, prefetch = prefetch_of("02-resectable-final-two-lesions.json")
+    now = int(time.time())
+    auth = {"none": None, "garbage": "abc.def.ghi",
+            "wrong-aud": token(keys, aud=f"{BASE}/cds-services/other"),
+            "expired": token(keys, exp=now - 120, iat=now - 400),
+            "future-iat": token(keys, iat=now + 600, exp=now + 900),
+            "no-jti": token(keys, jti=None), "other-iss": token(keys, iss="https://evil.test/"),
+            "hmac": jwt.encode({"iss": ISS, "aud": f"{BASE}/cds-services/{SERVICE_ID}", "exp": now + 60,
+                                "iat": now, "jti": "x"}, "secret" * 8, algorithm="HS256", headers={"kid": "ES384"}),
+            "alg-none": jwt.encode({"iss": ISS, "aud": f"{BASE}/cds-services/{SERVICE_ID}", "exp": now + 60,
+                                    "iat": now, "jti": "y"}, None, algorithm="none", headers={"kid": "ES384"}),
+            }.get(case)
+    if case == "unknown-kid":
+        auth = jwt.encode({"iss": ISS, "aud": f"{BASE}/cds-services/{SERVICE_ID}", "exp": now + 60, "iat": now,
+                           "jti": str(uuid.uuid4())}, keys["ES384"], algorithm="ES384", headers={"kid": "nope"})
+    if case == "replay":
+        auth = token(keys)
+        assert post(secured, request(pid, prefetch), auth).status_code == 200
+    if case == "discovery-without":
+        r = secured.get("/cds-services")
+    else:
+        r = post(secured, request(pid, prefetch), auth)
+    assert r.status_code == 401, r.text
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+# --------------------------------------------------------------------------- prefetch shapes
+def test_null_without_a_fhir_server_is_no_data_and_outcome_is_refused(sandbox):
+    pid, prefetch = prefetch_of("12-borderline-three-factors-adjuvant.json")
+    prefetch["diagnosticReport"] = None
+    assert post(sandbox, request(pid, prefetch)).status_code == 200
+    prefetch["condition"] = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "timeout"}]}
+    r = post(sandbox, request(pid, prefetch))
+    assert r.status_code == 412 and "OperationOutcome" in r.json()["issue"][0]["diagnostics"]
+
+
+@pytest.mark.parametrize("damage", ["next-link", "total-beyond-entries", "error-outcome-entry"])
+def test_an_incomplete_prefetched_bundle_is_never_classified_alone(sandbox, damage):
+    pid, prefetch = prefetch_of("12-borderline-three-factors-adjuvant.json")
+    bundle = prefetch["observation"]
+    if damage == "next-link":
+        bundle["link"] = [{"relation": "next", "url": "http://127.0.0.1:1/fhir/Observation?page=2"}]
+    elif damage == "total-beyond-entries":
+        bundle["total"] = len(bundle["entry"]) + 1
+    else:
+        bundle["entry"].append({"resource": {"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "too-costly"}]}, "search": {"mode": "outcome"}})
+    assert post(sandbox, request(pid, prefetch)).status_code == 412
+
+
+def test_a_referenced_medication_missing_from_prefetch_is_412(sandbox):
+    """Fixture 32 points at BodyStructures (Observation.focus) that a prefetch can only
+    carry as included resources: without them and without a FHIR server, 412."""
+    pid, prefetch = prefetch_of("32-mcode-adapted-tumor-focus.json")
+    assert post(sandbox, request(pid, copy.deepcopy(prefetch))).status_code == 200
+    entries = prefetch["medicationAdministration"]["entry"]
+    prefetch["medicationAdministration"]["entry"] = [e for e in entries if e["search"]["mode"] == "match"]
+    r = post(sandbox, request(pid, prefetch))
+    assert r.status_code == 412 and "BodyStructure?_id=" in r.json()["issue"][0]["diagnostics"]
+
+
+def test_resources_of_another_patient_in_prefetch_are_not_this_patients(sandbox):
+    """Fixture 43 mixes in another patient's measurements; the card must match `classify`
+    of the fixture (which refuses them) and name them in the warnings."""
+    pid, prefetch = prefetch_of("43-other-patient-resources-mixed-in.json")
+    (c,) = post(sandbox, request(pid, prefetch)).json()["cards"]
+    result = evaluate(read_bundle_file(FIXTURES_DIR / "43-other-patient-resources-mixed-in.json"), RULES)
+    assert result.group == EXPECTED["43-other-patient-resources-mixed-in.json"]["group"]
+    assert c["summary"] == f"CLM recurrence: {explain.headline(result)}"
+
+
+# --------------------------------------------------------------------------- cards
+GROUP_FIXTURES = {g: sorted(n for n, w in EXPECTED.items() if w["group"] == g and w.get("assessed", True))[:3]
+                  for g in ("resectable", "borderline-resectable", "unresectable", "indeterminate")}
+
+
+@pytest.mark.parametrize("fixture", [n for names in GROUP_FIXTURES.values() for n in names])
+def test_card_says_what_classify_says(sandbox, fixture):
+    pid, prefetch = prefetch_of(fixture)
+    r = post(sandbox, request(pid, prefetch))
+    assert r.status_code == 200, r.text
+    (c,) = r.json()["cards"]
+    check_card(c)
+    result = evaluate(read_bundle_file(FIXTURES_DIR / fixture), RULES)
+    assert result.group == EXPECTED[fixture]["group"]
+    assert c["summary"] == f"CLM recurrence: {explain.headline(result)}"
+    assert c["indicator"] == ("info" if result.group == "resectable" and result.status == "final" else "warning")
+    assert c["source"]["url"] == f"https://doi.org/{result.ruleset.doi}"
+    assert "links" not in c and "not written to the FHIR server yet" in c["detail"]
+    for rec in result.recommendations:
+        assert rec.text.split()[0] in c["detail"]
+
+
+def test_no_recurrence_gives_no_card(sandbox):
+    name = next(n for n, w in EXPECTED.items() if w.get("assessed") is False)
+    pid, prefetch = prefetch_of(name)
+    assert post(sandbox, request(pid, prefetch)).json() == {"cards": []}
+
+
+def test_hostile_strings_in_a_record_cannot_inject_markdown_or_html():
+    """A Condition id and an unreadable resource's text reach the detail (evidence and
+    warnings); rendered as GitHub Flavored Markdown they stay text."""
+    cmarkgfm = pytest.importorskip("cmarkgfm")
+    from clm_stratify.service.cds_cards import card, md
+
+    hostile = "<img src=x onerror=alert(1)> [click](http://evil.example) www.evil.example **bold** `code` | a |"
+    rendered = cmarkgfm.github_flavored_markdown_to_html(f"- {md(hostile)}")
+    assert "<img" not in rendered and "<a " not in rendered and "<strong>" not in rendered and "<code>" not in rendered
+    fixture = json.loads((FIXTURES_DIR / "13-unresectable-final-extensive.json").read_text())
+    for e in fixture["entry"]:
+        if e["resource"]["resourceType"] == "Condition":
+            e["resource"]["id"] = "x-www.evil.example"
+    from fhir_adapters.sources.record import PatientRecord
+    result = evaluate(PatientRecord.from_resources([e["resource"] for e in fixture["entry"]]), RULES)
+    html = cmarkgfm.github_flavored_markdown_to_html(card(result)["detail"])
+    assert "<a " not in html and "www.evil.example" in html
+
+
+def test_summary_is_under_140_characters_for_every_group_label():
+    from clm_stratify.service.cds_cards import SUMMARY_PREFIX
+
+    for fixture in (n for names in GROUP_FIXTURES.values() for n in names):
+        result = evaluate(read_bundle_file(FIXTURES_DIR / fixture), RULES)
+        assert len(SUMMARY_PREFIX + explain.headline(result)) < 140
