@@ -16,7 +16,9 @@ takes the pair once, at its start, so a reload (``serve`` on SIGHUP) can never g
 patient the engine of one version and the codes of another.
 
 A patient with no liver recurrence in the record gets no RiskAssessment
-(``no-recurrence``); one whose recurrence is unconfirmed gets an indeterminate one.
+(``no-recurrence``); one whose recurrence is unconfirmed gets an indeterminate one. A
+patient the server does not have (``Patient/<id>`` answers 404 or 410 and no resource
+names it) is ``not-found``: a failure, with an error saying so.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class PatientResult:
     """What the pipeline did for one patient."""
 
     patient: PatientRef
-    action: str                       # created | updated | unchanged | would-create | would-update | no-recurrence | failed
+    action: str                       # created | updated | unchanged | would-create | would-update | no-recurrence
+                                      # | failed | not-found
     group: str | None = None
     status: str | None = None
     risk_assessment: str | None = None
@@ -83,16 +86,33 @@ class PatientResult:
 
     @property
     def failed(self) -> bool:
-        return self.action == "failed"
+        return self.action in NOT_DONE
+
+    @property
+    def assessed(self) -> bool:
+        """Classified and given (or, in a dry run, would be given) a RiskAssessment."""
+        return self.action not in NOT_DONE and self.action != "no-recurrence"
+
+
+# Actions of a patient that was not classified, or whose assessment was not written.
+NOT_DONE = ("failed", "not-found")
 
 
 @dataclass
 class RunSummary:
+    """The results of a run. Every patient is counted once: ``groups`` (assessed patients
+    only) + ``no-recurrence`` + failures = :attr:`total`."""
+
     results: list[PatientResult] = field(default_factory=list)
 
     @property
     def groups(self) -> Counter:
-        return Counter(r.group for r in self.results if r.group)
+        """Assessed patients per group (no-recurrence and failed patients are not in it)."""
+        return Counter(r.group for r in self.results if r.assessed and r.group)
+
+    @property
+    def total(self) -> int:
+        return len(self.results)
 
     @property
     def actions(self) -> Counter:
@@ -127,9 +147,8 @@ class Stratifier:
         with self._lock(patient):
             try:
                 resources = fetch_patient(self.client, patient, rules.terminology)
-                if not resources:
-                    return PatientResult(patient, "failed", error=f"{patient}: no such patient and no data on "
-                                                                  "the server")
+                if not resources:   # Patient/<id> answered 404 or 410, and no resource names it
+                    return PatientResult(patient, "not-found", error=f"no patient {patient} on {self.client.base_url}")
                 result = evaluate(patient_record(self.client, patient, resources), rules, patient)
                 if not result.assessed:
                     return _result(patient, result, None)
@@ -148,16 +167,18 @@ class Stratifier:
         to disk; otherwise ``chunk`` patients per search. Either way the patients are
         classified and written ``chunk`` at a time (one read batch and one transaction
         per chunk); a failure is reported per patient and the others go on.
+        ``progress(done, total)``: ``total`` is the cohort, the number of results.
         """
         rules = self.rules
         if patients is None and (bulk if bulk is not None else self.client.capabilities().export):
             with Spool(base=self.client.base_url) as spool:
                 export_to_spool(self.client, rules.terminology, spool)
                 self.last_source = "bulk-export"
-                everyone = spool.patients()  # every exported patient; the cohort is filtered as it streams
-                cohort = ((ref, record) for ref, record in spool.records(everyone)
-                          if mentions_metastasis(record, rules.terminology))
-                return self._run(rules, cohort, len(everyone), chunk, progress)
+                # The export holds every patient with a mapped resource; the cohort (a metastasis
+                # Condition) is found first, so that progress counts what the run reports.
+                cohort = [ref for ref, record in spool.records(spool.patients())
+                          if mentions_metastasis(record, rules.terminology)]
+                return self._run(rules, spool.records(cohort), len(cohort), chunk, progress)
         if patients is None:
             patients = patients_with_liver_metastasis(self.client, rules.terminology)
         self.last_source = "search"
@@ -191,9 +212,7 @@ class Stratifier:
                     summary.results.append(_result(ref, result, w))
             done += len(batch)
             if progress:
-                progress(min(done, total), total)
-        if progress and done < total:
-            progress(total, total)  # the cohort was smaller than the export
+                progress(done, total)
         return summary
 
 

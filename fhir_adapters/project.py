@@ -29,4 +29,5 @@ EXIT_OK = 0          # success
 EXIT_FAILED = 1      # a patient, a run or an interop check failed
 EXIT_BAD_INPUT = 2   # bad input: a file, a rule set, arguments
 EXIT_SERVER = 3      # the FHIR server could not be used
+EXIT_NOT_FOUND = 4   # run --patient: the server has no such patient (404/410 and no data naming it)
 EXIT_CLOSED_PIPE = 141   # the work was done but the reader closed standard output early (128 + SIGPIPE)

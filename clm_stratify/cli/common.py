@@ -23,7 +23,8 @@ def add_rules_options(p: argparse.ArgumentParser) -> None:
 
 def add_format_option(p: argparse.ArgumentParser) -> None:
     """``--format text|json``."""
-    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--format", choices=("text", "json"), default="text",
+                   help="text for people; json: one JSON document on standard output, messages on standard error")
 
 
 def add_server_options(p: argparse.ArgumentParser) -> None:
@@ -32,17 +33,21 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
                    help="none (default), bearer (token from --token-env), or SMART Backend Services")
     p.add_argument("--token-env", default="CLM_FHIR_TOKEN", metavar="VAR",
                    help="environment variable holding the bearer token (default CLM_FHIR_TOKEN)")
-    p.add_argument("--smart-client-id", metavar="ID")
+    p.add_argument("--smart-client-id", metavar="ID", help="--auth smart: the client id registered with the server")
     p.add_argument("--smart-key", metavar="PEM", help="private key (PEM) registered with the server")
     p.add_argument("--smart-token-url", metavar="URL",
                    help="token endpoint (default: from .well-known/smart-configuration)")
-    p.add_argument("--smart-scope", default="system/*.read system/RiskAssessment.write system/Provenance.write")
-    p.add_argument("--smart-alg", default="RS384", choices=("RS384", "ES384", "RS256", "ES256"))
+    p.add_argument("--smart-scope", default="system/*.read system/RiskAssessment.write system/Provenance.write",
+                   metavar="SCOPES", help="--auth smart: the scopes asked for")
+    p.add_argument("--smart-alg", default="RS384", choices=("RS384", "ES384", "RS256", "ES256"),
+                   help="--auth smart: how the JWT assertion is signed")
     p.add_argument("--ca-bundle", metavar="PEM", help="CA certificates to trust for TLS")
     p.add_argument("--insecure", action="store_true",
                    help="turn TLS certificate verification off (prints a warning; test servers only)")
-    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S")
-    p.add_argument("--read-timeout", type=float, default=60.0, metavar="S")
+    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S",
+                   help="seconds to wait for a connection to the server")
+    p.add_argument("--read-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds to wait for an answer once connected")
 
 
 # --------------------------------------------------------------------------- rule set and terminology

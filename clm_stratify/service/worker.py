@@ -7,7 +7,8 @@
   number) are dropped; a gap in the event numbers triggers that re-query.
 * The **evaluators** take one patient at a time and run the pipeline
   (:meth:`clm_stratify.pipeline.Stratifier.patient`); a failure is retried with
-  backoff and, after the inbox's ``max_attempts``, dead-lettered.
+  backoff and, after the inbox's ``max_attempts``, dead-lettered. A patient the server
+  does not have (``not-found``: deleted) is done at once, with that result stored.
 
 Poison isolation: whatever goes wrong while resolving or evaluating an item (an
 exception of any kind, a FHIR error, an evaluation that never finishes) counts against
@@ -233,6 +234,20 @@ class Worker:
             log.error("evaluation %s failed unexpectedly: %s", item.id, redact(error, item.patient.id))
             log.debug("evaluation %s traceback", item.id, exc_info=True)
             self._failed(item, error)
+            return True
+        if result.action == "not-found":
+            # The server has no such patient (deleted, or never there): trying again cannot
+            # help, and a dead letter asks for a replay that cannot help either. Done, with
+            # the reason stored (`clm-stratify inbox`, /healthz) and logged.
+            log.warning("evaluation %s: the patient is not on the FHIR server (404/410, no data): nothing to "
+                        "classify", item.id)
+            try:
+                self.inbox.done(item, "not-found")
+            except sqlite3.Error as exc:
+                self._cannot_record("evaluation", item.id, exc)
+                return True
+            if self.metrics:
+                self.metrics.evaluation("not-found", None)
             return True
         if result.failed:
             self._failed(item, result.error or "failed")

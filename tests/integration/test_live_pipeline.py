@@ -157,11 +157,11 @@ def test_changed_observation_updates_the_existing_assessment(server, client, cap
     assert len([r for r in all_ras(client) if r["subject"]["reference"] == f"Patient/{pid}"]) == 1
 
 
-def test_unknown_patient_fails_with_exit_1(server, capsys):
+def test_unknown_patient_fails_with_exit_4(server, capsys):
     code = main(["run", "--fhir-url", server.base_url, "--patient", "no-such-patient"])
     out = capsys.readouterr()
-    assert code == 1
-    assert "Patient/no-such-patient" in out.out and "no such patient" in out.out
+    assert code == 4   # EXIT_NOT_FOUND (tests/integration/test_cli_truth.py has the rest)
+    assert f"no patient Patient/no-such-patient on {server.base_url}" in out.err
 
 
 def test_server_down_gives_a_clear_error_and_exit_3(capsys):
@@ -190,7 +190,7 @@ def test_demo_command_on_a_fresh_server():
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = sum(1 for r in FILE_RESULTS.values() if r.facts["liver_recurrence"].state != "absent")
     assert f"created {expected}" in proc.stdout
-    assert "RiskAssessment?_tag=" in proc.stdout
+    assert "was stopped" in proc.stdout and "RiskAssessment?_tag=" not in proc.stdout   # no link to a stopped server
 
 
 # --------------------------------------------------------------------------- SMART
