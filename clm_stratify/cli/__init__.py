@@ -5,7 +5,8 @@ commands share are in :mod:`clm_stratify.cli.common`, and everything they print 
 through :mod:`clm_stratify.cli.output`.
 
 Exit codes: 0 success, 1 a patient or a run failed, 2 bad input (file, rule set,
-arguments), 3 the FHIR server could not be used, 141 (128 + SIGPIPE, as a shell tool
+arguments), 3 the FHIR server could not be used, 4 ``run --patient``: the server has no
+such patient, 141 (128 + SIGPIPE, as a shell tool
 killed by SIGPIPE) the command did all its work but its standard output was closed by
 the reader before all of it was written (``clm-stratify run --all | head -1``).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 
 from clm_stratify.cli import classify, demo, inbox, interop, output, population, rules, run, serve, subscribe
+from clm_stratify.cli import cds_hooks
 from clm_stratify.cli.common import UsageError
 from fhir_adapters.project import EXIT_BAD_INPUT, EXIT_CLOSED_PIPE, EXIT_OK, VERSION
 
@@ -35,6 +37,7 @@ examples:
   clm-stratify run --fhir-url https://fhir.example.org/r4 --patient 123 --dry-run --format json
   clm-stratify run --fhir-url URL --all --auth smart --smart-client-id clm --smart-key key.pem
   CLM_SUBSCRIPTION_SECRET=... clm-stratify serve --fhir-url http://127.0.0.1:8090/fhir --port 8765
+  clm-stratify cds-hooks --fhir-url http://127.0.0.1:8090/fhir --port 8766 --cds-client ISS=ehr-jwks.json
   CLM_SUBSCRIPTION_SECRET=... clm-stratify subscribe --fhir-url http://127.0.0.1:8090/fhir --endpoint http://127.0.0.1:8765/notify
   clm-stratify inbox --inbox clm-inbox.sqlite
   clm-stratify population --ndjson export/ --out out/
@@ -46,7 +49,34 @@ examples:
 """
 
 # The commands in the order ``clm-stratify --help`` lists them.
-COMMANDS = (classify, run, population, demo, serve, subscribe, inbox, interop, rules)
+COMMANDS = (classify, run, population, demo, serve, cds_hooks, subscribe, inbox, interop, rules)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written (examples keep their lines), and every option's
+    default at the end of its help: ``(default: 5.0)``. Not for defaults that say nothing
+    (None, False: a flag that is off) nor for helps that already name their default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not shows_default(action) or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def shows_default(action: argparse.Action) -> bool:
+    """An option whose default says something (not None, False, or suppressed)."""
+    return bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS) \
+        and action.help is not argparse.SUPPRESS
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    """``parser`` and every parser below it (``rules validate`` too)."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from _subparsers(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clm-stratify",
         description="Resectability of recurrent colorectal liver metastases (Kobayashi et al., "
                     "Ann Surg Oncol 2024) from FHIR R4 data, fired by a declarative rule set.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXAMPLES, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"clm-stratify {VERSION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
+    for p in _subparsers(parser):   # one formatter for every command's --help
+        p.formatter_class = HelpFormatter
+        for action in p._actions:
+            if action.help is None and shows_default(action):
+                action.help = "default: %(default)s"   # argparse prints no help line for an option without help
     return parser
 
 

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
 
-from engine.classify import Classification, Criterion
+from engine import explain
+from engine.classify import Classification
 
 
 # --------------------------------------------------------------------------- closed pipes
@@ -146,20 +147,8 @@ def progress(done: int, total: int) -> None:
 
 
 # --------------------------------------------------------------------------- one classification
+# A factor's state as a fixed-width mark, so an unknown factor stands out in the report.
 _MARK = {"present": "present", "absent": "absent ", "unknown": "UNKNOWN"}
-
-
-def _value(c: Criterion) -> str:
-    if c.value is None:
-        return "unknown"
-    if isinstance(c.value, bool):
-        return "yes" if c.value else "no"
-    if isinstance(c.value, Decimal):
-        text = f"{c.value.normalize():f}"
-    else:
-        text = str(c.value)
-    text = f"{text} {c.unit}" if c.unit else text
-    return f"at least {text}" if c.note and "at least" in c.note else text
 
 
 def _refs(refs: tuple[str, ...], limit: int = 4) -> str:
@@ -177,39 +166,32 @@ def _wrap(text: str, indent: str) -> str:
 def text_report(r: Classification) -> str:
     """A short, readable text report of one classification."""
     who = r.patient or "(patient not named)"
+    lines = [f"{who}: {explain.headline(r)}"]
     if not r.assessed:
-        lines = [f"{who}: NO-RECURRENCE ({r.group}, {r.status})", _wrap(r.not_assessed_reason or "", "  ")]
-    else:
-        lines = [f"{who}: {r.group.upper()} ({r.status})"]
-    lines.append(_wrap(f"Why: {r.reason} (rule {r.group_rule})", "  "))
+        lines.append(_wrap(r.not_assessed_reason or "", "  "))
+    lines.append(_wrap(f"Why: {explain.reason_text(r)}", "  "))
     lines.append("  Prognostic factors at recurrence:")
     for c in r.criteria.values():
-        op = ""
-        if c.threshold is not None:
-            op = f" (threshold {c.operator} {c.threshold.normalize():f}{' ' + c.unit if c.unit else ''})"
-        lines.append(_wrap(f"[{_MARK[c.state]}] {c.label}: {_value(c)}{op}{_refs(c.refs)}", "    "))
+        threshold = explain.threshold_text(c)
+        op = f" (threshold {threshold})" if threshold else ""
+        lines.append(_wrap(f"[{_MARK[c.state]}] {explain.factor_text(c)}{op}{_refs(c.refs)}", "    "))
         if c.state == "unknown" and c.note:
             lines.append(_wrap(f"why unknown: {c.note}", "        "))
     lines.append("  Other facts:")
     for c in r.facts.values():
-        lines.append(_wrap(f"{c.label}: {c.state}{_refs(c.refs)}", "    "))
+        lines.append(_wrap(f"{explain.factor_text(c)}{_refs(c.refs)}", "    "))
     if r.missing:
         lines.append("  Missing facts:")
-        for m in r.missing:
-            lines.append(_wrap(f"- {m.text}" + (f" ({m.detail})" if m.detail else ""), "    "))
+        lines += [_wrap(f"- {m}", "    ") for m in explain.missing_texts(r)]
     if r.recommendations:
         lines.append("  Recommendations:")
-        for rec in r.recommendations:
-            lines.append(_wrap(f"- {rec.text}", "    "))
-    if r.cohort_survival:
-        s = r.cohort_survival
-        lines.append(_wrap(
-            f"Cohort estimate: 5-year overall survival {s.five_year_os_percent} % in the study's "
-            f"{s.group} group (p {s.p_value} across groups). {s.caveat}", "  "))
+        lines += [_wrap(f"- {rec}", "    ") for rec in explain.recommendation_texts(r)]
+    cohort = explain.cohort_text(r)
+    if cohort:
+        lines.append(_wrap(cohort, "  "))
     if r.status_note:
         lines.append(_wrap(f"Status: {r.status_note}", "  "))
-    lines.append(_wrap(f"Rule set: {r.ruleset.id} {r.ruleset.version} (doi:{r.ruleset.doi}, "
-                       f"PMID {r.ruleset.pmid})", "  "))
+    lines.append(_wrap(f"Rule set: {explain.ruleset_text(r)}", "  "))
     for w in r.warnings:
         lines.append(_wrap(f"warning: {w}", "  "))
     return "\n".join(lines)
@@ -224,44 +206,93 @@ def print_classification(result: Classification, fmt: str) -> None:
 
 
 # --------------------------------------------------------------------------- a run on a server
+# The rows of the run summary after the groups: every patient is in exactly one row.
+_OTHER_ROWS = (("no-recurrence", "no-recurrence"), ("not-found", "not found"), ("failed", "failed"))
+_WRITE_ACTIONS = ("created", "updated", "unchanged", "would-create", "would-update")
+
+
 def summary_table(summary) -> str:
-    """Patients per group and RiskAssessments per action of a run, then its failures."""
+    """Patients per group (assessed ones only), then no-recurrence, not found and failed
+    patients, and a total that is their sum (every patient of the run once); then the
+    RiskAssessments per write action, and the failures."""
     from engine.ruleset import GROUP_IDS
 
     lines = [f"{'group':<24}{'patients':>9}"]
     for g in GROUP_IDS:
         lines.append(f"{g:<24}{summary.groups.get(g, 0):>9}")
-    lines.append(f"{'total classified':<24}{sum(summary.groups.values()):>9}")
     acts = summary.actions
-    lines.append("RiskAssessments: " + ", ".join(f"{k} {acts[k]}" for k in
-                 ("created", "updated", "unchanged", "would-create", "would-update", "no-recurrence", "failed")
-                 if acts.get(k)))
+    for action, label in _OTHER_ROWS:
+        if action != "not-found" or acts.get(action):
+            lines.append(f"{label:<24}{acts.get(action, 0):>9}")
+    lines.append(f"{'total':<24}{summary.total:>9}")
+    written = [f"{k} {acts[k]}" for k in _WRITE_ACTIONS if acts.get(k)]
+    lines.append("RiskAssessments: " + (", ".join(written) if written else "none"))
     if summary.failures:
         lines.append("Failed (not written; run again to retry):")
         lines += [f"  {r.patient}: {r.error}" for r in summary.failures]
     return "\n".join(lines)
 
 
+def why(r) -> str:
+    """Why a patient of a run got what it got, in a few words, where the group alone does
+    not say: the facts an indeterminate result misses (by their labels; the texts and
+    details are in the JSON and the report), the reason a patient was not assessed, the
+    error of a failure ('' otherwise)."""
+    c = r.classification
+    if r.failed or c is None:
+        return r.error or ""
+    if not c.assessed:
+        return c.not_assessed_reason or ""
+    if c.group == "indeterminate":
+        labels = {**{k: v.label for k, v in c.facts.items()}, **{k: v.label for k, v in c.criteria.items()}}
+        return "unknown: " + "; ".join(labels.get(m.fact, m.fact) for m in c.missing) if c.missing else c.reason
+    return ""
+
+
+def run_listing(summary) -> str:
+    """``run --list``: one line per patient: patient, group, status, action, and why (:func:`why`)."""
+    rows = [(str(r.patient), r.group or "-", r.status or "-", r.action, why(r)) for r in summary.results]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(("patient", "group", "status",
+                                                                                   "action"))]
+    head = ("patient", "group", "status", "action", "why")
+    return "\n".join(("  ".join(f"{v:<{w}}" for v, w in zip(row[:4], widths)) + "  " + row[4]).rstrip()
+                     for row in [head, *rows])
+
+
 def result_json(r) -> dict:
-    """The JSON shape of one patient's result (a :class:`~clm_stratify.pipeline.PatientResult`) in a run."""
+    """The JSON shape of one patient's result (a :class:`~clm_stratify.pipeline.PatientResult`)
+    in a run: what was done and why at the top (``reason``, ``missing``: the missing facts),
+    the whole classification below."""
+    c = r.classification
     return {"patient": str(r.patient), "action": r.action, "group": r.group, "status": r.status,
+            "reason": (c.reason if c.assessed else c.not_assessed_reason) if c else None,
+            "missing": [{"fact": m.fact, "text": m.text, "detail": m.detail} for m in c.missing] if c else [],
             "risk_assessment": r.risk_assessment, "error": r.error,
-            "classification": r.classification.to_json() if r.classification else None,
+            "classification": c.to_json() if c else None,
             **({"would_write": r.written} if r.action.startswith("would-") else {})}
 
 
-def print_run(summary, stratifier, client, fmt: str, one_patient: bool) -> None:
-    """``run`` (and ``demo``): the results of a run as JSON, or the summary table as text
-    (with the report, and with what --dry-run would write, when the run was of one patient)."""
+def dry_run_banner(fhir_url: str) -> str:
+    return f"DRY RUN: nothing was written to {fhir_url}"
+
+
+def print_run(summary, stratifier, client, fmt: str, one_patient: bool, listing: bool = False) -> None:
+    """``run`` (and ``demo``): the results of a run as one JSON document (every patient in
+    it), or as text: the summary table, preceded by the report and what --dry-run would
+    write when the run was of one patient, or by one line per patient with ``listing``.
+    A dry run says at the start and at the end that nothing was written."""
     from fhir_adapters.fhir.client import dumps
 
     if fmt == "json":
-        print(dumps({"fhir_url": client.base_url, "data_source": stratifier.last_source or "patient-search",
+        print(dumps({"fhir_url": client.base_url, "dry_run": stratifier.dry_run,
+                     "data_source": stratifier.last_source or "patient-search",
                      "write_strategy": stratifier.writer.strategy.name,
                      "strategy_notes": list(stratifier.writer.choice.notes),
-                     "patients": [result_json(r) for r in summary.results],
+                     "patients": [result_json(r) for r in summary.results], "total": summary.total,
                      "groups": dict(summary.groups), "actions": dict(summary.actions)}))
         return
+    if stratifier.dry_run:
+        print(dry_run_banner(client.base_url))
     if one_patient:
         r = summary.results[0]
         if r.classification:
@@ -270,11 +301,15 @@ def print_run(summary, stratifier, client, fmt: str, one_patient: bool) -> None:
             print(f"\n--dry-run: would write ({r.action}):")
             for resource in r.written:
                 print(dumps(resource))
+    elif listing:
+        print(run_listing(summary))
     print(summary_table(summary))
     if stratifier.last_source:
         print(f"Data read by: {stratifier.last_source} ({client.round_trips} HTTP round trips)")
     print(f"Write strategy: {stratifier.writer.strategy.name}"
           + "".join(f"\n  note: {n}" for n in stratifier.writer.choice.notes))
+    if stratifier.dry_run:
+        print(dry_run_banner(client.base_url))
 
 
 # --------------------------------------------------------------------------- subscriptions and inbox
