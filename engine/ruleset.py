@@ -240,6 +240,9 @@ class RuleSet(BaseModel):
     assessment: Assessment
     recommendations: list[Recommendation] = Field(default_factory=list)
     missing_fact_texts: dict[str, str]
+    # How urgently a result asks for attention where it is shown at the point of care (a
+    # CDS Hooks card's indicator), per group and status.
+    card_indicators: dict[GroupId, dict[Literal["final", "preliminary"], Literal["info", "warning", "critical"]]]
 
     _group_conditions: tuple = PrivateAttr(default=())
     _final_when: AnyType = PrivateAttr(default=None)
@@ -252,6 +255,14 @@ class RuleSet(BaseModel):
         missing = [g for g in GROUP_IDS if not (v.get(g) or "").strip()]
         if missing:
             raise ValueError(f"no label for {', '.join(missing)}")
+        return v
+
+    @field_validator("card_indicators")
+    @classmethod
+    def _every_group_indicated(cls, v: dict) -> dict:
+        missing = [f"{g} {s}" for g in GROUP_IDS for s in ("final", "preliminary") if s not in v.get(g, {})]
+        if missing:
+            raise ValueError(f"no indicator for {', '.join(missing)}")
         return v
 
     @field_validator("fact_labels")

@@ -34,6 +34,7 @@ EXAMPLES = """\
 examples:
   clm-stratify demo
   clm-stratify run --fhir-url http://127.0.0.1:8090/fhir --all
+  clm-stratify run --fhir-url http://127.0.0.1:8090/fhir --all --list --dry-run
   clm-stratify run --fhir-url https://fhir.example.org/r4 --patient 123 --dry-run --format json
   clm-stratify run --fhir-url URL --all --auth smart --smart-client-id clm --smart-key key.pem
   CLM_SUBSCRIPTION_SECRET=... clm-stratify serve --fhir-url http://127.0.0.1:8090/fhir --port 8765
@@ -45,6 +46,7 @@ examples:
   clm-stratify classify --bundle fixtures/05-borderline-size-50mm-exact.json
   clm-stratify classify --bundle patient.json --format json
   clm-stratify rules validate rules/resectability.yaml
+  clm-stratify rules diff --rules new.yaml --bundle fixtures/
   clm-stratify rules validate --terminology rules/terminology.yaml
 """
 

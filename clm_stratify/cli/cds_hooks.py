@@ -22,6 +22,9 @@ def add_cds_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cds-public-url", metavar="URL",
                    help="the base URL CDS clients call, checked as the JWT aud (default http://HOST:PORT)")
     g.add_argument("--cds-max-body", type=int, default=5_000_000, metavar="BYTES")
+    g.add_argument("--cds-cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser-based CDS client's origin allowed by CORS, e.g. https://sandbox.cds-hooks.org "
+                        "(repeatable; default: none)")
 
 
 def cds_config(args: argparse.Namespace):
@@ -52,9 +55,13 @@ def cds_config(args: argparse.Namespace):
         raise UsageError(f"--cds-public-url {public!r}: must start with http:// or https://")
     if not 1024 <= args.cds_max_body <= 10**9:
         raise UsageError(f"--cds-max-body {args.cds_max_body}: must be between 1024 and 1000000000")
+    for origin in args.cds_cors_origin:
+        if origin == "*" or not origin.lower().startswith(("http://", "https://")) or origin.count("/") != 2:
+            raise UsageError(f"--cds-cors-origin {origin!r}: an origin is scheme://host[:port], and never *")
     verify: bool | str = getattr(args, "ca_bundle", None) or not getattr(args, "insecure", False)
     return CdsConfig(public_url=public, verifier=JwtVerifier(clients) if clients else None,
-                     fhir_servers=tuple(servers), max_body=args.cds_max_body, verify_tls=verify)
+                     fhir_servers=tuple(servers), max_body=args.cds_max_body, verify_tls=verify,
+                     cors_origins=tuple(o.rstrip("/") for o in args.cds_cors_origin))
 
 
 class RulesInForce:

@@ -15,7 +15,6 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
-from decimal import Decimal
 
 from engine import explain
 from engine.classify import Classification

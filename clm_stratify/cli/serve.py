@@ -59,8 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(inbox, ReceiverConfig(secret=secret, hmac_secret=hmac_secret, hmac_header=args.hmac_header,
                                            max_body=args.max_body), health, metrics)
     if cds is not None:   # CDS Hooks on the same port; the rule set in force is read per call
-        from clm_stratify.service.cds_hooks import cds_router
-        app.include_router(cds_router(cds, lambda: stratifier.rules))
+        from clm_stratify.service.cds_hooks import mount
+        mount(app, cds, lambda: stratifier.rules)
         output.err(f"CDS Hooks service on http://{args.host}:{args.port}/cds-services")
     output.err(f"clm-stratify receiver on http://{args.host}:{args.port}/notify (inbox {args.inbox}); "
                f"FHIR server {client.base_url}")

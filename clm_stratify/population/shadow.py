@@ -93,8 +93,8 @@ def from_server(client: FhirClient, terminology: Terminology, patients: list[Pat
     for ref in patients:
         try:
             resources = fetch_patient(client, ref, terminology)
-            if not resources:
-                result.failures.append((ref.reference, "no such patient and no data on the server"))
+            if not resources:   # Patient/<id> answered 404 or 410, and no resource names it (as run says)
+                result.failures.append((ref.reference, f"no patient {ref} on {client.base_url}"))
                 continue
             result.features.append(_mapped(patient_record(client, ref, resources), terminology, ref.reference))
         except FhirError as exc:

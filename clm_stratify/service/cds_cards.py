@@ -2,13 +2,9 @@
 RiskAssessment (:mod:`engine.explain`), in the card's fields.
 
 * ``summary``: ``CLM recurrence: <group label> (<status>)`` (< 140 characters).
-* ``indicator``: the urgency of attention, as a clinician would read it. ``info`` only
-  for a final *resectable* result (the usual plan goes ahead); ``warning`` for every
-  other group or a preliminary result: borderline resectable (perioperative treatment
-  and a multidisciplinary decision), unresectable (the plan changes to systemic
-  treatment), indeterminate (facts are missing, the result cannot be relied on).
-  ``critical`` is never used: a chart opening is not an emergency and ``critical`` is
-  how EHRs mark interruptive safety alerts.
+* ``indicator``: the urgency of attention, per group and status, from the rule set
+  (``card_indicators`` in rules/resectability.yaml: ``info`` only for a final
+  resectable result, never ``critical``).
 * ``detail`` (GitHub Flavored Markdown): why, the factors with their values, thresholds
   and evidence, the other facts, missing facts, recommendations, the cohort estimate with
   its caveat, the status note, warnings, the rule set, and whether the RiskAssessment on
@@ -29,6 +25,7 @@ import uuid
 
 from engine import explain
 from engine.classify import Classification
+from engine.ruleset import RuleSet
 from fhir_adapters.project import RULESET_SYSTEM
 
 SUMMARY_PREFIX = "CLM recurrence: "
@@ -49,8 +46,8 @@ def md(text: object) -> str:
     return _PUNCT.sub(r"\\\1", " ".join(str(text).split()))
 
 
-def indicator(r: Classification) -> str:
-    return "info" if r.group == "resectable" and r.status == "final" else "warning"
+def indicator(r: Classification, ruleset: RuleSet) -> str:
+    return ruleset.card_indicators[r.group][r.status]
 
 
 def summary(r: Classification) -> str:
@@ -106,15 +103,15 @@ def source(r: Classification) -> dict:
     return out
 
 
-def card(r: Classification, assessment_url: str | None = None) -> dict:
-    """The card of one assessed classification."""
-    out = {"uuid": str(uuid.uuid4()), "summary": summary(r), "indicator": indicator(r),
+def card(r: Classification, ruleset: RuleSet, assessment_url: str | None = None) -> dict:
+    """The card of one assessed classification by ``ruleset`` (the rule set that made it)."""
+    out = {"uuid": str(uuid.uuid4()), "summary": summary(r), "indicator": indicator(r, ruleset),
            "detail": detail(r, assessment_url), "source": source(r)}
     if assessment_url:
         out["links"] = [{"label": "RiskAssessment on the FHIR server", "url": assessment_url, "type": "absolute"}]
     return out
 
 
-def cards(r: Classification, assessment_url: str | None = None) -> dict:
+def cards(r: Classification, ruleset: RuleSet, assessment_url: str | None = None) -> dict:
     """The service response: one card, or none when the rule set assesses nothing."""
-    return {"cards": [card(r, assessment_url)] if r.assessed else []}
+    return {"cards": [card(r, ruleset, assessment_url)] if r.assessed else []}

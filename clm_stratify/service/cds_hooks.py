@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -70,6 +71,7 @@ class CdsConfig:
     fhir_servers: tuple[str, ...] = ()     # FHIR base URLs a request's fhirServer may name
     max_body: int = 5_000_000
     verify_tls: bool | str = True
+    cors_origins: tuple[str, ...] = ()     # browser-based CDS clients allowed to call (CORS)
     timeout: tuple[float, float] = (5.0, 20.0)
 
     def allowed(self, fhir_server: str) -> bool:
@@ -174,7 +176,7 @@ def answer(config: CdsConfig, rules: Rules, req: HookRequest) -> tuple[dict, Gat
         prefetch = Prefetch(rules.terminology, patient, req.prefetch, client, why)
         gathered = prefetch.gather()
         result = evaluate(prefetch.record(req.fhirServer), rules, patient)
-        return cards(result, assessment_url(result, req, client, gathered)), gathered
+        return cards(result, rules.engine.ruleset, assessment_url(result, req, client, gathered)), gathered
     finally:
         if client is not None:
             client.close()
@@ -250,12 +252,22 @@ async def _body(request: Request, limit: int) -> Any:
         raise CdsError(400, "the request body is not valid JSON") from None
 
 
-def create_cds_app(config: CdsConfig, rules_of: Callable[[], Rules]) -> "FastAPI":
-    """The service alone (``clm-stratify cds-hooks``): the routes and ``GET /healthz``."""
-    from fastapi import FastAPI
-
-    app = FastAPI(title="clm-stratify CDS Hooks service", docs_url=None, redoc_url=None, openapi_url=None)
+def mount(app: FastAPI, config: CdsConfig, rules_of: Callable[[], Rules]) -> None:
+    """The CDS Hooks routes on ``app``, with CORS for the browser-based CDS clients of
+    ``config.cors_origins`` (the spec: "CDS Services and browser-based CDS Clients will
+    require CORS support"; the sandbox at sandbox.cds-hooks.org is one). Only the listed
+    origins, only GET and POST, only the Authorization and Content-Type headers; a
+    preflight is answered before authentication, a call is not."""
     app.include_router(cds_router(config, rules_of))
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], allow_credentials=False, max_age=600)
+
+
+def create_cds_app(config: CdsConfig, rules_of: Callable[[], Rules]) -> FastAPI:
+    """The service alone (``clm-stratify cds-hooks``): the routes and ``GET /healthz``."""
+    app = FastAPI(title="clm-stratify CDS Hooks service", docs_url=None, redoc_url=None, openapi_url=None)
+    mount(app, config, rules_of)
 
     @app.get("/healthz")
     async def healthz() -> Response:

@@ -65,8 +65,11 @@ def _ndjson(h, data: bytes) -> None:
 
 
 def run_all(base_url: str, capsys) -> tuple[int, str]:
+    """The exit code and standard error of a dry run, less the dry-run notice (checked here)."""
     code = main(["run", "--fhir-url", base_url, "--all", "--dry-run", "--format", "json"])
-    return code, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"DRY RUN: nothing will be written to {base_url}\n"), err
+    return code, err.split("\n", 1)[1]
 
 
 @pytest.mark.parametrize("rtype,keep", [("Condition", 40), ("Observation", 60)])

@@ -232,3 +232,48 @@ def test_cds_validator_accepts_our_responses_but_for_where_it_lags_2_0(server, c
                             "links": [{"label": x["label"], "url": x["url"]} for x in c["links"]]}
                            for c in cards["cards"]]}
     assert validate("card", old_cards) == set()
+
+
+def test_serve_mounts_the_service_beside_notify_and_a_sighup_reload_reaches_the_cards(server, tmp_path):
+    """``serve --cds-hooks`` answers /cds-services on the receiver's port (/notify and
+    /healthz still there), and the rule set a SIGHUP loads is the one the next card uses:
+    f06 (largest tumour 49.9 mm) is resectable at 50 mm and borderline at 40 mm."""
+    import signal
+
+    from clm_stratify.service.cds_cards import md
+    from rules import DEFAULT_RULESET
+    from tests.support.receiver_process import Receiver
+
+    def rules_with(threshold: int, version: str) -> None:
+        data = yaml.safe_load(DEFAULT_RULESET.read_text())
+        data["factors"]["largest_ge_50mm"]["threshold"] = threshold
+        data["version"] = version
+        rules.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    def card() -> dict:
+        response = call(receiver.url, "f06-pat", fhir_server=server.base_url)
+        assert response.status_code == 200, response.text
+        return response.json()["cards"][0]
+
+    rules = tmp_path / "rules.yaml"
+    rules_with(50, "9.0.0")
+    with Receiver(server.base_url, tmp_path / "inbox.sqlite", None, "--cds-hooks", "--cds-no-auth",
+                  "--rules", str(rules)) as receiver:
+        discovery = requests.get(f"{receiver.url}/cds-services", timeout=10)
+        assert discovery.status_code == 200 and discovery.json()["services"][0]["id"] == SERVICE_ID
+        assert receiver.health()["status"] in ("ok", "degraded")
+        assert requests.post(receiver.endpoint, timeout=10).status_code == 401   # /notify still checks its secret
+        first = card()
+        assert first["summary"].startswith("CLM recurrence: Resectable"), first["summary"]
+        assert md("9.0.0") in first["detail"]   # markdown-escaped: 9\\.0\\.0
+
+        rules_with(40, "9.0.1")
+        receiver.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "reloaded rule set" not in receiver.log.read_text():
+            assert time.monotonic() < deadline, receiver.log.read_text()[-2000:]
+            time.sleep(0.1)
+        second = card()
+        assert second["summary"].startswith("CLM recurrence: Borderline resectable"), second["summary"]
+        assert md("9.0.1") in second["detail"]
+    assert "Traceback" not in receiver.log.read_text()

@@ -67,7 +67,7 @@ def test_patients_by_id_and_a_missing_one(server, new_rules, capsys):
     assert code == 1   # a patient failed: the comparison is incomplete
     assert [m["patient"] for m in data["moved"]] == ["Patient/f06-pat"] and data["patients"] == 2
     assert data["failures"] == [{"patient": "Patient/nobody-here",
-                                 "error": "no such patient and no data on the server"}]
+                                 "error": f"no patient Patient/nobody-here on {server.base_url}"}]
 
 
 def test_a_server_that_cannot_be_used_is_exit_3(new_rules, capsys):

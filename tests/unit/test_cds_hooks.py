@@ -261,6 +261,7 @@ def test_card_says_what_classify_says(sandbox, fixture):
     assert result.group == EXPECTED[fixture]["group"]
     assert c["summary"] == f"CLM recurrence: {explain.headline(result)}"
     assert c["indicator"] == ("info" if result.group == "resectable" and result.status == "final" else "warning")
+    assert c["indicator"] == RULES.engine.ruleset.card_indicators[result.group][result.status]
     assert c["source"]["url"] == f"https://doi.org/{result.ruleset.doi}"
     assert "links" not in c and "not written to the FHIR server yet" in c["detail"]
     for rec in result.recommendations:
@@ -276,7 +277,7 @@ def test_no_recurrence_gives_no_card(sandbox):
 def test_hostile_strings_in_a_record_cannot_inject_markdown_or_html():
     """A Condition id and an unreadable resource's text reach the detail (evidence and
     warnings); rendered as GitHub Flavored Markdown they stay text."""
-    cmarkgfm = pytest.importorskip("cmarkgfm")
+    import cmarkgfm   # in the [test] extra: rendered as an EHR renders card markdown
     from clm_stratify.service.cds_cards import card, md
 
     hostile = "<img src=x onerror=alert(1)> [click](http://evil.example) www.evil.example **bold** `code` | a |"
@@ -288,7 +289,7 @@ def test_hostile_strings_in_a_record_cannot_inject_markdown_or_html():
             e["resource"]["id"] = "x-www.evil.example"
     from fhir_adapters.sources.record import PatientRecord
     result = evaluate(PatientRecord.from_resources([e["resource"] for e in fixture["entry"]]), RULES)
-    html = cmarkgfm.github_flavored_markdown_to_html(card(result)["detail"])
+    html = cmarkgfm.github_flavored_markdown_to_html(card(result, RULES.engine.ruleset)["detail"])
     assert "<a " not in html and "www.evil.example" in html
 
 
@@ -298,3 +299,29 @@ def test_summary_is_under_140_characters_for_every_group_label():
     for fixture in (n for names in GROUP_FIXTURES.values() for n in names):
         result = evaluate(read_bundle_file(FIXTURES_DIR / fixture), RULES)
         assert len(SUMMARY_PREFIX + explain.headline(result)) < 140
+
+
+# --------------------------------------------------------------------------- CORS
+def test_cors_allows_only_the_listed_browser_clients_and_never_skips_authentication(keys):
+    """Browser-based CDS clients need CORS (the spec's security section); only the origins
+    given with --cds-cors-origin are allowed, and a preflight does not authenticate a call."""
+    jwks = {"keys": []}
+    key = keys["ES384"]
+    jwk = json.loads(jwt.algorithms.get_default_algorithms()["ES384"].to_jwk(key.public_key()))
+    jwks["keys"].append({**jwk, "kid": "ES384", "alg": "ES384", "use": "sig"})
+    config = CdsConfig(public_url=BASE, verifier=JwtVerifier({ISS: jwt.PyJWKSet.from_dict(jwks)}),
+                       cors_origins=("https://sandbox.cds-hooks.org",))
+    client = TestClient(create_cds_app(config, lambda: RULES))
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    ok = client.options(f"/cds-services/{SERVICE_ID}", headers={"Origin": "https://sandbox.cds-hooks.org", **preflight})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://sandbox.cds-hooks.org"
+    other = client.options(f"/cds-services/{SERVICE_ID}", headers={"Origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+    unauthenticated = client.get("/cds-services", headers={"Origin": "https://sandbox.cds-hooks.org"})
+    assert unauthenticated.status_code == 401
+    good = client.get("/cds-services", headers={"Origin": "https://sandbox.cds-hooks.org",
+                                                "Authorization": f"Bearer {token(keys, aud=f'{BASE}/cds-services')}"})
+    assert good.status_code == 200 and good.headers["access-control-allow-origin"] == "https://sandbox.cds-hooks.org"
+    # Without origins configured, no CORS header at all.
+    plain = TestClient(create_cds_app(CdsConfig(public_url=BASE, verifier=None), lambda: RULES))
+    assert "access-control-allow-origin" not in plain.get("/cds-services", headers={"Origin": "https://x.example"}).headers

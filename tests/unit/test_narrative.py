@@ -23,7 +23,7 @@ from fhir.resources.R4B.riskassessment import RiskAssessment
 from clm_stratify.cli.output import text_report
 from clm_stratify.pipeline import Rules, evaluate
 from engine import explain
-from engine.classify import Criterion, Engine, MissingFact, Recommendation
+from engine.classify import Engine, MissingFact, Recommendation
 from engine.features import Fact, Features
 from engine.reference import classify_many_eager
 from engine.ruleset import load_ruleset
