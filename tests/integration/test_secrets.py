@@ -15,7 +15,6 @@ import ipaddress
 import logging
 import re
 import ssl
-import time
 
 import pytest
 import requests
