@@ -67,9 +67,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def shows_default(action: argparse.Action) -> bool:
-    """An option whose default says something (not None, False, or suppressed)."""
+    """An option whose default says something (not None, False, an empty list of a
+    repeatable option, or suppressed)."""
+    empty = isinstance(action.default, (list, tuple)) and not action.default
     return bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS) \
-        and action.help is not argparse.SUPPRESS
+        and not empty and action.help is not argparse.SUPPRESS
 
 
 def _subparsers(parser: argparse.ArgumentParser):

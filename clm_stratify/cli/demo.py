@@ -9,6 +9,7 @@ removed). Links to the server are printed only when it keeps running.
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from clm_stratify.cli import output
 from clm_stratify.cli.common import add_format_option, add_rules_options
@@ -59,7 +60,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             say(f"\nLook at the written RiskAssessments: {server.base_url}/RiskAssessment?_tag={TAG_SYSTEM}|{TAG}")
             say(f"and their Provenance: {server.base_url}/Provenance?_tag={TAG_SYSTEM}|{TAG}")
             say(f"The FHIR server keeps running at {server.base_url} (pid {server.pid}, data in {data_dir}); "
-                f"stop it with: kill {server.pid}")
+                f"stop it with: kill {server.pid}"
+                + ("" if args.data_dir else f" && rm -r {shlex.quote(str(data_dir))}"))
         else:
             kept = "its temporary data removed" if temp_dir else f"its data kept in {data_dir}"
             say(f"\nThe FHIR server was stopped ({kept}); to look at the written RiskAssessments, run: "

@@ -248,9 +248,16 @@ def why(r) -> str:
     return ""
 
 
+def shown(r) -> tuple[str | None, str | None]:
+    """The group and status a run reports for a patient: none for a patient the rule set
+    does not assess (no-recurrence: no assessment, so no group; the engine's placeholder
+    group stays inside ``classification``) or that failed."""
+    return (r.group, r.status) if r.assessed else (None, None)
+
+
 def run_listing(summary) -> str:
     """``run --list``: one line per patient: patient, group, status, action, and why (:func:`why`)."""
-    rows = [(str(r.patient), r.group or "-", r.status or "-", r.action, why(r)) for r in summary.results]
+    rows = [(str(r.patient), *(v or "-" for v in shown(r)), r.action, why(r)) for r in summary.results]
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(("patient", "group", "status",
                                                                                    "action"))]
     head = ("patient", "group", "status", "action", "why")
@@ -263,7 +270,8 @@ def result_json(r) -> dict:
     in a run: what was done and why at the top (``reason``, ``missing``: the missing facts),
     the whole classification below."""
     c = r.classification
-    return {"patient": str(r.patient), "action": r.action, "group": r.group, "status": r.status,
+    group, status = shown(r)
+    return {"patient": str(r.patient), "action": r.action, "group": group, "status": status,
             "reason": (c.reason if c.assessed else c.not_assessed_reason) if c else None,
             "missing": [{"fact": m.fact, "text": m.text, "detail": m.detail} for m in c.missing] if c else [],
             "risk_assessment": r.risk_assessment, "error": r.error,

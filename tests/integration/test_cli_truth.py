@@ -66,6 +66,7 @@ def test_run_all_list_dry_run_lists_every_patient_and_counts_add_up(server, caps
             assert c[4].startswith("unknown: "), c             # every indeterminate says what is missing
         if c[3] == "no-recurrence":
             assert "No liver recurrence" in c[4], c
+            assert c[1] == c[2] == "-", c                         # no assessment, no group (adversary)
     assert "RiskAssessments: would-create 56" in out
 
 
@@ -79,6 +80,8 @@ def test_run_all_json_is_one_document_with_every_patient_and_the_same_counts(ser
     assert sum(doc["groups"].values()) + actions.get("no-recurrence", 0) + actions.get("failed", 0) == doc["total"]
     for p in doc["patients"]:
         assert {"patient", "group", "status", "action", "reason", "missing", "error"} <= set(p)
+        if p["action"] == "no-recurrence":                       # no assessment, no group (adversary)
+            assert p["group"] is None and p["status"] is None and p["classification"]["assessed"] is False
         if p["group"] == "indeterminate" and p["action"] != "no-recurrence":
             assert p["reason"] and p["missing"] and all(m["fact"] and m["text"] for m in p["missing"]), p["patient"]
             assert p["missing"] == [{k: m[k] for k in ("fact", "text", "detail")}
