@@ -8,10 +8,16 @@ against the JWK Set of its issuer, registered out of band (``--cds-client ISS=JW
   (RS/ES/PS 256/384/512; never ``none`` or HMAC, as the spec requires);
 * payload: ``iss`` a trusted issuer, ``aud`` the URL called (``<public URL>/cds-services``
   or ``/cds-services/<id>``), ``exp`` in the future, ``iat`` not in the future, ``jti``
-  not seen before (kept until its ``exp``; a replayed token is refused).
+  not seen before (kept until its ``exp``; a replayed token is refused);
+* ``exp`` and ``iat`` integers (the spec: "Expiration time integer"; a string, a
+  fraction or a boolean is refused), and the token short-lived: ``exp`` at most
+  :data:`MAX_LIFETIME` (5 minutes, the lifetime the spec's examples and SMART's client
+  assertions use) plus :data:`LIFETIME_LEEWAY` after ``iat`` and after now. A token valid
+  for years is a stolen token's licence, and it would keep its ``jti`` in memory as long.
 
-A ``jku`` header is never fetched (the service would call a URL a request names): the
-issuer's set must be registered. Anything else is a 401 with the reason.
+A ``jku`` header is accepted but never fetched (Epic and other EHRs send one; fetching it
+would make the service call a URL a request names): the issuer's JWK Set is registered
+out of band, as the spec allows. Anything else is a 401 with the reason.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import jwt
 
 ALGORITHMS = ("RS384", "ES384", "RS256", "ES256", "RS512", "ES512", "PS256", "PS384", "PS512")
 LEEWAY = 30            # seconds of clock skew allowed on exp / iat
+MAX_LIFETIME = 300     # seconds a JWT may live (exp after iat, and after now)
+LIFETIME_LEEWAY = 60   # seconds allowed beyond MAX_LIFETIME (clock skew, slow networks)
 MAX_SEEN = 100_000     # jti kept at most (oldest dropped first once expired)
 
 
@@ -65,6 +73,11 @@ class JwtVerifier:
             unverified = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError as exc:
             raise AuthFailed(f"the bearer token is not a JWT ({exc})") from None
+        for claim in ("exp", "iat"):
+            value = unverified.get(claim)
+            if claim in unverified and (not isinstance(value, int) or isinstance(value, bool)):
+                raise AuthFailed(f"JWT refused: {claim} is {type(value).__name__} {value!r}, not an integer "
+                                 "(seconds since the epoch)")
         if header.get("typ") not in ("JWT", None) or header.get("alg") not in ALGORITHMS:
             raise AuthFailed(f"JWT alg {header.get('alg')!r} is not accepted (one of {', '.join(ALGORITHMS)})")
         iss = unverified.get("iss")
@@ -81,8 +94,13 @@ class JwtVerifier:
                                 leeway=LEEWAY, options={"require": ["iss", "aud", "exp", "iat", "jti"]})
         except jwt.PyJWTError as exc:
             raise AuthFailed(f"JWT refused: {exc}") from None
-        if claims["iat"] > time.time() + LEEWAY:
+        now = time.time()
+        if claims["iat"] > now + LEEWAY:
             raise AuthFailed("JWT refused: issued in the future (iat)")
+        lifetime = claims["exp"] - min(claims["iat"], now)
+        if lifetime > MAX_LIFETIME + LIFETIME_LEEWAY:
+            raise AuthFailed(f"JWT refused: exp is {int(lifetime)} s after iat or now; a CDS client's JWT is "
+                             f"short-lived (at most {MAX_LIFETIME} s)")
         self._not_replayed(str(claims["jti"]), float(claims["exp"]))
         return claims
 

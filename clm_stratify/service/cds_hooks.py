@@ -6,18 +6,24 @@ Routes (an :class:`~fastapi.APIRouter`, mounted by ``serve --cds-hooks`` next to
 * ``GET /cds-services``: discovery, one ``patient-view`` service (:data:`SERVICE_ID`)
   with its prefetch templates (:mod:`clm_stratify.service.cds_prefetch`).
 * ``POST /cds-services/{id}``: the call; ``{"cards": [...]}`` (:mod:`clm_stratify.service.cds_cards`).
+* ``POST /cds-services/{id}/feedback``: what the clinician did with a card, checked and
+  counted (:mod:`clm_stratify.service.cds_feedback`); 200 with no body.
+* anything else under ``/cds-services``: 404, or 405 with ``Allow`` (a GET on the
+  service, a POST on discovery), as an OperationOutcome like every other refusal.
 
 Order of checks, each answered with an OperationOutcome saying why: 401 (the CDS
 client's JWT, :mod:`clm_stratify.service.cds_auth`; every route, discovery too, unless
-the sandbox mode ``--cds-no-auth`` was asked for), 404 (no such service), 413 (body over
-the limit), 415 (not JSON), 400 (malformed JSON, a request the spec does not allow, a
-malformed prefetch), 412 (the data the mapping needs is neither prefetched nor
+the sandbox mode ``--cds-no-auth`` was asked for), 404 (no such service or path), 405 (a
+method the route does not take, with ``Allow``), 413 (body over the limit), 415 (not
+JSON), 400 (malformed JSON, a request the spec does not allow, a malformed prefetch or
+feedback), 412 (the data the mapping needs is neither prefetched nor
 obtainable from the client's FHIR server), 500 (a fault of the service).
 
 The FHIR server of a request is called only when it is one of the configured servers
 (``--fhir-url`` and ``--cds-fhir-server``), with the request's ``fhirAuthorization``
-token and never the service's own credentials: a request cannot make the service call
-an arbitrary URL, nor see more than its user may. The service reads and never writes (a
+token, or with no token when the request gives none (the spec makes it optional: an open
+sandbox server), and never the service's own credentials: a request cannot make the
+service call an arbitrary URL, nor see more than its user may. The service reads and never writes (a
 chart opening writes nothing); the rule set is taken once per call, so a SIGHUP reload
 never gives a call the engine of one version and the terminology of another.
 """
@@ -25,6 +31,7 @@ never gives a call the engine of one version and the terminology of another.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -37,7 +44,8 @@ from starlette.concurrency import run_in_threadpool
 
 from clm_stratify.pipeline import Rules, evaluate
 from clm_stratify.service.cds_auth import AuthFailed, JwtVerifier
-from clm_stratify.service.cds_cards import cards
+from clm_stratify.service.cds_cards import UNKNOWN, OnServer, cards
+from clm_stratify.service.cds_feedback import counts, parse_feedback
 from clm_stratify.service.cds_prefetch import CdsError, Gathered, Prefetch, discovery_prefetch
 from clm_stratify.service.receiver import operation_outcome
 from engine.classify import Classification
@@ -46,6 +54,7 @@ from fhir_adapters.fhir.client import FhirClient, FhirError
 from fhir_adapters.fhir.codec import loads
 from fhir_adapters.fhir.reference import PatientRef
 from fhir_adapters.writeback.resources import build_risk_assessment, same_assessment
+from fhir_adapters.writeback.strategy import is_ours
 from fhir_adapters.writeback.writer import AssessmentWriter
 
 log = logging.getLogger("clm_stratify.service.cds_hooks")
@@ -56,8 +65,8 @@ TITLE = "Recurrent colorectal liver metastases: resectability group"
 DESCRIPTION = ("Classifies a recurrence of colorectal liver metastases as resectable, borderline resectable, "
                "unresectable or indeterminate (Kobayashi et al., Ann Surg Oncol 2024) from the patient's FHIR "
                "data, and shows the group, its factors, missing facts and recommendations.")
-USAGE = ("Needs the prefetch below, or fhirServer with fhirAuthorization (read access to the patient's "
-         "Patient, Observation, Condition, Procedure, MedicationAdministration, MedicationStatement, "
+USAGE = ("Needs the prefetch below, or fhirServer (with fhirAuthorization unless the server is open; read "
+         "access to the patient's Patient, Observation, Condition, Procedure, MedicationAdministration, MedicationStatement, "
          "DiagnosticReport, Medication, BodyStructure and RiskAssessment). Answers 412 when neither gives "
          "the whole record.")
 
@@ -138,34 +147,60 @@ def parse_request(body: Any) -> HookRequest:
 
 # --------------------------------------------------------------------------- answering
 def _client(config: CdsConfig, req: HookRequest) -> tuple[FhirClient | None, str]:
-    """The CDS client's FHIR server with its token, or None and why there is none."""
-    if not req.fhirServer or req.fhirAuthorization is None:
-        return None, "the request gives no fhirServer with fhirAuthorization to fetch it from"
+    """The CDS client's FHIR server with its token (none when the request gives no
+    ``fhirAuthorization``: an open server, never the service's own credentials), or None
+    and why there is none."""
+    if not req.fhirServer:
+        return None, "the request gives no fhirServer to fetch it from"
     if not config.allowed(req.fhirServer):
         return None, (f"fhirServer {req.fhirServer} is not one this service may call "
                       "(--fhir-url / --cds-fhir-server)")
-    return FhirClient(req.fhirServer, BearerToken(req.fhirAuthorization.access_token), verify=config.verify_tls,
+    auth = BearerToken(req.fhirAuthorization.access_token) if req.fhirAuthorization is not None else None
+    return FhirClient(req.fhirServer, auth, verify=config.verify_tls,
                       timeout=config.timeout, retries=1, backoff=0.2, max_backoff=2.0), ""
 
 
-def assessment_url(result: Classification, req: HookRequest, client: FhirClient | None,
-                   gathered: Gathered) -> str | None:
-    """The RiskAssessment on the client's FHIR server when it says what ``result`` says."""
-    if not result.assessed or not req.fhirServer:
-        return None
+def assessment_on_server(result: Classification, req: HookRequest, client: FhirClient | None,
+                         gathered: Gathered) -> OnServer:
+    """The RiskAssessment on the client's FHIR server against ``result`` (:class:`OnServer`).
+
+    From the ``assessment`` prefetch when it is the whole answer, else the writer's own
+    lookup on the FHIR server (:meth:`WriteStrategy.find_current`: one way to find an
+    assessment); only one carrying our identifier and subject counts. No FHIR server, a
+    cut or refused search, or duplicates: ``unknown``, never "not written yet"."""
+    if not result.assessed:
+        return UNKNOWN
     ra = build_risk_assessment(result, check=False)
     if gathered.assessments is not None:
-        candidates = gathered.assessments
+        ours = [c for c in gathered.assessments if is_ours(c, ra)]
+        if len(ours) > 1:
+            return OnServer("unknown", why=f"the assessment prefetch holds {len(ours)} assessments of ours")
+        found = ours[0] if ours else None
     elif client is not None:
         try:
-            candidates = [AssessmentWriter(client).strategy.find_current(ra)]
+            found = AssessmentWriter(client).strategy.find_current(ra)
         except FhirError as exc:
             log.warning("the current RiskAssessment could not be looked up: %s", exc)
-            return None
+            return OnServer("unknown", why=str(exc))
     else:
-        return None
-    same = next((c for c in candidates if same_assessment(c, ra) and isinstance(c.get("id"), str)), None)
-    return f"{req.fhirServer.rstrip('/')}/RiskAssessment/{same['id']}" if same else None
+        return OnServer("unknown", why=gathered.assessments_why)
+    if found is None:
+        return OnServer("none")
+    url = (f"{req.fhirServer.rstrip('/')}/RiskAssessment/{found['id']}"
+           if req.fhirServer and isinstance(found.get("id"), str) else None)
+    if same_assessment(found, ra):
+        return OnServer("same", url)
+    return OnServer("differs", url, says=_says(found))
+
+
+def _says(ra: dict) -> str:
+    """``<group label> (<status>)`` of a RiskAssessment read from the server."""
+    prediction = (ra.get("prediction") or [{}])[0] if isinstance(ra.get("prediction"), list) else {}
+    risk = prediction.get("qualitativeRisk") if isinstance(prediction, dict) else None
+    risk = risk if isinstance(risk, dict) else {}
+    codings = [c for c in risk.get("coding") or [] if isinstance(c, dict)]
+    label = risk.get("text") or next((c.get("display") or c.get("code") for c in codings), None) or "no group"
+    return f"{label} ({ra.get('status') or 'no status'})"
 
 
 def answer(config: CdsConfig, rules: Rules, req: HookRequest) -> tuple[dict, Gathered]:
@@ -176,7 +211,7 @@ def answer(config: CdsConfig, rules: Rules, req: HookRequest) -> tuple[dict, Gat
         prefetch = Prefetch(rules.terminology, patient, req.prefetch, client, why)
         gathered = prefetch.gather()
         result = evaluate(prefetch.record(req.fhirServer), rules, patient)
-        return cards(result, rules.engine.ruleset, assessment_url(result, req, client, gathered)), gathered
+        return cards(result, rules.engine.ruleset, assessment_on_server(result, req, client, gathered)), gathered
     finally:
         if client is not None:
             client.close()
@@ -234,7 +269,39 @@ def cds_router(config: CdsConfig, rules_of: Callable[[], Rules]) -> APIRouter:
                  (time.monotonic() - started) * 1000, len(gathered.from_prefetch), len(gathered.from_server))
         return JSONResponse(response)
 
+    @router.post("/cds-services/{service_id}/feedback")
+    async def feedback(service_id: str, request: Request) -> Response:
+        try:
+            authenticate(request, f"/cds-services/{service_id}/feedback")
+            if service_id != SERVICE_ID:
+                raise CdsError(404, f"no CDS service {service_id!r} here (GET /cds-services lists {SERVICE_ID})")
+            received = parse_feedback(await _body(request, config.max_body))
+        except (CdsError, AuthFailed) as exc:
+            log.info("CDS feedback refused: %s", 401 if isinstance(exc, AuthFailed) else exc.status)
+            return _error(exc)
+        log.info("CDS feedback: %s", counts(received))
+        return Response(status_code=200)
+
+    @router.api_route("/cds-services/{rest:path}", methods=_METHODS)
+    @router.api_route("/cds-services", methods=[m for m in _METHODS if m != "GET"])
+    async def other(request: Request) -> Response:
+        """Everything else under /cds-services: 404 or 405, as an OperationOutcome."""
+        path = request.url.path
+        try:
+            authenticate(request, path)
+        except AuthFailed as exc:
+            return _error(exc)
+        allowed = ("GET" if path.rstrip("/") == "/cds-services" else
+                   "POST" if re.fullmatch(r"/cds-services/[^/]+(/feedback)?", path) else None)
+        if allowed in (None, request.method):   # e.g. GET /cds-services/ (a trailing slash)
+            return _error(CdsError(404, f"nothing at {path} (GET /cds-services lists the services)"))
+        return operation_outcome(405, "not-supported", f"{request.method} {path}: only {allowed} is allowed here",
+                                 headers={"Allow": allowed})
+
     return router
+
+
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
 async def _body(request: Request, limit: int) -> Any:

@@ -4,7 +4,13 @@ what the CDS client sent, completed on its FHIR server.
 The templates are :func:`fhir_adapters.sources.pull.patient_queries` with the patient id
 the token ``{{context.patientId}}``: the same reads and searches ``run`` makes, so a
 site's own codes are prefetched too. One more, ``assessment``, finds the current
-RiskAssessment (for the card's link; never needed to classify).
+RiskAssessment (for the card's link; never needed to classify): searched by subject
+first, then identifier (the product's own lookup order), and only results carrying our
+identifier and subject count (:func:`fhir_adapters.writeback.strategy.is_ours`), so a
+server that ignores ``identifier`` and returns every assessment is still read right.
+It is read like the others, but never refused: a prefetch that is paged, cut or failed
+leaves the question to the FHIR server, or (without one) "could not check"
+(:attr:`Gathered.assessments` None, :attr:`Gathered.assessments_why` saying why).
 
 Reading a prefetch key (decisions):
 
@@ -17,7 +23,10 @@ Reading a prefetch key (decisions):
   on the FHIR server (the client's own paging, checked like every search of the product);
   without a FHIR server, 412;
 * an OperationOutcome (the client's way to say a prefetch failed), or a Bundle carrying
-  an error outcome: as absent;
+  an outcome entry that says results are missing (an error, or a warning such as
+  ``incomplete`` or ``too-costly``: :func:`fhir_adapters.fhir.search.results_cut`): as
+  absent, searched again on the FHIR server, else 412 naming the outcome. An outcome that
+  is a warning only (an ignored parameter) does not stop a prefetch;
 * anything else (a Bundle of another type, a resource of the wrong type, a Patient of
   another id): 400, the request is malformed.
 
@@ -36,6 +45,7 @@ from urllib.parse import urlencode
 
 from fhir_adapters.fhir.client import FhirClient, FhirError
 from fhir_adapters.fhir.reference import PatientIdentity, PatientRef
+from fhir_adapters.fhir.search import results_cut
 from fhir_adapters.project import IDENTIFIER_SYSTEM
 from fhir_adapters.sources.pull import (IDENTIFIER_SEARCH_REFUSED, Searches, dependents, patient_queries,
                                         patient_record, referenced_searches)
@@ -88,7 +98,8 @@ def templates(terminology: Terminology) -> list[Template]:
 def assessment_template(ruleset_id: str) -> Template:
     """The current RiskAssessment of the patient for this rule set, by its identifier."""
     value = assessment_key("Patient/ID", ruleset_id).replace("Patient/ID", f"Patient/{PATIENT_TOKEN}")
-    return Template(ASSESSMENT_KEY, "RiskAssessment", (("identifier", f"{IDENTIFIER_SYSTEM}|{value}"),))
+    return Template(ASSESSMENT_KEY, "RiskAssessment", (("subject", f"Patient/{PATIENT_TOKEN}"),
+                                                       ("identifier", f"{IDENTIFIER_SYSTEM}|{value}")))
 
 
 def discovery_prefetch(terminology: Terminology, ruleset_id: str) -> dict[str, str]:
@@ -103,42 +114,37 @@ class Gathered:
     from_prefetch: list[str] = field(default_factory=list)
     from_server: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    assessments: list[dict] | None = None     # the ``assessment`` prefetch, when sent
+    assessments: list[dict] | None = None     # the ``assessment`` prefetch's answer, when complete
+    assessments_why: str = "the assessment prefetch was not sent"   # why it is None
 
 
 _ABSENT = object()
 
 
-def _error_outcome(resource: Any) -> bool:
-    if not isinstance(resource, dict) or resource.get("resourceType") != "OperationOutcome":
-        return False
-    issues = resource.get("issue") if isinstance(resource.get("issue"), list) else []
-    return any(isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in issues) or not issues
-
-
-def _bundle_resources(key: str, bundle: dict) -> tuple[list[dict], bool, bool]:
-    """(resources, has an error outcome, is incomplete) of a prefetched searchset Bundle."""
+def _bundle_resources(key: str, bundle: dict) -> tuple[list[dict], str | None, bool]:
+    """(resources, why an outcome entry says results are missing or None, is incomplete)
+    of a prefetched searchset Bundle."""
     entries = bundle.get("entry", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise CdsError(400, f"prefetch {key}: Bundle.entry is not a list of objects")
     links = bundle.get("link", [])
     if not isinstance(links, list) or not all(isinstance(x, dict) for x in links):
         raise CdsError(400, f"prefetch {key}: Bundle.link is not a list of objects")
-    resources, failed, matches = [], False, 0
+    resources, cut, matches = [], None, 0
     for i, entry in enumerate(entries):
         resource = entry.get("resource")
         if not isinstance(resource, dict):
             raise CdsError(400, f"prefetch {key}: entry[{i}] has no resource object")
         mode = (entry.get("search") or {}).get("mode") if isinstance(entry.get("search"), dict) else None
         if mode == "outcome" or resource.get("resourceType") == "OperationOutcome":
-            failed = failed or _error_outcome(resource)
+            cut = cut or results_cut(resource)
             continue
         matches += mode != "include"
         resources.append(resource)
     total = bundle.get("total")
     incomplete = any(x.get("relation") == "next" for x in links) or (
         isinstance(total, int) and not isinstance(total, bool) and total > matches)
-    return resources, failed, incomplete
+    return resources, cut, incomplete
 
 
 class Prefetch:
@@ -200,9 +206,9 @@ class Prefetch:
         if rtype != "Bundle" or value.get("type") != "searchset":
             raise CdsError(400, f"prefetch {template.key}: expected a searchset Bundle, got "
                                 f"{rtype or 'no resourceType'}{' ' + str(value.get('type')) if rtype == 'Bundle' else ''}")
-        resources, failed, incomplete = _bundle_resources(template.key, value)
-        if failed:
-            return self._server(template, "carries an error OperationOutcome")
+        resources, cut, incomplete = _bundle_resources(template.key, value)
+        if cut:
+            return self._server(template, f"carries an OperationOutcome saying results are missing ({cut})")
         if incomplete:
             return self._continue(template, value)
         self.gathered.from_prefetch.append(template.key)
@@ -216,7 +222,7 @@ class Prefetch:
         except FhirError as exc:
             raise CdsError(412, f"the FHIR server {self.client.base_url if self.client else ''} could not give "
                                 f"the data the service needs: {exc}") from None
-        self.gathered.assessments = self._assessments()
+        self.gathered.assessments, self.gathered.assessments_why = self._assessments()
         return self.gathered
 
     def _dependents(self, resources: list[dict]) -> list[dict]:
@@ -233,15 +239,25 @@ class Prefetch:
                                       f"prefetch cannot carry them and {self.no_client_why}"}]
         return resources
 
-    def _assessments(self) -> list[dict] | None:
-        value = self.prefetch.get(ASSESSMENT_KEY)
-        if isinstance(value, dict) and value.get("resourceType") == "Bundle":
-            try:
-                resources, failed, incomplete = _bundle_resources(ASSESSMENT_KEY, value)
-            except CdsError:
-                return None
-            return None if failed or incomplete else [r for r in resources if r.get("resourceType") == "RiskAssessment"]
-        return None
+    def _assessments(self) -> tuple[list[dict] | None, str]:
+        """The ``assessment`` prefetch's RiskAssessments when it is the whole answer; else
+        None and why not (the caller then asks the FHIR server, or cannot tell)."""
+        value = self.prefetch.get(ASSESSMENT_KEY, _ABSENT)
+        if value is _ABSENT:
+            return None, "the assessment prefetch was not sent"
+        if value is None:
+            return ([], "") if self.client is None else (None, "the assessment prefetch is null")
+        if not isinstance(value, dict) or value.get("resourceType") != "Bundle" or value.get("type") != "searchset":
+            return None, "the assessment prefetch is not a searchset Bundle"
+        try:
+            resources, cut, incomplete = _bundle_resources(ASSESSMENT_KEY, value)
+        except CdsError as exc:
+            return None, str(exc)
+        if cut:
+            return None, f"the assessment prefetch says results are missing ({cut})"
+        if incomplete:
+            return None, "the assessment prefetch is incomplete (a next link, or a total beyond its entries)"
+        return [r for r in resources if r.get("resourceType") == "RiskAssessment"], ""
 
     def record(self, fhir_server: str | None) -> PatientRecord:
         """The patient's record (its identity on ``fhir_server``, when one was named)."""

@@ -30,7 +30,8 @@ from fhir_adapters.fhir.capabilities import ServerCapabilities
 from fhir_adapters.fhir.codec import dumps, loads
 from fhir_adapters.fhir.errors import (FhirConflict, FhirError, FhirServerUnavailable, FhirTruncated,
                                       operation_outcome_text)
-from fhir_adapters.fhir.search import MAX_OFFSET_PAGES, MAX_PAGES, MAX_STALE_PAGES, Completeness, count_of
+from fhir_adapters.fhir.search import (MAX_OFFSET_PAGES, MAX_PAGES, MAX_STALE_PAGES, Completeness, count_of,
+                                      results_cut)
 from fhir_adapters.fhir.transport import Transport, strip_query
 
 __all__ = [
@@ -97,7 +98,10 @@ class FhirClient(Transport):
 
         Entries with ``search.mode == "outcome"`` (server warnings such as an ignored
         unknown parameter) are not yielded; their text goes to
-        :attr:`last_search_warnings` (reset when the iteration starts). ``match`` and
+        :attr:`last_search_warnings` (reset when the iteration starts). An outcome that
+        says results are missing (:func:`~fhir_adapters.fhir.search.results_cut`: an error,
+        or a code such as ``incomplete`` or ``too-costly``) raises :class:`FhirTruncated`
+        instead: a partial answer is never taken for the whole. ``match`` and
         ``include`` entries are both yielded. ``strict=True`` sends
         ``Prefer: handling=strict`` so that unknown parameters fail with a 400
         :class:`FhirError` instead. ``Bundle.total`` is never used.
@@ -118,7 +122,8 @@ class FhirClient(Transport):
 
         ``complete`` (default): when a page without a ``next`` link leaves results out
         (:class:`~fhir_adapters.fhir.search.Completeness`), the search goes on with
-        ``_offset``, or raises :class:`FhirTruncated` naming what the server did.
+        ``_offset``, or raises :class:`FhirTruncated` naming what the server did; so does
+        a page whose outcome entry says results are missing.
         ``complete=False`` yields exactly what the server sent (the interop probes).
         """
         if not _RTYPE.fullmatch(rtype):
@@ -152,11 +157,7 @@ class FhirClient(Transport):
             problem = _malformed(bundle) if isinstance(bundle, dict) else "not a JSON object"
             if problem:   # a searchset inside a batch reply is not checked by _bundle
                 raise FhirError(f"malformed searchset Bundle: {problem}", url=self.base_url, method="GET")
-            for entry in bundle.get("entry") or []:
-                if (entry.get("search") or {}).get("mode") == "outcome":
-                    text = operation_outcome_text(entry.get("resource"))
-                    if text:
-                        self.last_search_warnings.append(text)
+            self._outcomes(bundle, check)
             page, matches, new = completeness.add(bundle)
             stale = stale + 1 if new == 0 else 0
             if stale > MAX_STALE_PAGES:
@@ -181,6 +182,21 @@ class FhirClient(Transport):
             seen.add(nxt)
             bundle = self._bundle(self.request("GET", nxt, headers=headers))
 
+    def _outcomes(self, bundle: dict, check: bool) -> None:
+        """A page's outcome entries: their text to :attr:`last_search_warnings`, or (``check``)
+        :class:`FhirTruncated` when one says results are missing."""
+        for entry in bundle.get("entry") or []:
+            if (entry.get("search") or {}).get("mode") != "outcome":
+                continue
+            cut = results_cut(entry.get("resource")) if check else None
+            if cut:
+                raise FhirTruncated(f"search incomplete: the server says results are missing ({cut})",
+                                    url=self.base_url, method="GET",
+                                    outcome=operation_outcome_text(entry.get("resource")))
+            text = operation_outcome_text(entry.get("resource"))
+            if text:
+                self.last_search_warnings.append(text)
+
     def _continue_with_offset(self, completeness: Completeness, last_matches: int,
                               query: tuple[str, list[tuple[str, str]]] | None,
                               headers: Mapping[str, str]) -> Iterator[dict]:
@@ -195,8 +211,9 @@ class FhirClient(Transport):
         rtype, pairs = query
         for _ in range(MAX_OFFSET_PAGES):
             params = [(k, v) for k, v in pairs if k != "_offset"] + [("_offset", str(completeness.matched))]
-            page, matches, new = completeness.add(self._bundle(self.request("GET", rtype, params=params,
-                                                                            headers=headers)))
+            bundle = self._bundle(self.request("GET", rtype, params=params, headers=headers))
+            self._outcomes(bundle, True)
+            page, matches, new = completeness.add(bundle)
             if new == 0:
                 if matches:
                     raise FhirTruncated(f"{rtype} search incomplete: {reason}, and the server ignored _offset "

@@ -22,6 +22,15 @@ exist makes the search fail with :class:`~fhir_adapters.fhir.errors.FhirTruncate
 naming what the server did. A server that caps ``_count`` silently with neither a
 ``next`` link nor a total cannot be told apart from a complete answer.
 
+**Outcomes that say results are missing.** A searchset may carry an OperationOutcome
+entry (``search.mode = outcome``). :func:`results_cut` reads it by the R4 IssueType
+value set (http://hl7.org/fhir/ValueSet/issue-type): severity ``fatal`` or ``error``, or
+a code that says data were left out (:data:`CUT_CODES`, at any severity), means the
+page does not hold every match; a code about the request itself (:data:`WARNING_CODES`:
+an ignored or unknown parameter, a value not understood) is a warning only, since what
+came back is still everything the server found. A code outside the value set, or none,
+counts as a cut: an outcome the client cannot read is not taken as harmless.
+
 >>> token("http://example.org/ids", "A|B,C")
 'http://example.org/ids|A\\|B\\,C'
 """
@@ -30,7 +39,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["escape", "token", "Completeness", "count_of", "MAX_OFFSET_PAGES", "MAX_PAGES", "MAX_STALE_PAGES"]
+__all__ = ["escape", "token", "Completeness", "count_of", "results_cut", "CUT_CODES", "WARNING_CODES",
+           "MAX_OFFSET_PAGES", "MAX_PAGES", "MAX_STALE_PAGES"]
 
 # At most this many _offset continuations of one search (a bound, not a page size).
 MAX_OFFSET_PAGES = 10_000
@@ -38,6 +48,68 @@ MAX_OFFSET_PAGES = 10_000
 # row that bring nothing new (a server whose next links never end).
 MAX_PAGES = 100_000
 MAX_STALE_PAGES = 3
+
+
+# R4 IssueType codes that say some results were not returned (each with the spec's reason).
+CUT_CODES = {
+    "incomplete": "not all data sought were returned",
+    "too-costly": "the server stopped to protect its resources",
+    "throttled": "the server refused part of the work for load management",
+    "timeout": "an internal timeout",
+    "too-long": "content too long (denial-of-service protection)",
+    "transient": "a transient processing problem",
+    "lock-error": "a resource was locked",
+    "no-store": "the persistent store is unavailable",
+    "exception": "an unexpected internal error",
+    "suppressed": "information withheld by business rules, consent, privacy or access rights",
+    "security": "a security problem",
+    "login": "login required",
+    "unknown": "unknown user",
+    "expired": "the user session expired",
+    "forbidden": "the user may not see everything",
+}
+# R4 IssueType codes about the request or the content, not about results left out: an
+# ignored parameter returns more, never fewer, matches; a value the server did not
+# understand matches nothing, which the results then say truthfully.
+WARNING_CODES = frozenset({
+    "invalid", "structure", "required", "value", "invariant", "processing", "not-supported", "duplicate",
+    "multiple-matches", "not-found", "deleted", "code-invalid", "extension", "business-rule", "conflict",
+    "informational",
+})
+
+
+def results_cut(outcome: object) -> str | None:
+    """Why an OperationOutcome in a searchset says results are missing, or None when it
+    is a warning only (see the module docstring).
+
+    >>> results_cut({"resourceType": "OperationOutcome", "issue": [{"severity": "warning",
+    ...     "code": "incomplete", "diagnostics": "search results truncated"}]})
+    'warning incomplete (not all data sought were returned): search results truncated'
+    >>> results_cut({"resourceType": "OperationOutcome", "issue": [{"severity": "warning",
+    ...     "code": "not-supported", "diagnostics": "Unknown parameter 'foo'; ignored"}]}) is None
+    True
+    """
+    if not isinstance(outcome, dict):
+        return "an outcome entry that is not a resource"
+    issues = outcome.get("issue") if isinstance(outcome.get("issue"), list) else []
+    if not issues:
+        return "an OperationOutcome with no issue"
+    for issue in issues:
+        if not isinstance(issue, dict):
+            return "an OperationOutcome issue that is not an object"
+        severity, code = issue.get("severity"), issue.get("code")
+        if severity in ("fatal", "error"):
+            why = f"{severity} {code}"
+        elif code in CUT_CODES:
+            why = f"{severity} {code} ({CUT_CODES[code]})"
+        elif code not in WARNING_CODES:
+            why = f"{severity} {code!r} (not an R4 issue type: not taken as harmless)"
+        else:
+            continue
+        details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
+        text = issue.get("diagnostics") or details.get("text")
+        return f"{why}: {text}" if text else why
+    return None
 
 
 def escape(value: str) -> str:

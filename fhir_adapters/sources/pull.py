@@ -119,6 +119,10 @@ def _url(rtype: str, params: dict[str, str]) -> str:
 
 
 def _resources_of(client: FhirClient, page: dict, query: tuple[str, dict[str, str]] | None) -> Iterator[dict]:
+    """The resources of a searchset page from a batch reply and the pages after it. An
+    outcome entry left here is a warning only: one that says results are missing has made
+    :meth:`FhirClient.follow_pages` raise ``FhirTruncated`` (the patient fails, never a
+    partial record)."""
     for bundle in client.follow_pages(page, (query[0], list(query[1].items())) if query else None):
         for entry in bundle.get("entry", []) or []:
             if (entry.get("search") or {}).get("mode") == "outcome":

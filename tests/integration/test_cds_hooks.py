@@ -23,7 +23,7 @@ import yaml
 
 from clm_stratify.pipeline import Rules, Stratifier, evaluate
 from clm_stratify.service.cds_hooks import SERVICE_ID
-from clm_stratify.service.cds_prefetch import templates
+from clm_stratify.service.cds_prefetch import assessment_template, templates
 from engine import explain
 from fhir_adapters.fhir.client import FhirClient, dumps
 from fhir_adapters.fhir.reference import PatientRef
@@ -77,23 +77,26 @@ def cds(server, tmp_path_factory):
 
 
 def prefetch_from(server_url: str, pid: str, keys=None) -> dict:
-    """What a CDS client sends: each discovery template's answer from SEKMET (first page)."""
+    """What a CDS client sends: each discovery template's answer from SEKMET (first page);
+    ``assessment`` too unless ``keys`` are named."""
     out = {}
     with FhirClient(server_url) as fhir:
-        for t in templates(RULES.terminology):
+        for t in templates(RULES.terminology) + ([assessment_template(RULES.engine.ref.id)] if keys is None else []):
             if keys is not None and t.key not in keys:
                 continue
             out[t.key] = fhir.read("Patient", pid) if t.params is None else next(fhir.search_pages(*t.query(pid)))
     return out
 
 
-def call(url: str, pid: str, prefetch: dict | None = None, fhir_server: str | None = None) -> requests.Response:
+def call(url: str, pid: str, prefetch: dict | None = None, fhir_server: str | None = None,
+         authorization: bool = True) -> requests.Response:
     body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
             "context": {"userId": "Practitioner/example", "patientId": pid}}
     if prefetch is not None:
         body["prefetch"] = prefetch
     if fhir_server:
         body["fhirServer"] = fhir_server
+    if fhir_server and authorization:
         body["fhirAuthorization"] = {"access_token": "opaque-test-token", "token_type": "Bearer", "expires_in": 300,
                                      "scope": "user/*.read", "subject": "clm-stratify", "patient": pid}
     return requests.post(f"{url}/cds-services/{SERVICE_ID}", data=dumps(body), timeout=60,
@@ -189,9 +192,11 @@ def test_the_card_links_the_written_assessment_once_it_says_the_same(server, cds
     assert with_prefetch.json()["cards"][0]["links"] == after["links"]   # the assessment from prefetch
     assert last_source_line(log) == (len(templates(RULES.terminology)), 0)
     # Prefetch alone cannot show resources named by identifier only: the card warns so, the
-    # written assessment does not, so they do not say the same and there is no link.
+    # written assessment does not, so they do not say the same: linked as out of date.
     alone = call(url, pid, prefetch, fhir_server="http://127.0.0.1:9/fhir").json()["cards"][0]
-    assert "links" not in alone and ID_ONLY in alone["detail"]
+    assert ID_ONLY in alone["detail"] and "differs from this card" in alone["detail"]
+    assert alone["links"] == [{"label": "RiskAssessment on the FHIR server (out of date)", "type": "absolute",
+                               "url": f"http://127.0.0.1:9/fhir/RiskAssessment/{ra_id}"}]
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
@@ -265,7 +270,7 @@ def test_serve_mounts_the_service_beside_notify_and_a_sighup_reload_reaches_the_
         assert requests.post(receiver.endpoint, timeout=10).status_code == 401   # /notify still checks its secret
         first = card()
         assert first["summary"].startswith("CLM recurrence: Resectable"), first["summary"]
-        assert md("9.0.0") in first["detail"]   # markdown-escaped: 9\\.0\\.0
+        assert md("9.0.0") in first["detail"]   # as the card writes it
 
         rules_with(40, "9.0.1")
         receiver.proc.send_signal(signal.SIGHUP)
@@ -277,3 +282,66 @@ def test_serve_mounts_the_service_beside_notify_and_a_sighup_reload_reaches_the_
         assert second["summary"].startswith("CLM recurrence: Borderline resectable"), second["summary"]
         assert md("9.0.1") in second["detail"]
     assert "Traceback" not in receiver.log.read_text()
+
+
+def test_a_prefetch_the_client_says_was_cut_is_fetched_again_or_refused(server, cds):
+    """The adversary's request: f11's Observations cut to one 9 mm lesion with an
+    ``incomplete`` outcome. Without a FHIR server: 412 naming it (it was "Resectable").
+    With SEKMET named (open: no fhirAuthorization, the spec makes it optional): the
+    server's full answer, borderline as ``classify`` says."""
+    url, log = cds
+    pid = patient_id("11-borderline-count-and-size-no-adjuvant.json")
+    prefetch = prefetch_from(server.base_url, pid)
+    prefetch["observation"]["entry"] = [e for e in prefetch["observation"]["entry"]
+                                        if e["resource"]["id"] == "f11-ct-les5"] + [
+        {"resource": {"resourceType": "OperationOutcome", "issue": [
+            {"severity": "warning", "code": "incomplete", "diagnostics": "search results truncated"}]},
+         "search": {"mode": "outcome"}}]
+    prefetch["observation"].pop("total", None)
+    prefetch["observation"].pop("link", None)
+    refused = call(url, pid, prefetch)
+    assert refused.status_code == 412 and "search results truncated" in refused.json()["issue"][0]["diagnostics"]
+    fetched = call(url, pid, prefetch, fhir_server=server.base_url, authorization=False)
+    assert fetched.status_code == 200, fetched.text
+    assert fetched.json()["cards"][0]["summary"].startswith("CLM recurrence: Borderline resectable")
+    assert last_source_line(log) == (len(templates(RULES.terminology)) - 1, 1)
+
+
+def test_the_card_says_when_the_assessment_on_the_server_differs(server, cds):
+    """Written by ``run``: ``same`` (linked). Changed on the server to resectable, as the
+    adversary did with a PUT: ``differs``, linked as out of date and named. The
+    ``assessment`` prefetch read with the discovery template finds it without a FHIR
+    server: SEKMET ignores both ``subject`` and ``identifier`` on RiskAssessment (warnings)
+    and returns every assessment; only ours (identifier and subject) counts. (Prefetch
+    alone cannot see resources named by identifier only, so its card warns of that and
+    the written one does not: they differ, and with no FHIR server named, no link.)"""
+    url, _ = cds
+    pid = patient_id("11-borderline-count-and-size-no-adjuvant.json")
+    with FhirClient(server.base_url) as fhir:
+        for other in ("01-resectable-single-small.json", "13-unresectable-final-extensive.json"):
+            Stratifier(fhir, RULES).patient(PatientRef(patient_id(other)))   # more assessments on the server
+        assert Stratifier(fhir, RULES).patient(PatientRef(pid)).risk_assessment
+    ra_id = assessment_id(f"Patient/{pid}", RULES.engine.ref.id)
+    link = f"{server.base_url}/RiskAssessment/{ra_id}"
+    same_card = call(url, pid, fhir_server=server.base_url, authorization=False).json()["cards"][0]
+    assert same_card["links"] == [{"label": "RiskAssessment on the FHIR server", "type": "absolute", "url": link}]
+    assert "says the same (linked below)" in same_card["detail"]
+
+    with FhirClient(server.base_url) as fhir:
+        template = assessment_template(RULES.engine.ref.id)
+        found = next(fhir.search_pages(*template.query(pid)))
+        ids = [e["resource"]["id"] for e in found["entry"] if e["search"]["mode"] == "match"]
+        assert ra_id in ids and len(ids) >= 3 and "next" not in [x["relation"] for x in found.get("link", [])]
+        prefetch = {**prefetch_from(server.base_url, pid), "assessment": found}
+        written = fhir.read("RiskAssessment", ra_id)
+        written["prediction"][0]["qualitativeRisk"]["text"] = "Resectable"
+        written["prediction"][0]["qualitativeRisk"]["coding"][0].update(code="resectable", display="Resectable")
+        fhir.update(written)
+    alone = call(url, pid, prefetch).json()["cards"][0]
+    assert "says Borderline resectable (preliminary) and differs from this card;" in alone["detail"]
+    assert "links" not in alone
+    differs = call(url, pid, fhir_server=server.base_url, authorization=False).json()["cards"][0]
+    assert differs["summary"].startswith("CLM recurrence: Borderline resectable")
+    assert differs["links"] == [{"label": "RiskAssessment on the FHIR server (out of date)", "type": "absolute",
+                                 "url": link}]
+    assert "says Resectable" in differs["detail"] and "differs from this card" in differs["detail"]

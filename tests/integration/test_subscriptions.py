@@ -117,13 +117,22 @@ def test_same_notification_twice_leaves_one_assessment_version(server, client, r
     assert again["meta"]["versionId"] == first["meta"]["versionId"]
     # This patient's own evaluations, oldest first (the receiver's last_processed may be
     # another patient's: a late delivery of an earlier test's subscription can re-query).
-    db = sqlite3.connect(receiver.inbox)
-    try:
-        results = [r for (r,) in db.execute("SELECT result FROM work WHERE patient = ? AND state = 'done' "
-                                            "ORDER BY id", (pid,))]
-    finally:
-        db.close()
-    assert len(results) >= 2 and results[-1].startswith("unchanged"), results
+    # Both notifications must have been evaluated (bounded wait: a notification accepted
+    # and never evaluated would be a lost notification, shown with the whole inbox).
+    deadline = time.monotonic() + 30
+    while True:
+        db = sqlite3.connect(receiver.inbox)
+        try:
+            results = [r for (r,) in db.execute("SELECT result FROM work WHERE patient = ? AND state = 'done' "
+                                                "ORDER BY id", (pid,))]
+            rows = db.execute("SELECT id, patient, state, notifications, result FROM work ORDER BY id").fetchall()
+            notes = db.execute("SELECT id, state, substr(body, 1, 120) FROM notification ORDER BY id").fetchall()
+        finally:
+            db.close()
+        if len(results) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(results) >= 2 and results[-1].startswith("unchanged"), (results, rows, notes, receiver.health())
     assert any(r.startswith(("created", "updated")) for r in results[:-1]), results
     ras = list(client.search("RiskAssessment", {"_tag": "https://clm-stratify.org/fhir/CodeSystem/tag|clm-stratify",
                                                 "_count": "500"}))

@@ -103,7 +103,8 @@ def test_discovery_lists_the_service_with_the_pipelines_searches(sandbox):
     for t in templates(RULES.terminology):   # every search of `run`, with the id a token
         assert prefetch[t.key].startswith(f"{t.rtype}") and "{{context.patientId}}" in prefetch[t.key]
     assert "code=http://loinc.org|21889-1" in prefetch["observation"]
-    assert prefetch["assessment"].startswith("RiskAssessment?identifier=")
+    # The product's own lookup order: the patient first, then our identifier.
+    assert prefetch["assessment"].startswith("RiskAssessment?subject=Patient/{{context.patientId}}&identifier=")
 
 
 def test_our_checks_accept_the_specifications_own_examples():
@@ -163,6 +164,18 @@ def test_the_specifications_example_request_is_refused_412_not_guessed(sandbox):
 
 
 # --------------------------------------------------------------------------- the JWT
+def test_a_five_minute_jwt_with_a_jku_header_is_accepted_and_jku_never_fetched(secured, keys):
+    """Epic and others send ``jku``: accepted, the key taken from the registered set only
+    (the URL is a closed loopback port: fetching it would fail the call)."""
+    pid, prefetch = prefetch_of("02-resectable-final-two-lesions.json")
+    now = int(time.time())
+    payload = {"iss": ISS, "aud": f"{BASE}/cds-services/{SERVICE_ID}", "exp": now + 300 + 50, "iat": now,
+               "jti": str(uuid.uuid4())}
+    auth = jwt.encode(payload, keys["ES384"], algorithm="ES384",
+                      headers={"kid": "ES384", "typ": "JWT", "jku": "http://127.0.0.1:9/jwks.json"})
+    assert post(secured, request(pid, prefetch), auth).status_code == 200
+
+
 def test_a_valid_jwt_is_accepted_for_each_algorithm(secured, keys):
     pid, prefetch = prefetch_of("02-resectable-final-two-lesions.json")
     for alg in ("RS384", "ES384"):
@@ -172,7 +185,9 @@ def test_a_valid_jwt_is_accepted_for_each_algorithm(secured, keys):
 
 
 @pytest.mark.parametrize("case", ["none", "garbage", "wrong-aud", "expired", "future-iat", "no-jti", "other-iss",
-                                  "unknown-kid", "hmac", "alg-none", "replay", "discovery-without"])
+                                  "unknown-kid", "hmac", "alg-none", "replay", "discovery-without",
+                                  "exp-31-years", "exp-7-minutes", "exp-string", "iat-string", "exp-fraction",
+                                  "exp-boolean"])
 def test_jwt_problems_are_401(secured, keys, case):
     pid, prefetch = prefetch_of("02-resectable-final-two-lesions.json")
     now = int(time.time())
@@ -185,6 +200,13 @@ def test_jwt_problems_are_401(secured, keys, case):
                                 "iat": now, "jti": "x"}, "secret" * 8, algorithm="HS256", headers={"kid": "ES384"}),
             "alg-none": jwt.encode({"iss": ISS, "aud": f"{BASE}/cds-services/{SERVICE_ID}", "exp": now + 60,
                                     "iat": now, "jti": "y"}, None, algorithm="none", headers={"kid": "ES384"}),
+            # Short-lived: at most 5 minutes (+60 s leeway) after iat and now; integers only.
+            "exp-31-years": token(keys, exp=now + 31 * 365 * 86400),
+            "exp-7-minutes": token(keys, exp=now + 420),
+            "exp-string": token(keys, exp=str(now + 60)),
+            "iat-string": token(keys, iat=str(now)),
+            "exp-fraction": token(keys, exp=now + 60.5),
+            "exp-boolean": token(keys, exp=True),
             }.get(case)
     if case == "unknown-kid":
         auth = jwt.encode({"iss": ISS, "aud": f"{BASE}/cds-services/{SERVICE_ID}", "exp": now + 60, "iat": now,
@@ -198,6 +220,9 @@ def test_jwt_problems_are_401(secured, keys, case):
         r = post(secured, request(pid, prefetch), auth)
     assert r.status_code == 401, r.text
     assert r.headers["www-authenticate"] == "Bearer"
+    said = r.json()["issue"][0]["diagnostics"]
+    if case.startswith(("exp-", "iat-")):
+        assert ("short-lived" if case in ("exp-31-years", "exp-7-minutes") else "not an integer") in said, said
 
 
 # --------------------------------------------------------------------------- prefetch shapes
@@ -263,7 +288,8 @@ def test_card_says_what_classify_says(sandbox, fixture):
     assert c["indicator"] == ("info" if result.group == "resectable" and result.status == "final" else "warning")
     assert c["indicator"] == RULES.engine.ruleset.card_indicators[result.group][result.status]
     assert c["source"]["url"] == f"https://doi.org/{result.ruleset.doi}"
-    assert "links" not in c and "not written to the FHIR server yet" in c["detail"]
+    # No FHIR server and no assessment prefetch: the card cannot tell, and says so.
+    assert "links" not in c and "could not check whether one is on the FHIR server" in c["detail"]
     for rec in result.recommendations:
         assert rec.text.split()[0] in c["detail"]
 
@@ -325,3 +351,167 @@ def test_cors_allows_only_the_listed_browser_clients_and_never_skips_authenticat
     # Without origins configured, no CORS header at all.
     plain = TestClient(create_cds_app(CdsConfig(public_url=BASE, verifier=None), lambda: RULES))
     assert "access-control-allow-origin" not in plain.get("/cds-services", headers={"Origin": "https://x.example"}).headers
+
+
+# --------------------------------------------------------------------------- a prefetch that says it was cut
+def cut_to_one_lesion(prefetch: dict) -> dict:
+    """The adversary's prefetch: fixture 11's Observations cut to its one 9 mm lesion, no
+    total, no next link, and an ``incomplete`` warning outcome."""
+    entries = [e for e in prefetch["observation"]["entry"] if e["resource"]["id"] == "f11-ct-les5"]
+    entries.append({"resource": {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "warning", "code": "incomplete", "diagnostics": "search results truncated"}]},
+        "search": {"mode": "outcome"}})
+    return {**prefetch, "observation": {"resourceType": "Bundle", "type": "searchset", "entry": entries}}
+
+
+def test_a_prefetch_whose_outcome_says_it_was_cut_is_412_not_resectable(sandbox):
+    pid, prefetch = prefetch_of("11-borderline-count-and-size-no-adjuvant.json")
+    r = post(sandbox, request(pid, cut_to_one_lesion(prefetch)))
+    assert r.status_code == 412, r.text
+    said = r.json()["issue"][0]["diagnostics"]
+    assert "prefetch observation" in said and "search results truncated" in said and "incomplete" in said
+
+
+def test_a_prefetch_with_an_ignored_parameter_warning_is_used(sandbox):
+    pid, prefetch = prefetch_of("11-borderline-count-and-size-no-adjuvant.json")
+    prefetch["observation"]["entry"].append({"resource": {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "warning", "code": "not-supported", "diagnostics": "Unknown parameter 'x'; ignored"}]},
+        "search": {"mode": "outcome"}})
+    (c,) = post(sandbox, request(pid, prefetch)).json()["cards"]
+    assert c["summary"].startswith("CLM recurrence: Borderline resectable")
+
+
+# --------------------------------------------------------------------------- the RiskAssessment on the server
+def _current_ra(pid: str, prefetch: dict, **extra) -> dict:
+    """The RiskAssessment of the record the service reads from exactly this request."""
+    from clm_stratify.service.cds_hooks import _client, parse_request
+    from clm_stratify.service.cds_prefetch import Prefetch
+    from fhir_adapters.fhir.reference import PatientRef
+    from fhir_adapters.writeback.resources import build_risk_assessment
+
+    _, why = _client(CdsConfig(public_url=BASE, verifier=None), parse_request(request(pid, prefetch, **extra)))
+    p = Prefetch(RULES.terminology, PatientRef(pid), copy.deepcopy(prefetch), None, why)
+    p.gather()
+    from fhir_adapters.fhir.codec import dumps
+    return json.loads(dumps(build_risk_assessment(evaluate(p.record(None), RULES, PatientRef(pid)))))
+
+
+def _searchset(*resources, **extra) -> dict:
+    return {"resourceType": "Bundle", "type": "searchset",
+            "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources], **extra}
+
+
+def _resectable(ra: dict) -> dict:
+    """``ra`` as the adversary changed it on the server: group resectable."""
+    changed = copy.deepcopy(ra)
+    changed["prediction"][0]["qualitativeRisk"] = {"coding": [{"system": "urn:x", "code": "resectable"}],
+                                                   "text": "Resectable"}
+    return changed
+
+
+@pytest.mark.parametrize("case, says, link", [
+    ("same-no-server", "the one on the FHIR server says the same.", None),
+    ("same-named-server", "the one on the FHIR server says the same (linked below).",
+     "RiskAssessment on the FHIR server"),
+    ("differs", "says Resectable (preliminary) and differs from this card (linked below, out of date)",
+     "RiskAssessment on the FHIR server (out of date)"),
+    ("none", "not written to the FHIR server yet", None),
+    ("none-other-patients-only", "not written to the FHIR server yet", None),
+    ("unknown-paged", "could not check whether one is on the FHIR server", None),
+    ("unknown-cut", "could not check whether one is on the FHIR server", None),
+    ("unknown-duplicates", "could not check whether one is on the FHIR server", None),
+    ("unknown-not-sent", "could not check whether one is on the FHIR server", None),
+])
+def test_the_card_says_what_it_knows_of_the_assessment_on_the_server(sandbox, case, says, link):
+    """Each state from the ``assessment`` prefetch alone (no FHIR server the service may call)."""
+    pid, prefetch = prefetch_of("12-borderline-three-factors-adjuvant.json")
+    extra = {}
+    if case in ("same-named-server", "differs"):
+        extra["fhirServer"] = "http://127.0.0.1:9/fhir"   # named, not one the service may call
+    ra = _current_ra(pid, prefetch, **extra)
+    ra["id"] = "ra-1"
+    other = {**copy.deepcopy(ra), "id": "ra-2", "subject": {"reference": "Patient/someone-else"}}
+    assessment = {
+        "same-no-server": _searchset(ra), "same-named-server": _searchset(ra),
+        "differs": _searchset(_resectable(ra)), "none": _searchset(), "none-other-patients-only": _searchset(other),
+        "unknown-paged": _searchset(other, link=[{"relation": "next", "url": "http://127.0.0.1:9/fhir/x"}]),
+        "unknown-cut": {**_searchset(), "entry": [{"search": {"mode": "outcome"}, "resource": {
+            "resourceType": "OperationOutcome", "issue": [{"severity": "warning", "code": "too-costly"}]}}]},
+        "unknown-duplicates": _searchset(ra, {**ra, "id": "ra-3"}),
+    }.get(case)
+    if assessment is not None:
+        prefetch["assessment"] = assessment
+    r = post(sandbox, request(pid, prefetch, **extra))
+    assert r.status_code == 200, r.text
+    (c,) = r.json()["cards"]
+    assert says in c["detail"], c["detail"].splitlines()[-1]
+    if link is None:
+        assert "links" not in c
+    else:
+        assert c["links"] == [{"label": link, "url": "http://127.0.0.1:9/fhir/RiskAssessment/ra-1",
+                               "type": "absolute"}]
+
+
+# --------------------------------------------------------------------------- feedback, 404 and 405
+FEEDBACK = [
+    {"feedback": [{"card": "4e0a3a1e-3283-4575-ab82-028d55fe2719", "outcome": "accepted",
+                   "acceptedSuggestions": [{"id": "e56e1945-20b3-4393-8503-a1a20fd73152"}],
+                   "outcomeTimestamp": "2021-12-11T10:05:31Z"}]},
+    {"feedback": [{"card": "f6b95768-b1c8-40dc-8385-bf3504b82ffb", "outcome": "overridden",
+                   "outcomeTimestamp": "2020-12-11T00:00:00Z"}]},
+    {"feedback": [{"card": "9368d37b-283f-44a0-93ea-547cebab93ed", "outcome": "overridden",
+                   "overrideReason": {"reason": {"code": "d7ecf885",
+                                                 "system": "https://example.com/cds-hooks/override-reason-system"},
+                                      "userComment": "A comment entered by the clinician."},
+                   "outcomeTimestamp": "2020-12-11T00:00:00Z"}]},
+]
+
+
+@pytest.mark.parametrize("body", FEEDBACK)
+def test_the_specifications_feedback_examples_are_accepted_and_only_counted(sandbox, body, caplog):
+    with caplog.at_level("INFO", logger="clm_stratify.service.cds_hooks"):
+        r = sandbox.post(f"/cds-services/{SERVICE_ID}/feedback", json=body)
+    assert r.status_code == 200, r.text
+    assert "CDS feedback: 1 " in caplog.text and body["feedback"][0]["card"] not in caplog.text
+    assert "A comment" not in caplog.text
+
+
+@pytest.mark.parametrize("mutate, says", [
+    (lambda b: b.pop("feedback"), "feedback: Field required"),
+    (lambda b: b["feedback"][0].pop("card"), "card"),
+    (lambda b: b["feedback"][0].update(outcome="ignored"), "outcome"),
+    (lambda b: b["feedback"][0].pop("acceptedSuggestions"), "acceptedSuggestions is required"),
+    (lambda b: b["feedback"][0].update(outcomeTimestamp="yesterday"), "outcomeTimestamp"),
+    (lambda b: b["feedback"][0].update(outcomeTimestamp="2021-12-11T10:05:31+02:00"), "UTC"),
+    (lambda b: b["feedback"][0].update(acceptedSuggestions=[{"uuid": "x"}]), "acceptedSuggestions.0.id"),
+])
+def test_malformed_feedback_is_400_naming_the_problem(sandbox, mutate, says):
+    body = copy.deepcopy(FEEDBACK[0])
+    mutate(body)
+    r = sandbox.post(f"/cds-services/{SERVICE_ID}/feedback", json=body)
+    assert r.status_code == 400 and says in r.json()["issue"][0]["diagnostics"], r.text
+
+
+def test_feedback_needs_the_jwt_of_its_own_url(secured, keys):
+    url = f"/cds-services/{SERVICE_ID}/feedback"
+    assert secured.post(url, json=FEEDBACK[1]).status_code == 401
+    ok = token(keys, aud=f"{BASE}{url}")
+    assert secured.post(url, json=FEEDBACK[1], headers={"Authorization": f"Bearer {ok}"}).status_code == 200
+    wrong = token(keys)   # the call's audience, not the feedback's
+    assert secured.post(url, json=FEEDBACK[1], headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
+
+
+@pytest.mark.parametrize("method, path, status, allow", [
+    ("GET", f"/cds-services/{SERVICE_ID}", 405, "POST"),
+    ("PUT", f"/cds-services/{SERVICE_ID}", 405, "POST"),
+    ("GET", f"/cds-services/{SERVICE_ID}/feedback", 405, "POST"),
+    ("POST", "/cds-services", 405, "GET"),
+    ("DELETE", "/cds-services", 405, "GET"),
+    ("POST", "/cds-services/other/feedback", 404, None),
+    ("GET", "/cds-services/a/b/c", 404, None),
+    ("GET", "/cds-services/", 404, None),
+])
+def test_every_other_route_under_cds_services_answers_an_operation_outcome(sandbox, method, path, status, allow):
+    r = sandbox.request(method, path, json={} if method in ("POST", "PUT") else None)
+    assert r.status_code == status, r.text
+    assert r.json()["resourceType"] == "OperationOutcome" and r.headers.get("allow") == allow

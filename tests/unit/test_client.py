@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from fhir_adapters.fhir.client import (
-    FhirClient, FhirConflict, FhirError, FhirServerUnavailable, dumps, loads,
+    FhirClient, FhirConflict, FhirError, FhirServerUnavailable, FhirTruncated, dumps, loads,
     operation_outcome_text,
 )
 from fhir_adapters.fhir.transport import retry_after
@@ -331,6 +331,56 @@ def test_logging_has_no_query_strings(scripted, caplog: pytest.LogCaptureFixture
     assert len(warnings) == 1 and "/fhir/Observation" in warnings[0].getMessage()
     assert "503" in warnings[0].getMessage() and len(debug) == 2
     assert "secret-id" not in caplog.text and "Bearer" not in caplog.text and "tok0" not in caplog.text
+
+
+# --------------------------------------------------------------------------- outcomes that cut a search
+CUT_OUTCOME = {"search": {"mode": "outcome"}, "resource": {"resourceType": "OperationOutcome", "issue": [
+    {"severity": "warning", "code": "incomplete", "diagnostics": "search results truncated"}]}}
+IGNORED_OUTCOME = {"search": {"mode": "outcome"}, "resource": {"resourceType": "OperationOutcome", "issue": [
+    {"severity": "warning", "code": "not-supported", "diagnostics": "Unknown parameter 'foo'; ignored"}]}}
+
+
+def _searchset(*entries: dict, next_url: str | None = None) -> dict:
+    b = {"resourceType": "Bundle", "type": "searchset", "entry": list(entries)}
+    if next_url:
+        b["link"] = [{"relation": "next", "url": next_url}]
+    return b
+
+
+def test_a_page_whose_outcome_says_results_are_missing_fails_the_search(scripted) -> None:
+    """The adversary's searchset: one match, no total, no next link, and an ``incomplete``
+    outcome on the second page. The search fails naming the server's words; the raw pages
+    (the interop probes' ``complete=False``) are still seen as sent."""
+    match = {"search": {"mode": "match"}, "resource": {"resourceType": "Observation", "id": "o1"}}
+    s = scripted(lambda h, n: send(h, 200, _searchset(match, next_url=f"{s.base_url}/Observation?page=2")
+                                   if "page=2" not in h.path else _searchset(CUT_OUTCOME)))
+    c = FhirClient(s.base_url, **FAST)
+    with pytest.raises(FhirTruncated, match="search results truncated") as ei:
+        list(c.search("Observation", {"patient": "p1"}))
+    assert "incomplete" in str(ei.value) and ei.value.outcome == "search results truncated"
+    raw = list(c.search_pages("Observation", {"patient": "p1"}, complete=False))
+    assert [len(p["entry"]) for p in raw] == [1, 1] and c.last_search_warnings == ["search results truncated"]
+    with pytest.raises(FhirTruncated):   # a first page from a batch reply, followed
+        list(c.follow_pages(_searchset(match, CUT_OUTCOME)))
+
+
+def test_an_ignored_parameter_stays_a_warning(scripted) -> None:
+    match = {"search": {"mode": "match"}, "resource": {"resourceType": "Observation", "id": "o1"}}
+    s = scripted(lambda h, n: send(h, 200, _searchset(match, IGNORED_OUTCOME)))
+    c = FhirClient(s.base_url, **FAST)
+    assert [r["id"] for r in c.search("Observation", {"patient": "p1", "foo": "x"})] == ["o1"]
+    assert c.last_search_warnings == ["Unknown parameter 'foo'; ignored"]
+
+
+def test_an_offset_continuation_with_a_cutting_outcome_fails(scripted) -> None:
+    """A server that stopped early (total 2, one match, no next link): the client asks
+    ``_offset``, and that page says it was cut."""
+    first = {**_searchset({"search": {"mode": "match"}, "resource": {"resourceType": "Observation", "id": "o1"}}),
+             "total": 2}
+    s = scripted(lambda h, n: send(h, 200, first if "_offset" not in h.path else _searchset(CUT_OUTCOME)))
+    with pytest.raises(FhirTruncated, match="search results truncated"):
+        list(FhirClient(s.base_url, **FAST).search("Observation", {"patient": "p1"}))
+    assert "_offset=1" in s.calls[-1][1]
 
 
 # --------------------------------------------------------------------------- SEKMET

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fhir_adapters.fhir.search import Completeness, count_of, escape, token
+from fhir_adapters.fhir.search import CUT_CODES, WARNING_CODES, Completeness, count_of, escape, results_cut, token
 from fhir_adapters.writeback.resources import assessment_id, assessment_key
 from fhir_adapters.writeback.strategy import is_ours
 from fhir_adapters.project import IDENTIFIER_SYSTEM
@@ -132,3 +132,42 @@ def test_a_malformed_bundle_is_named_not_read_in_part(bundle, problem):
     from fhir_adapters.fhir.client import _malformed
 
     assert _malformed({"resourceType": "Bundle", **bundle}) == problem
+
+
+# --------------------------------------------------------------------------- outcomes that cut results
+def _oo(severity, code, text="server text"):
+    return {"resourceType": "OperationOutcome", "issue": [{"severity": severity, "code": code, "diagnostics": text}]}
+
+
+@pytest.mark.parametrize("severity", ["warning", "information"])
+@pytest.mark.parametrize("code", sorted(CUT_CODES))
+def test_an_outcome_saying_data_were_left_out_is_a_cut_at_any_severity(severity, code):
+    why = results_cut(_oo(severity, code))
+    assert why and code in why and "server text" in why
+
+
+@pytest.mark.parametrize("severity", ["warning", "information"])
+@pytest.mark.parametrize("code", sorted(WARNING_CODES))
+def test_an_outcome_about_the_request_is_a_warning_only(severity, code):
+    assert results_cut(_oo(severity, code)) is None
+
+
+@pytest.mark.parametrize("severity", ["fatal", "error"])
+@pytest.mark.parametrize("code", ["not-supported", "informational", "incomplete", "processing"])
+def test_an_error_outcome_is_a_cut_whatever_its_code(severity, code):
+    assert results_cut(_oo(severity, code)).startswith(f"{severity} {code}")
+
+
+@pytest.mark.parametrize("outcome", [
+    {"resourceType": "OperationOutcome"}, {"resourceType": "OperationOutcome", "issue": []},
+    _oo("warning", "made-up-code"), _oo("warning", None), "text", {"resourceType": "OperationOutcome", "issue": [3]},
+])
+def test_an_outcome_that_cannot_be_read_is_not_taken_as_harmless(outcome):
+    assert results_cut(outcome)
+
+
+def test_one_cutting_issue_among_warnings_is_enough():
+    oo = {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "warning", "code": "not-supported", "diagnostics": "Unknown parameter 'x'; ignored"},
+        {"severity": "warning", "code": "too-costly", "details": {"text": "capped at 100"}}]}
+    assert results_cut(oo) == "warning too-costly (the server stopped to protect its resources): capped at 100"
