@@ -11,9 +11,11 @@ RiskAssessment (:mod:`engine.explain`), in the card's fields.
   the FHIR server says the same. Every dynamic string is escaped (:func:`md`): a record
   cannot inject a link, HTML or layout into the card.
 * ``source``: the study's citation, ``https://doi.org/<doi>``, topic = the rule set.
-* ``links``: the RiskAssessment on the FHIR server (``absolute``) when there is one: as is
-  when it says exactly this card, labelled out of date when it says something else (the
-  detail names what). The detail says "not written yet" only when a complete search found
+* ``links``: the RiskAssessment on the FHIR server (``absolute``: on the named
+  ``fhirServer``, else the prefetch entry's absolute ``fullUrl``; the detail says when it
+  cannot be linked): as is when it says the same clinically (group, status, rule set,
+  factors, basis: not the warnings of how this call read the record), labelled out of
+  date when it says something else (the detail names what). The detail says "not written yet" only when a complete search found
   none, and "could not check" when there was no FHIR server and no usable ``assessment``
   prefetch, or the search was cut or refused (:class:`OnServer`).
 
@@ -43,12 +45,13 @@ MAX_REFS = 6           # evidence references shown per factor
 _UNPRINTABLE = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 # What can start inline Markdown or HTML anywhere in a line: an escape, code, emphasis,
 # strikethrough, a link or image, a table cell; HTML or an autolink ("<" before a letter,
-# "/", "!", "?": "p < 0.05" stays), an entity ("&" before a letter or "#"); GFM's autolinks:
-# a scheme's ":" ("http://"), the "." of "www.". Each gets a "\".
+# "/", "!", "?": "p < 0.05" stays), an entity ("&" before a letter or "#"); GFM's autolinks
+# (cmark-gfm's autolink extension): the ":" of the schemes it links, http, https, ftp,
+# mailto, xmpp (any case; other colons, "doi:10.1245/...", stay), the "." of "www.". Each gets a "\".
 # An e-mail address ("a@b.example", "mailto:a@b.example", "xmpp:...") is linked after the
 # text is put together (cmark-gfm merges text nodes first): no escape stops it. A word
 # joiner (U+2060, invisible) between the "@" and what could be an address's local part does.
-_INLINE = re.compile(r"[\\`*_\[\]|~]|<(?=[a-z/!?])|&(?=[a-z#])|:(?=\S)|(?<=www)\.|(?<=[a-z0-9.+_-])@",
+_INLINE = re.compile(r"[\\`*_\[\]|~]|<(?=[a-z/!?])|&(?=[a-z#])|(?:(?<=http)|(?<=https)|(?<=ftp)|(?<=mailto)|(?<=xmpp)):(?=\S)|(?<=www)\.|(?<=[a-z0-9.+_-])@",
                      re.IGNORECASE)
 # What can start a block at the start of a line (a list item's text included): a heading, a
 # quote, a bullet, a setext underline; the "1." / "1)" of an ordered list (the "\" goes after
@@ -72,8 +75,8 @@ def md(text: object, line_start: bool = True) -> str:
     (:func:`plain`); with ``line_start`` (the text may begin a line or a list item's text) a
     block starter at its start too: mid-line, pass False.
 
-    >>> print(md("<b>x</b> [a](http://e.example) *y* www.e.example p >= 0.05, study's"))
-    \<b>x\</b> \[a\](http\://e.example) \*y\* www\.e.example p >= 0.05, study's
+    >>> print(md("<b>x</b> [a](HTTP://e.example) *y* www.e.example p >= 0.05, doi:10.1245/x"))
+    \<b>x\</b> \[a\](HTTP\://e.example) \*y\* www\.e.example p >= 0.05, doi:10.1245/x
     >>> print(md(">= 4 lesions"), "|", md(">= 4 lesions", line_start=False), "|", md("1. a\n b"))
     \>= 4 lesions | >= 4 lesions | 1\. a b
     """
@@ -115,7 +118,8 @@ class OnServer:
     """What the card says of the RiskAssessment on the FHIR server: ``same`` (it says
     what the card says), ``differs`` (it says something else: ``says``), ``none`` (a
     complete search found none of ours), ``unknown`` (could not check: ``why``, logged
-    only). ``url``: the assessment on the server, linked when a FHIR server was named."""
+    only). ``url``: the assessment on the server, linked: on the named FHIR server, else
+    the absolute ``fullUrl`` the ``assessment`` prefetch gives it; None when neither."""
 
     state: Literal["same", "differs", "none", "unknown"]
     url: str | None = None
@@ -126,13 +130,16 @@ class OnServer:
 UNKNOWN = OnServer("unknown", why="not looked up")
 
 
+_NO_LINK = "not linked: neither fhirServer nor an absolute fullUrl in the assessment prefetch locates it"
+
+
 def _on_server_text(on: OnServer) -> str:
     if on.state == "same":
         return ("**RiskAssessment:** the one on the FHIR server says the same"
-                + (" (linked below)." if on.url else "."))
+                + (" (linked below)." if on.url else f" ({_NO_LINK})."))
     if on.state == "differs":
         return (f"**RiskAssessment:** the one on the FHIR server says {md(on.says, line_start=False)} and differs from this card"
-                + (" (linked below, out of date)" if on.url else "")
+                + (" (linked below, out of date)" if on.url else f" ({_NO_LINK})")
                 + "; clm-stratify run or serve updates it (this service writes nothing).")
     if on.state == "none":
         return ("**RiskAssessment:** not written to the FHIR server yet (this service writes nothing; "

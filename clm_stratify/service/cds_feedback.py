@@ -2,10 +2,12 @@
 with a card, checked against the spec and counted.
 
 The body is ``{"feedback": [Feedback, ...]}``; each Feedback has ``card`` (the card's
-``uuid``), ``outcome`` ``accepted`` or ``overridden``, ``acceptedSuggestions`` (required
-for ``accepted``: ``[{"id": ...}]``), an optional ``overrideReason`` (``reason`` a
-Coding, ``userComment`` text) and ``outcomeTimestamp`` (RFC 3339 in UTC). A body that
-is not that is a 400 naming what is wrong. Nothing is stored and only counts are logged
+``uuid``), ``outcome`` ``accepted`` or ``overridden``, ``acceptedSuggestions``
+(``[{"id": ...}]``), an optional ``overrideReason`` (``reason`` a Coding, ``userComment``
+text) and ``outcomeTimestamp`` (RFC 3339 in UTC). The spec requires
+``acceptedSuggestions`` for ``accepted``, but our cards have no suggestions: ``accepted``
+is taken with it, without it or with it empty (the card accepted as a whole). A body
+that is not that is a 400 naming what is wrong. Nothing is stored and only counts are logged
 (a user comment or a card id is never written to the log): the service has nothing to
 learn from a card's fate, but a CDS client that sends feedback must get its 200.
 """
@@ -51,9 +53,7 @@ class Feedback(_Open):
     outcomeTimestamp: StrictStr
 
     @model_validator(mode="after")
-    def _conditional(self) -> "Feedback":
-        if self.outcome == "accepted" and not self.acceptedSuggestions:
-            raise ValueError("acceptedSuggestions is required for an accepted outcome")
+    def _utc_timestamp(self) -> "Feedback":
         if not _UTC_TIME.fullmatch(self.outcomeTimestamp):
             raise ValueError(f"outcomeTimestamp {self.outcomeTimestamp!r} is not an RFC 3339 date-time in UTC")
         return self

@@ -8,8 +8,10 @@ Routes (an :class:`~fastapi.APIRouter`, mounted by ``serve --cds-hooks`` next to
 * ``POST /cds-services/{id}``: the call; ``{"cards": [...]}`` (:mod:`clm_stratify.service.cds_cards`).
 * ``POST /cds-services/{id}/feedback``: what the clinician did with a card, checked and
   counted (:mod:`clm_stratify.service.cds_feedback`); 200 with no body.
-* anything else under ``/cds-services``: 404, or 405 with ``Allow`` (a GET on the
-  service, a POST on discovery), as an OperationOutcome like every other refusal.
+* ``HEAD /cds-services``: as GET, without the body.
+* anything else under ``/cds-services``: 404 (no such service or path), or 405 with
+  ``Allow`` (a GET on our service, a POST on discovery), as an OperationOutcome like
+  every other refusal; in the service alone (``create_cds_app``) every other path too.
 
 Order of checks, each answered with an OperationOutcome saying why: 401 (the CDS
 client's JWT, :mod:`clm_stratify.service.cds_auth`; every route, discovery too, unless
@@ -41,19 +43,20 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clm_stratify.pipeline import Rules, evaluate
 from clm_stratify.service.cds_auth import AuthFailed, JwtVerifier
 from clm_stratify.service.cds_cards import UNKNOWN, OnServer, cards
 from clm_stratify.service.cds_feedback import counts, parse_feedback
-from clm_stratify.service.cds_prefetch import CdsError, Gathered, Prefetch, discovery_prefetch
+from clm_stratify.service.cds_prefetch import ASSESSMENT_KEY, CdsError, Gathered, Prefetch, discovery_prefetch
 from clm_stratify.service.receiver import operation_outcome
 from engine.classify import Classification
 from fhir_adapters.fhir.auth import BearerToken
 from fhir_adapters.fhir.client import FhirClient, FhirError
 from fhir_adapters.fhir.codec import loads
 from fhir_adapters.fhir.reference import PatientRef
-from fhir_adapters.writeback.resources import build_risk_assessment, same_assessment
+from fhir_adapters.writeback.resources import build_risk_assessment, says_same_clinically
 from fhir_adapters.writeback.strategy import is_ours
 from fhir_adapters.writeback.writer import AssessmentWriter
 
@@ -167,7 +170,9 @@ def assessment_on_server(result: Classification, req: HookRequest, client: FhirC
     From the ``assessment`` prefetch when it is the whole answer, else the writer's own
     lookup on the FHIR server (:meth:`WriteStrategy.find_current`: one way to find an
     assessment); only one carrying our identifier and subject counts. No FHIR server, a
-    cut or refused search, or duplicates: ``unknown``, never "not written yet"."""
+    cut or refused search, or duplicates: ``unknown``, never "not written yet". ``same``
+    when it says the same clinically (:func:`says_same_clinically`: this call's warnings
+    about what the prefetch could not see are the card's caveats, not a difference)."""
     if not result.assessed:
         return UNKNOWN
     ra = build_risk_assessment(result, check=False)
@@ -186,11 +191,29 @@ def assessment_on_server(result: Classification, req: HookRequest, client: FhirC
         return OnServer("unknown", why=gathered.assessments_why)
     if found is None:
         return OnServer("none")
-    url = (f"{req.fhirServer.rstrip('/')}/RiskAssessment/{found['id']}"
-           if req.fhirServer and isinstance(found.get("id"), str) else None)
-    if same_assessment(found, ra):
+    url = _url_of(found, req)
+    if says_same_clinically(found, ra):
         return OnServer("same", url)
     return OnServer("differs", url, says=_says(found))
+
+
+_ABSOLUTE = re.compile(r"https?://[^\s/?#]+/\S*", re.IGNORECASE)
+
+
+def _url_of(found: dict, req: HookRequest) -> str | None:
+    """Where the assessment is: on the named fhirServer by its id; with no fhirServer, the
+    ``fullUrl`` of its entry in the ``assessment`` prefetch when that is an absolute
+    http(s) URL; else None (the card then says it cannot link it)."""
+    if req.fhirServer:
+        ra_id = found.get("id")
+        return f"{req.fhirServer.rstrip('/')}/RiskAssessment/{ra_id}" if isinstance(ra_id, str) else None
+    bundle = (req.prefetch or {}).get(ASSESSMENT_KEY)
+    entries = bundle.get("entry") if isinstance(bundle, dict) else None
+    for e in entries if isinstance(entries, list) else []:
+        if isinstance(e, dict) and e.get("resource") == found:
+            full = e.get("fullUrl")
+            return full if isinstance(full, str) and _ABSOLUTE.fullmatch(full) else None
+    return None
 
 
 def _says(ra: dict) -> str:
@@ -239,13 +262,14 @@ def cds_router(config: CdsConfig, rules_of: Callable[[], Rules]) -> APIRouter:
         if config.verifier is not None:
             config.verifier.verify(request.headers.get("authorization"), f"{base}{path}")
 
-    @router.get("/cds-services")
+    @router.api_route("/cds-services", methods=["GET", "HEAD"])
     async def discover(request: Request) -> Response:
         try:
             authenticate(request, "/cds-services")
         except AuthFailed as exc:
             return _error(exc)
-        return JSONResponse(discovery(rules_of()))
+        found = JSONResponse(discovery(rules_of()))
+        return found if request.method == "GET" else Response(headers=dict(found.headers))   # HEAD: no body
 
     @router.post("/cds-services/{service_id}")
     async def call(service_id: str, request: Request) -> Response:
@@ -283,7 +307,7 @@ def cds_router(config: CdsConfig, rules_of: Callable[[], Rules]) -> APIRouter:
         return Response(status_code=200)
 
     @router.api_route("/cds-services/{rest:path}", methods=_METHODS)
-    @router.api_route("/cds-services", methods=[m for m in _METHODS if m != "GET"])
+    @router.api_route("/cds-services", methods=[m for m in _METHODS if m not in ("GET", "HEAD")])
     async def other(request: Request) -> Response:
         """Everything else under /cds-services: 404 or 405, as an OperationOutcome."""
         path = request.url.path
@@ -291,11 +315,11 @@ def cds_router(config: CdsConfig, rules_of: Callable[[], Rules]) -> APIRouter:
             authenticate(request, path)
         except AuthFailed as exc:
             return _error(exc)
-        allowed = ("GET" if path.rstrip("/") == "/cds-services" else
-                   "POST" if re.fullmatch(r"/cds-services/[^/]+(/feedback)?", path) else None)
-        if allowed in (None, request.method):   # e.g. GET /cds-services/ (a trailing slash)
+        allowed = ("GET, HEAD" if path.rstrip("/") == "/cds-services" else
+                   "POST" if re.fullmatch(rf"/cds-services/{re.escape(SERVICE_ID)}(/feedback)?", path) else None)
+        if allowed is None or request.method in allowed.split(", "):   # e.g. GET /cds-services/ (a slash)
             return _error(CdsError(404, f"nothing at {path} (GET /cds-services lists the services)"))
-        return operation_outcome(405, "not-supported", f"{request.method} {path}: only {allowed} is allowed here",
+        return operation_outcome(405, "not-supported", f"{request.method} {path}: allowed here: {allowed}",
                                  headers={"Allow": allowed})
 
     return router
@@ -336,8 +360,17 @@ def create_cds_app(config: CdsConfig, rules_of: Callable[[], Rules]) -> FastAPI:
     app = FastAPI(title="clm-stratify CDS Hooks service", docs_url=None, redoc_url=None, openapi_url=None)
     mount(app, config, rules_of)
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> Response:
+        """Paths and methods no route takes (``/favicon.ico``): an OperationOutcome, not
+        FastAPI's ``{"detail": ...}``; 405 keeps its ``Allow``."""
+        if exc.status_code == 404:
+            return _error(CdsError(404, f"nothing at {request.url.path} (GET /cds-services lists the services)"))
+        return operation_outcome(exc.status_code, "not-supported" if exc.status_code == 405 else "exception",
+                                 f"{request.method} {request.url.path}: {exc.detail}", headers=exc.headers)
 
     return app

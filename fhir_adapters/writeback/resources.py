@@ -41,6 +41,8 @@ from fhir_adapters.project import (ASSESSMENT_SYSTEM, GROUP_SYSTEM, IDENTIFIER_S
                                    RULESET_SYSTEM, TAG, TAG_SYSTEM, VERSION)
 from fhir_adapters.writeback.narrative import check_xhtml, narrative, normal_text
 UCUM = "http://unitsofmeasure.org"
+# How a data warning starts in the note (says_same_clinically skips these).
+_WARNING_NOTE = "Data warning: "
 
 _KEY_CHARS = re.compile(r"[A-Za-z0-9\-._/]{1,200}")
 
@@ -117,7 +119,7 @@ def _notes(r: Classification) -> list[dict]:
         notes.append(cohort)
     if r.status_note:
         notes.append(r.status_note)
-    notes += [f"Data warning: {w}" for w in r.warnings]
+    notes += [f"{_WARNING_NOTE}{w}" for w in r.warnings]
     return [{"text": n} for n in notes]
 
 
@@ -250,3 +252,29 @@ def _normal(value: Any) -> Any:
     if isinstance(value, (Decimal, float, int)) and not isinstance(value, bool):
         return Decimal(str(value)).normalize()
     return value
+
+
+# What a RiskAssessment asserts clinically: all of _SIGNIFICANT but the data warnings of
+# the run that made it (notes that begin "Data warning: ", and the narrative that repeats them).
+_CLINICAL = ("identifier", "status", "method", "code", "subject", "condition", "prediction", "mitigation")
+
+
+def says_same_clinically(current: dict | None, new: dict) -> bool:
+    """True when ``current`` asserts what ``new`` asserts: group and cohort figure, status,
+    rule set (id, version), factor states and values, missing facts, recommendations and
+    basis (as a set). Unlike :func:`same_assessment` (whether to write), the warnings about
+    how the data was read are not compared: an assessment made from a record that could
+    see more, or less, with the same result, says the same (a basis resource only one of
+    them has is a difference)."""
+    if current is None:
+        return False
+
+    def basis(ra: dict) -> set:
+        return {str(_normal(b)) for b in ra.get("basis") or []}
+
+    def notes(ra: dict) -> list:
+        return [_normal(n) for n in ra.get("note") or []
+                if not (isinstance(n, dict) and str(n.get("text", "")).startswith(_WARNING_NOTE))]
+
+    return (all(_normal(current.get(k)) == _normal(new.get(k)) for k in _CLINICAL)
+            and basis(current) == basis(new) and notes(current) == notes(new))

@@ -192,10 +192,10 @@ def test_the_card_links_the_written_assessment_once_it_says_the_same(server, cds
     assert with_prefetch.json()["cards"][0]["links"] == after["links"]   # the assessment from prefetch
     assert last_source_line(log) == (len(templates(RULES.terminology)), 0)
     # Prefetch alone cannot show resources named by identifier only: the card warns so, the
-    # written assessment does not, so they do not say the same: linked as out of date.
+    # written assessment does not; that is the card's caveat, not a difference: the same.
     alone = call(url, pid, prefetch, fhir_server="http://127.0.0.1:9/fhir").json()["cards"][0]
-    assert ID_ONLY in alone["detail"] and "differs from this card" in alone["detail"]
-    assert alone["links"] == [{"label": "RiskAssessment on the FHIR server (out of date)", "type": "absolute",
+    assert ID_ONLY in alone["detail"] and "says the same (linked below)" in alone["detail"]
+    assert alone["links"] == [{"label": "RiskAssessment on the FHIR server", "type": "absolute",
                                "url": f"http://127.0.0.1:9/fhir/RiskAssessment/{ra_id}"}]
 
 
@@ -312,9 +312,10 @@ def test_the_card_says_when_the_assessment_on_the_server_differs(server, cds):
     adversary did with a PUT: ``differs``, linked as out of date and named. The
     ``assessment`` prefetch read with the discovery template finds it without a FHIR
     server: SEKMET ignores both ``subject`` and ``identifier`` on RiskAssessment (warnings)
-    and returns every assessment; only ours (identifier and subject) counts. (Prefetch
-    alone cannot see resources named by identifier only, so its card warns of that and
-    the written one does not: they differ, and with no FHIR server named, no link.)"""
+    and returns every assessment; only ours (identifier and subject) counts, linked by its
+    entry's ``fullUrl`` when no FHIR server is named. (Prefetch alone cannot see resources
+    named by identifier only, so its card warns of that and the written one does not: a
+    caveat of the card, not a difference.)"""
     url, _ = cds
     pid = patient_id("11-borderline-count-and-size-no-adjuvant.json")
     with FhirClient(server.base_url) as fhir:
@@ -337,11 +338,31 @@ def test_the_card_says_when_the_assessment_on_the_server_differs(server, cds):
         written["prediction"][0]["qualitativeRisk"]["text"] = "Resectable"
         written["prediction"][0]["qualitativeRisk"]["coding"][0].update(code="resectable", display="Resectable")
         fhir.update(written)
-    alone = call(url, pid, prefetch).json()["cards"][0]
-    assert "says Borderline resectable (preliminary) and differs from this card;" in alone["detail"]
-    assert "links" not in alone
+    full_url = next(e["fullUrl"] for e in found["entry"] if e["resource"]["id"] == ra_id)
+    assert full_url.startswith(server.base_url)
+    alone = call(url, pid, prefetch).json()["cards"][0]   # the prefetch read before the change
+    assert ID_ONLY in alone["detail"] and "says the same (linked below)." in alone["detail"]
+    assert alone["links"] == [{"label": "RiskAssessment on the FHIR server", "type": "absolute", "url": full_url}]
+    with FhirClient(server.base_url) as fhir:
+        changed = {**prefetch, "assessment": next(fhir.search_pages(*template.query(pid)))}
+    alone = call(url, pid, changed).json()["cards"][0]
+    assert "says Resectable (preliminary) and differs from this card (linked below, out of date)" in alone["detail"]
+    assert alone["links"] == [{"label": "RiskAssessment on the FHIR server (out of date)", "type": "absolute",
+                               "url": full_url}]
     differs = call(url, pid, fhir_server=server.base_url, authorization=False).json()["cards"][0]
     assert differs["summary"].startswith("CLM recurrence: Borderline resectable")
     assert differs["links"] == [{"label": "RiskAssessment on the FHIR server (out of date)", "type": "absolute",
                                  "url": link}]
     assert "says Resectable" in differs["detail"] and "differs from this card" in differs["detail"]
+
+
+def test_the_service_alone_over_http_head_and_other_paths(cds):
+    """Through uvicorn: HEAD on discovery is GET without the body; a path no route takes
+    (a browser's /favicon.ico) and an unknown service are OperationOutcome 404s."""
+    url, _ = cds
+    got, head = requests.get(f"{url}/cds-services", timeout=10), requests.head(f"{url}/cds-services", timeout=10)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == got.headers["content-length"] == str(len(got.content))
+    for path in ("/favicon.ico", "/x", "/cds-services/nope"):
+        r = requests.get(f"{url}{path}", timeout=10)
+        assert r.status_code == 404 and r.json()["resourceType"] == "OperationOutcome", (path, r.text)

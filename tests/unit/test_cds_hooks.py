@@ -30,6 +30,7 @@ EXPECTED = yaml.safe_load((FIXTURES_DIR / "expected.yaml").read_text())
 BASE = "http://cds.test"
 ISS = "https://ehr.test/"
 RULES = Rules.load()
+ID_ONLY = "only by identifier cannot be seen"
 
 
 def prefetch_of(fixture: str) -> tuple[str, dict]:
@@ -410,7 +411,8 @@ def _resectable(ra: dict) -> dict:
 
 
 @pytest.mark.parametrize("case, says, link", [
-    ("same-no-server", "the one on the FHIR server says the same.", None),
+    ("same-no-server", "the one on the FHIR server says the same (not linked: neither fhirServer nor an absolute "
+                       "fullUrl in the assessment prefetch locates it).", None),
     ("same-named-server", "the one on the FHIR server says the same (linked below).",
      "RiskAssessment on the FHIR server"),
     ("differs", "says Resectable (preliminary) and differs from this card (linked below, out of date)",
@@ -452,6 +454,43 @@ def test_the_card_says_what_it_knows_of_the_assessment_on_the_server(sandbox, ca
                                "type": "absolute"}]
 
 
+@pytest.mark.parametrize("change, says, link", [
+    ("none", "the one on the FHIR server says the same (linked below).", "RiskAssessment on the FHIR server"),
+    ("group", "says Borderline resectable (preliminary) and differs from this card (linked below, out of date)",
+     "RiskAssessment on the FHIR server (out of date)"),
+    ("basis", "says Resectable (preliminary) and differs from this card (linked below, out of date)",
+     "RiskAssessment on the FHIR server (out of date)"),
+    ("relative-fullUrl", "says the same (not linked: neither fhirServer nor an absolute fullUrl", None),
+])
+def test_the_assessment_run_wrote_is_the_same_though_the_prefetch_card_has_a_warning(sandbox, change, says, link):
+    """The adversary's case: the prefetch of f06 (no fhirServer: the card warns that
+    resources naming the patient only by identifier cannot be seen) with the RiskAssessment
+    ``run`` writes for the whole record (no such warning), found by its ``fullUrl``. The
+    warning is the card's caveat, not a difference; a changed group or an extra basis
+    resource on the server is one."""
+    fixture = "06-resectable-size-49-9mm.json"
+    pid, prefetch = prefetch_of(fixture)
+    from fhir_adapters.fhir.codec import dumps
+    from fhir_adapters.writeback.resources import build_risk_assessment
+    ra = json.loads(dumps(build_risk_assessment(evaluate(read_bundle_file(FIXTURES_DIR / fixture), RULES))))
+    assert not any("Data warning" in n["text"] for n in ra["note"])
+    if change == "group":
+        risk = ra["prediction"][0]["qualitativeRisk"]
+        risk["coding"][0].update(code="borderline-resectable", display="Borderline resectable")
+        risk["text"] = "Borderline resectable"
+    if change == "basis":
+        ra["basis"].append({"reference": "Observation/not-in-this-record"})
+    url = (f"RiskAssessment/{ra['id']}" if change == "relative-fullUrl"
+           else f"http://127.0.0.1:9/fhir/RiskAssessment/{ra['id']}")
+    prefetch["assessment"] = {**_searchset(), "entry": [{"fullUrl": url, "resource": ra, "search": {"mode": "match"}}]}
+    r = post(sandbox, request(pid, prefetch))
+    assert r.status_code == 200, r.text
+    (c,) = r.json()["cards"]
+    assert c["summary"] == "CLM recurrence: Resectable (preliminary)" and ID_ONLY in c["detail"]
+    assert says in c["detail"], c["detail"].splitlines()[-1]
+    assert c.get("links") == ([{"label": link, "url": url, "type": "absolute"}] if link else None)
+
+
 # --------------------------------------------------------------------------- feedback, 404 and 405
 FEEDBACK = [
     {"feedback": [{"card": "4e0a3a1e-3283-4575-ab82-028d55fe2719", "outcome": "accepted",
@@ -480,7 +519,6 @@ def test_the_specifications_feedback_examples_are_accepted_and_only_counted(sand
     (lambda b: b.pop("feedback"), "feedback: Field required"),
     (lambda b: b["feedback"][0].pop("card"), "card"),
     (lambda b: b["feedback"][0].update(outcome="ignored"), "outcome"),
-    (lambda b: b["feedback"][0].pop("acceptedSuggestions"), "acceptedSuggestions is required"),
     (lambda b: b["feedback"][0].update(outcomeTimestamp="yesterday"), "outcomeTimestamp"),
     (lambda b: b["feedback"][0].update(outcomeTimestamp="2021-12-11T10:05:31+02:00"), "UTC"),
     (lambda b: b["feedback"][0].update(acceptedSuggestions=[{"uuid": "x"}]), "acceptedSuggestions.0.id"),
@@ -503,10 +541,13 @@ def test_feedback_needs_the_jwt_of_its_own_url(secured, keys):
 
 @pytest.mark.parametrize("method, path, status, allow", [
     ("GET", f"/cds-services/{SERVICE_ID}", 405, "POST"),
+    ("HEAD", f"/cds-services/{SERVICE_ID}", 405, "POST"),
+    ("GET", "/cds-services/nope", 404, None),
+    ("GET", "/cds-services/nope/feedback", 404, None),
     ("PUT", f"/cds-services/{SERVICE_ID}", 405, "POST"),
     ("GET", f"/cds-services/{SERVICE_ID}/feedback", 405, "POST"),
-    ("POST", "/cds-services", 405, "GET"),
-    ("DELETE", "/cds-services", 405, "GET"),
+    ("POST", "/cds-services", 405, "GET, HEAD"),
+    ("DELETE", "/cds-services", 405, "GET, HEAD"),
     ("POST", "/cds-services/other/feedback", 404, None),
     ("GET", "/cds-services/a/b/c", 404, None),
     ("GET", "/cds-services/", 404, None),
@@ -514,4 +555,33 @@ def test_feedback_needs_the_jwt_of_its_own_url(secured, keys):
 def test_every_other_route_under_cds_services_answers_an_operation_outcome(sandbox, method, path, status, allow):
     r = sandbox.request(method, path, json={} if method in ("POST", "PUT") else None)
     assert r.status_code == status, r.text
-    assert r.json()["resourceType"] == "OperationOutcome" and r.headers.get("allow") == allow
+    assert r.headers.get("allow") == allow
+    assert method == "HEAD" or r.json()["resourceType"] == "OperationOutcome"
+
+
+def test_head_on_discovery_is_get_without_the_body(sandbox, secured):
+    got, head = sandbox.get("/cds-services"), sandbox.head("/cds-services")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == got.headers["content-length"] == str(len(got.content))
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert secured.head("/cds-services").status_code == 401   # authenticated like GET
+
+
+@pytest.mark.parametrize("method, path, status, allow", [
+    ("GET", "/x", 404, None), ("GET", "/favicon.ico", 404, None), ("POST", "/", 404, None),
+    ("POST", "/healthz", 405, "GET, HEAD"),
+])
+def test_the_service_alone_answers_other_paths_with_an_operation_outcome(sandbox, method, path, status, allow):
+    r = sandbox.request(method, path)
+    assert r.status_code == status and r.json()["resourceType"] == "OperationOutcome", r.text
+    assert sorted(filter(None, (r.headers.get("allow") or "").split(", "))) == sorted(allow.split(", ") if allow else [])
+
+
+def test_accepted_without_suggestions_is_taken_our_cards_have_none(sandbox, caplog):
+    body = copy.deepcopy(FEEDBACK[0])
+    del body["feedback"][0]["acceptedSuggestions"]
+    with caplog.at_level("INFO", logger="clm_stratify.service.cds_hooks"):
+        assert sandbox.post(f"/cds-services/{SERVICE_ID}/feedback", json=body).status_code == 200
+        body["feedback"][0]["acceptedSuggestions"] = []
+        assert sandbox.post(f"/cds-services/{SERVICE_ID}/feedback", json=body).status_code == 200
+    assert caplog.text.count("CDS feedback: 1 accepted") == 2

@@ -187,7 +187,8 @@ def test_a_whole_detail_with_record_text_in_every_dynamic_place_stays_text(x):
 @pytest.mark.parametrize("text", [
     "p = 0.049", "study's", ">= 4 lesions", "5-year overall survival 30.8 % (p < 0.0001 across groups)",
     "present (62 mm); why unknown: size not recorded", "doi: 10.1245 and 3 < 4 & 5 > 2", "rule G2-factor-present",
-    "9.0.0", "1.5 cm", "www example", "a # b + c = d - e"])
+    "9.0.0", "1.5 cm", "www example", "a # b + c = d - e", "doi:10.1245/s10434-024-16491-3", "PMID:39580378",
+    "httpx://e.x", "ratio 2:1", "urn:oid:1.2.3"])
 def test_ordinary_text_mid_line_is_not_escaped(text):
     assert md(text, line_start=False) == text
 
@@ -196,7 +197,8 @@ def test_ordinary_text_mid_line_is_not_escaped(text):
     ("# h", "\\# h"), ("> q", "\\> q"), ("- b", "\\- b"), ("+ b", "\\+ b"), ("= u", "\\= u"), ("* b", "\\* b"),
     ("1. i", "1\\. i"), ("123456789) i", "123456789\\) i"), ("1234567890. i", "1234567890. i"), ("1.5 cm", "1.5 cm"),
     ("http://e.x", "http\\://e.x"), ("www.e.x", "www\\.e.x"), ("a@b.c", "a\u2060@b.c"), ("@b", "@b"), ("<b>", "\\<b>"),
-    ("&amp;", "\\&amp;"), ("a_b", "a\\_b"), ("| c |", "\\| c \\|")])
+    ("&amp;", "\\&amp;"), ("a_b", "a\\_b"), ("| c |", "\\| c \\|"), ("HTTPS://e.x", "HTTPS\\://e.x"),
+    ("Ftp://e.x", "Ftp\\://e.x"), ("MailTo:a", "MailTo\\:a"), ("xmpp:a", "xmpp\\:a"), ("doi:http://e.x", "doi:http\\://e.x")])
 def test_what_could_start_markdown_is_escaped_and_only_that(text, escaped):
     assert md(text) == escaped
 
@@ -206,7 +208,7 @@ def test_the_detail_reads_as_plain_text():
     text = detail(F11)
     for phrase in ("p = 0.049", "study's", "(threshold >= 4 lesions)", "(threshold >= 50 mm)",
                    "evidence: `Observation/f11-ct-les1`, `Observation/f11-ct-les2`",
-                   "(group borderline-resectable, rule G2-factor-present)"):
+                   "(group borderline-resectable, rule G2-factor-present)", f"(doi:{F11.ruleset.doi}, PMID"):
         assert phrase in text, phrase
 
 
