@@ -28,7 +28,9 @@ Reading a prefetch key (decisions):
   absent, searched again on the FHIR server, else 412 naming the outcome. An outcome that
   is a warning only (an ignored parameter) does not stop a prefetch;
 * anything else (a Bundle of another type, a resource of the wrong type, a Patient of
-  another id): 400, the request is malformed.
+  another id, a ``total`` that is not a non-negative integer, a link relation that is
+  not a string): 400, the request is malformed. A ``next`` relation is matched
+  case-insensitively (IANA link relations).
 
 Then what the first results lead to (resources naming the patient only by identifier,
 referenced Medications and BodyStructures) comes from the FHIR server; without one, a
@@ -130,6 +132,11 @@ def _bundle_resources(key: str, bundle: dict) -> tuple[list[dict], str | None, b
     links = bundle.get("link", [])
     if not isinstance(links, list) or not all(isinstance(x, dict) for x in links):
         raise CdsError(400, f"prefetch {key}: Bundle.link is not a list of objects")
+    if not all(isinstance(x.get("relation"), str) for x in links):
+        raise CdsError(400, f"prefetch {key}: a Bundle.link relation is not a string")
+    total = bundle.get("total")
+    if "total" in bundle and (not isinstance(total, int) or isinstance(total, bool) or total < 0):
+        raise CdsError(400, f"prefetch {key}: Bundle.total is not a non-negative integer ({str(total)[:40]!r})")
     resources, cut, matches = [], None, 0
     for i, entry in enumerate(entries):
         resource = entry.get("resource")
@@ -141,9 +148,7 @@ def _bundle_resources(key: str, bundle: dict) -> tuple[list[dict], str | None, b
             continue
         matches += mode != "include"
         resources.append(resource)
-    total = bundle.get("total")
-    incomplete = any(x.get("relation") == "next" for x in links) or (
-        isinstance(total, int) and not isinstance(total, bool) and total > matches)
+    incomplete = any(x["relation"].lower() == "next" for x in links) or (total is not None and total > matches)
     return resources, cut, incomplete
 
 

@@ -48,6 +48,12 @@ def _malformed(bundle: dict) -> str | None:
     Bundle is an error, never read in part."""
     if not isinstance(bundle.get("link", []), list) or not all(isinstance(x, dict) for x in bundle.get("link", [])):
         return "link is not a list of objects"
+    for i, link in enumerate(bundle.get("link", [])):
+        if not isinstance(link.get("relation"), str) or not isinstance(link.get("url", ""), str):
+            return f"link[{i}] has a relation or url that is not a string"
+    total = bundle.get("total")
+    if "total" in bundle and (not isinstance(total, int) or isinstance(total, bool) or total < 0):
+        return f"total is not a non-negative integer ({str(total)[:40]!r})"
     entries = bundle.get("entry", [])
     if not isinstance(entries, list):
         return "entry is not a list"
@@ -169,7 +175,7 @@ class FhirClient(Transport):
                                 url=self.base_url, method="GET")
             yield page if check else bundle
             nxt = next((link.get("url") for link in bundle.get("link") or []
-                        if link.get("relation") == "next" and link.get("url")), None)
+                        if link["relation"].lower() == "next" and link.get("url")), None)  # (IANA: case-insensitive)
             if nxt is None:
                 if check:
                     yield from self._continue_with_offset(completeness, matches, query, headers)

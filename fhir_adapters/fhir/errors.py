@@ -64,13 +64,14 @@ def operation_outcome_text(body: Any) -> str:
     if "error" in body and body.get("resourceType") is None:
         return ": ".join(str(body[k]) for k in ("error", "error_description") if body.get(k))
     texts: list[str] = []
-    for issue in body.get("issue") or []:
+    for issue in body.get("issue") if isinstance(body.get("issue"), list) else []:
         if not isinstance(issue, Mapping):
             continue
-        found = [str(t) for t in (issue.get("diagnostics"), (issue.get("details") or {}).get("text")) if t]
+        details = issue.get("details") if isinstance(issue.get("details"), Mapping) else {}
+        found = [str(t) for t in (issue.get("diagnostics"), details.get("text")) if t]
         if not found:
-            found = [str(c.get("display")) for c in (issue.get("details") or {}).get("coding") or []
-                     if isinstance(c, Mapping) and c.get("display")]
+            codings = details.get("coding") if isinstance(details.get("coding"), list) else []
+            found = [str(c.get("display")) for c in codings if isinstance(c, Mapping) and c.get("display")]
         if not found and issue.get("code"):
             found = [str(issue["code"])]
         for t in found:

@@ -29,7 +29,9 @@ a code that says data were left out (:data:`CUT_CODES`, at any severity), means 
 page does not hold every match; a code about the request itself (:data:`WARNING_CODES`:
 an ignored or unknown parameter, a value not understood) is a warning only, since what
 came back is still everything the server found. A code outside the value set, or none,
-counts as a cut: an outcome the client cannot read is not taken as harmless.
+a severity outside fatal, error, warning and information, or a severity or code that is
+not a string, counts as a cut: an outcome the client cannot read is not taken as
+harmless. :func:`results_cut` never raises, whatever the JSON.
 
 >>> token("http://example.org/ids", "A|B,C")
 'http://example.org/ids|A\\|B\\,C'
@@ -40,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = ["escape", "token", "Completeness", "count_of", "results_cut", "CUT_CODES", "WARNING_CODES",
-           "MAX_OFFSET_PAGES", "MAX_PAGES", "MAX_STALE_PAGES"]
+           "SEVERITIES", "MAX_OFFSET_PAGES", "MAX_PAGES", "MAX_STALE_PAGES"]
 
 # At most this many _offset continuations of one search (a bound, not a page size).
 MAX_OFFSET_PAGES = 10_000
@@ -68,6 +70,9 @@ CUT_CODES = {
     "expired": "the user session expired",
     "forbidden": "the user may not see everything",
 }
+# R4 IssueSeverity (http://hl7.org/fhir/ValueSet/issue-severity): any other value, or a
+# severity or code that is not a string, counts as a cut.
+SEVERITIES = frozenset({"fatal", "error", "warning", "information"})
 # R4 IssueType codes about the request or the content, not about results left out: an
 # ignored parameter returns more, never fewer, matches; a value the server did not
 # understand matches nothing, which the results then say truthfully.
@@ -98,7 +103,11 @@ def results_cut(outcome: object) -> str | None:
         if not isinstance(issue, dict):
             return "an OperationOutcome issue that is not an object"
         severity, code = issue.get("severity"), issue.get("code")
-        if severity in ("fatal", "error"):
+        if not isinstance(severity, str) or severity not in SEVERITIES:
+            why = f"severity {_shown(severity)} (not an R4 issue severity: not taken as harmless)"
+        elif not isinstance(code, str):
+            why = f"{severity} code {_shown(code)} (not an R4 issue type: not taken as harmless)"
+        elif severity in ("fatal", "error"):
             why = f"{severity} {code}"
         elif code in CUT_CODES:
             why = f"{severity} {code} ({CUT_CODES[code]})"
@@ -107,9 +116,15 @@ def results_cut(outcome: object) -> str | None:
         else:
             continue
         details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
-        text = issue.get("diagnostics") or details.get("text")
+        text = next((t for t in (issue.get("diagnostics"), details.get("text")) if isinstance(t, str) and t), None)
         return f"{why}: {text}" if text else why
     return None
+
+
+def _shown(value: object) -> str:
+    """A JSON value in a message, short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def escape(value: str) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 from urllib.parse import urlencode
 
+from fhir_adapters.fhir.batch import read_entry, search_entry
 from fhir_adapters.fhir.client import FhirClient, FhirError
 from fhir_adapters.fhir.search import token
 from fhir_adapters.sources.history import deleted_since, patient_of_deleted
@@ -149,16 +150,12 @@ def _run_searches(client: FhirClient, searches: list[tuple[str, dict[str, str]]]
             # base, even a batch of reads: a read-scoped token then searches one by one.
             return _run_searches_one_by_one(client, searches, reads)
         for i, response in enumerate(responses):
-            status = str((response.get("response") or {}).get("status", ""))
-            resource = response.get("resource")
-            if status.startswith("404") or status.startswith("410"):
-                continue
-            if not status.startswith("2") or not isinstance(resource, dict):
-                what = entries[i]["request"]["url"].split("?")[0]
-                raise FhirError(f"batch entry {i} ({what}) failed: {status}", status=None,
-                                url=client.base_url, outcome=str((response.get("response") or {}).get("outcome", "")))
-            query = searches[i] if i < len(searches) else None
-            items = _resources_of(client, resource, query) if resource.get("resourceType") == "Bundle" else [resource]
+            # (fhir.batch: only a whole searchset, or a read's resource or 404/410, is a result)
+            if i < len(searches):
+                page = search_entry(client.base_url, i, searches[i][0], response)
+                items = list(_resources_of(client, page, searches[i]))
+            else:
+                items = [r] if (r := read_entry(client.base_url, i, reads[i - len(searches)], response)) else []
             for res in items:
                 found[f"{res.get('resourceType')}/{res.get('id')}"] = res
         return list(found.values())

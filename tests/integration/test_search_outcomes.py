@@ -85,3 +85,83 @@ def test_a_cut_cohort_search_stops_run_all_with_exit_3(server, capsys):
     assert "search results truncated" in err
     with FhirClient(server.base_url) as fhir:
         assert list(fhir.search("RiskAssessment", {"_count": "5"})) == []
+
+
+# --------------------------------------------------------------------------- batch entries (issue 15, pass 2)
+# The first batch of ``run --patient`` holds the six searches of pull.PATIENT_SEARCHES in
+# that order, then the read Patient/<id>: the proxy replaces one entry of that reply.
+OBSERVATION, DIAGNOSTIC_REPORT, PATIENT_READ = 0, 5, 6
+TIMEOUT = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception",
+                                                          "diagnostics": "database timeout"}]}
+INCOMPLETE = {"resourceType": "OperationOutcome", "issue": [{"severity": "warning", "code": "incomplete",
+                                                             "diagnostics": "search results truncated"}]}
+
+
+def replacing(index: int, status: str, resource: dict | None = None, outcome: dict | None = None):
+    """A reply rewrite: entry ``index`` of the first (7-entry) batch reply answers
+    ``status`` with ``resource`` (None: the server's own), and ``outcome`` in its response."""
+    def reply(method: str, pq: str, code: int, body):
+        entries = body.get("entry") if isinstance(body, dict) and body.get("type") == "batch-response" else None
+        if entries and len(entries) == 7:
+            entries[index]["response"] = {"status": status, **({"outcome": outcome} if outcome else {})}
+            if resource is not None:
+                entries[index]["resource"] = copy.deepcopy(resource)
+        return code, body
+    return reply
+
+
+@pytest.mark.parametrize("pid, index, status, resource, outcome", [
+    ("f47-pat", DIAGNOSTIC_REPORT, "404 Not Found", TIMEOUT, None),
+    ("f47-pat", DIAGNOSTIC_REPORT, "410 Gone", TIMEOUT, None),
+    ("f47-pat", DIAGNOSTIC_REPORT, "200 OK", TIMEOUT, None),
+    ("f47-pat", DIAGNOSTIC_REPORT, "206 Partial Content", None, None),
+    ("f47-pat", DIAGNOSTIC_REPORT, "200 OK", None, INCOMPLETE),
+    ("f05-pat", OBSERVATION, "200 OK", TIMEOUT, None),
+], ids=["404+OO", "410+OO", "200+OO", "206", "200+outcome-incomplete", "f05-observation-200+OO"])
+def test_a_batch_entry_that_is_not_a_whole_search_fails_the_patient(server, capsys, pid, index, status,
+                                                                    resource, outcome):
+    """The adversary's cases: without the guard f47 came out ``Resectable (final)``
+    instead of ``(preliminary)`` and f05 indeterminate, exit 0. Now the patient fails
+    (exit 1, named) and nothing is written."""
+    assert assessments_of(server.base_url, pid) == []
+    with RewriteProxy(server.base_url, reply=replacing(index, status, resource, outcome)) as proxy:
+        code = main(["run", "--fhir-url", proxy.base_url, "--patient", pid])
+    out, err = capsys.readouterr()
+    assert code == 1, out + err
+    what = "DiagnosticReport" if index == DIAGNOSTIC_REPORT else "Observation"
+    assert f"batch entry {index} ({what} search)" in out + err
+    assert ("database timeout" if resource is TIMEOUT else
+            "search results truncated" if outcome else status) in out + err
+    assert assessments_of(server.base_url, pid) == []
+
+
+@pytest.mark.parametrize("status", [None, "404 Not Found", "410 Gone"])
+def test_a_patient_read_entry_answering_404_is_still_not_found(server, capsys, status):
+    """A read may answer 404 or 410 (the patient does not exist; None: SEKMET's own 404
+    entry): exit 4, as before."""
+    rewrite = replacing(PATIENT_READ, status, TIMEOUT) if status else None
+    with RewriteProxy(server.base_url, reply=rewrite) as proxy:
+        code = main(["run", "--fhir-url", proxy.base_url, "--patient", "nobody-pat", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 4, out + err
+    assert "no patient Patient/nobody-pat" in out + err or "nobody-pat" in out + err
+
+
+def test_a_patient_read_entry_holding_something_else_fails_the_patient(server, capsys):
+    with RewriteProxy(server.base_url, reply=replacing(PATIENT_READ, "200 OK", TIMEOUT)) as proxy:
+        code = main(["run", "--fhir-url", proxy.base_url, "--patient", "f47-pat", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 1, out + err
+    assert "batch entry 6 (Patient/f47-pat) answered 200 OK with OperationOutcome/None" in out + err
+
+
+def test_a_malformed_outcome_entry_fails_the_patient_not_the_run(server, capsys):
+    """``issue[].code`` a list used to crash ``results_cut`` (TypeError, traceback); now
+    it is an outcome that cannot be read: a cut, that patient fails."""
+    odd = {"search": {"mode": "outcome"}, "resource": {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "warning", "code": ["not-supported"], "details": ["x"]}]}}
+    with RewriteProxy(server.base_url, reply=adding(odd)) as proxy:
+        code = main(["run", "--fhir-url", proxy.base_url, "--patient", PATIENT, "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 1, out + err
+    assert "Traceback" not in out + err and "not an R4 issue type" in out + err

@@ -61,9 +61,11 @@ def ours(client: FhirClient) -> tuple[list[dict], list[dict]]:
 
 
 def groups_by_fixture(report: dict, loaded) -> dict[str, str]:
-    """Patient group per fixture patient id (server ids mapped back through the loader)."""
+    """Patient group per fixture patient id (server ids mapped back through the loader): the
+    classification's group (a patient the run does not assess has no group of its own)."""
     back = {v: k for k, v in loaded.ids.items()}
-    return {back.get(p["patient"], p["patient"]): p.get("group") for p in report["patients"]}
+    return {back.get(p["patient"], p["patient"]): (p.get("classification") or {}).get("group")
+            for p in report["patients"]}
 
 
 @pytest.mark.parametrize("kind", SERVERS)

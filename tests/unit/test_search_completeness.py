@@ -171,3 +171,59 @@ def test_one_cutting_issue_among_warnings_is_enough():
         {"severity": "warning", "code": "not-supported", "diagnostics": "Unknown parameter 'x'; ignored"},
         {"severity": "warning", "code": "too-costly", "details": {"text": "capped at 100"}}]}
     assert results_cut(oo) == "warning too-costly (the server stopped to protect its resources): capped at 100"
+
+
+# --------------------------------------------------------------------------- malformed outcomes (issue 15, pass 2)
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+                    max_leaves=20)
+ISSUE = st.fixed_dictionaries({}, optional={"severity": JSON | st.sampled_from(["fatal", "error", "warning", "information"]),
+                                            "code": JSON | st.sampled_from(sorted(set(CUT_CODES) | WARNING_CODES)),
+                                            "diagnostics": JSON, "details": JSON})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(JSON, st.builds(lambda issues: {"resourceType": "OperationOutcome", "issue": issues},
+                                 st.lists(ISSUE | JSON, max_size=3) | JSON)))
+def test_results_cut_and_outcome_text_never_raise(outcome):
+    """Whatever JSON a server puts where an OperationOutcome should be: a reason or None
+    (a reason, unless every issue is a readable warning), and a text, never an exception."""
+    from fhir_adapters.fhir.errors import operation_outcome_text
+
+    why = results_cut(outcome)
+    assert why is None or (isinstance(why, str) and why)
+    if why is None:
+        issues = outcome["issue"]
+        assert issues and all(i.get("severity") in ("warning", "information") and i.get("code") in WARNING_CODES
+                              for i in issues)
+    assert isinstance(operation_outcome_text(outcome), str)
+
+
+@pytest.mark.parametrize("issue, says", [
+    ({"severity": "warning", "code": ["not-supported"]}, "code ['not-supported']"),    # the crash: unhashable
+    ({"severity": "warning", "code": {"coding": "x"}}, "not an R4 issue type"),
+    ({"severity": "bogus", "code": "not-supported"}, "severity 'bogus'"),
+    ({"severity": ["warning"], "code": "not-supported"}, "not an R4 issue severity"),
+    ({"code": "not-supported"}, "severity None"),
+    ({"severity": "warning", "code": "not-supported", "diagnostics": ["x"], "details": []}, "severity"),
+])
+def test_an_outcome_of_the_wrong_shape_is_a_cut_not_a_crash(issue, says):
+    why = results_cut({"resourceType": "OperationOutcome", "issue": [issue]})
+    if issue.get("severity") == "warning" and issue.get("code") == "not-supported":
+        assert why is None   # readable: its odd text fields change nothing
+    else:
+        assert says in why
+
+
+@pytest.mark.parametrize("bundle, problem", [
+    ({"total": "5"}, "total is not a non-negative integer ('5')"),
+    ({"total": -1}, "total is not a non-negative integer ('-1')"),
+    ({"total": True}, "total is not a non-negative integer ('True')"),
+    ({"link": [{"relation": ["next"], "url": "http://h/x"}]}, "link[0] has a relation or url that is not a string"),
+    ({"link": [{"url": "http://h/x"}]}, "link[0] has a relation or url that is not a string"),
+    ({"total": 0, "link": [{"relation": "Next", "url": "http://h/x"}]}, None),
+])
+def test_a_total_or_link_of_the_wrong_type_is_a_malformed_bundle(bundle, problem):
+    from fhir_adapters.fhir.client import _malformed
+
+    assert _malformed({"resourceType": "Bundle", **bundle}) == problem
