@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
-
-from fhir_adapters.fhir.capabilities import ServerCapabilities
 from urllib.parse import quote
 
+from fhir_adapters.fhir.batch import read_entry
+from fhir_adapters.fhir.capabilities import ServerCapabilities
 from fhir_adapters.fhir.client import FhirClient, FhirConflict, FhirError
 from fhir_adapters.fhir.search import token
 from fhir_adapters.project import IDENTIFIER_SYSTEM, TAG, TAG_SYSTEM
@@ -108,12 +108,6 @@ def _legacy_id_of(ra: dict) -> str:
     return legacy_id(ra["subject"]["reference"], coding["code"], coding["version"])
 
 
-def _ok(response: dict) -> dict | None:
-    """The resource of a batch response entry that succeeded."""
-    resource = response.get("resource")
-    ok = str((response.get("response") or {}).get("status", "")).startswith("2")
-    return resource if ok and isinstance(resource, dict) else None
-
 
 class UpdateAsCreate(WriteStrategy):
     """``PUT RiskAssessment/<deterministic id>``; the current one is read by that id."""
@@ -145,15 +139,17 @@ class UpdateAsCreate(WriteStrategy):
     def find_current_many(self, ras: Sequence[dict]) -> list[dict | None]:
         if not ras or not self.client.capabilities().batch:
             return super().find_current_many(ras)
-        responses = self.client.batch([{"request": {"method": "GET", "url": f"RiskAssessment/{ra['id']}"}}
-                                       for ra in ras])
-        found = [_ok(r) for r in responses]
+        # A read that failed (5xx, an OperationOutcome in place of the assessment) is an
+        # error, never "no current assessment": that would write a version that says the same.
+        reads = [f"RiskAssessment/{ra['id']}" for ra in ras]
+        responses = self.client.batch([{"request": {"method": "GET", "url": url}} for url in reads])
+        found = [read_entry(self.client.base_url, i, url, r) for i, (url, r) in enumerate(zip(reads, responses))]
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:   # first run after an upgrade, or new patients: an earlier release's assessment?
-            legacy = self.client.batch([{"request": {"method": "GET", "url": f"RiskAssessment/{_legacy_id_of(ras[i])}"}}
-                                        for i in missing])
-            for i, r in zip(missing, legacy):
-                old = _ok(r)
+            olds = [f"RiskAssessment/{_legacy_id_of(ras[i])}" for i in missing]
+            legacy = self.client.batch([{"request": {"method": "GET", "url": url}} for url in olds])
+            for i, url, r in zip(missing, olds, legacy):
+                old = read_entry(self.client.base_url, i, url, r)
                 found[i] = old if old is not None and is_legacy_of(old, ras[i]) else None
         return found
 

@@ -165,3 +165,42 @@ def test_a_malformed_outcome_entry_fails_the_patient_not_the_run(server, capsys)
     out, err = capsys.readouterr()
     assert code == 1, out + err
     assert "Traceback" not in out + err and "not an R4 issue type" in out + err
+
+
+def test_a_failed_batch_read_of_the_current_assessments_is_not_no_assessment(make_server, capsys):
+    """The writer reads the current assessments in one batch (update-as-create on SEKMET).
+    An entry that answers 500 with an OperationOutcome is not "no current assessment":
+    taken so (as before), every patient got a new version and Provenance saying the same.
+    Now the batch read is an error, the writer reads each assessment on its own (the proxy
+    fails only the batch), and nothing changes."""
+    srv = make_server()
+    assert main(["run", "--fhir-url", srv.base_url, "--all", "--no-bulk"]) == 0
+    capsys.readouterr()
+    with FhirClient(srv.base_url) as fhir:
+        before = {r["id"]: r["meta"]["versionId"] for r in fhir.search("RiskAssessment", {"_count": "500"})}
+        provenances = len(list(fhir.search("Provenance", {"_count": "500"})))
+    assert len(before) == 56
+
+    failed_entries = []
+
+    def failing_reads(method: str, pq: str, status: int, body):
+        if isinstance(body, dict) and body.get("type") == "batch-response" and any(
+                (e.get("resource") or {}).get("resourceType") == "RiskAssessment" for e in body.get("entry") or []):
+            for e in body["entry"]:
+                if (e.get("resource") or {}).get("resourceType") == "RiskAssessment":
+                    failed_entries.append(e["resource"]["id"])
+                    e["response"] = {"status": "500 Internal Server Error"}
+                    e["resource"] = {"resourceType": "OperationOutcome", "issue": [
+                        {"severity": "error", "code": "exception", "diagnostics": "storage unavailable"}]}
+        return status, body
+
+    with RewriteProxy(srv.base_url, reply=failing_reads) as proxy:
+        code = main(["run", "--fhir-url", proxy.base_url, "--all", "--no-bulk"])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert "RiskAssessments: unchanged 56" in out and "Traceback" not in err
+    assert len(failed_entries) == 56   # the batch read was tried, and failed
+    with FhirClient(srv.base_url) as fhir:
+        after = {r["id"]: r["meta"]["versionId"] for r in fhir.search("RiskAssessment", {"_count": "500"})}
+        assert after == before
+        assert len(list(fhir.search("Provenance", {"_count": "500"}))) == provenances
