@@ -122,22 +122,48 @@ def features_dir(path: str) -> tuple[Path, dict]:
     return run, read_manifest(run)
 
 
-def restratify(features_from: str, out: str, rules: Rules, *, occurrence: str | None = None,
-               progress: Callable[[int], None] | None = None) -> Summary:
-    """Classify the features of an earlier run with ``rules`` (no NDJSON, no mapping)."""
+def checked_features_run(features_from: str, terminology) -> tuple[Path, dict]:
+    """``OUT`` (or ``OUT/features``) of a finished run whose features can be read back with
+    ``terminology``: (OUT, its manifest). InputError when they were mapped with another
+    terminology, or the files do not hold the lines the manifest counts."""
     run, earlier = features_dir(features_from)
-    mapped_with = (earlier.get("terminology") or {}).get("sha256")
-    if mapped_with != terminology_sha256(rules.terminology):
-        raise InputError(f"{run}: its features were mapped with another terminology ({earlier['terminology'].get('id')} "
-                         f"{earlier['terminology'].get('version')}); a terminology change needs a new mapping: run "
-                         "population --ndjson again")
-    occurrence = occurrence or now()
-    config = CoreConfig.of(rules, occurrence, earlier.get("base"))
+    mapped_with = earlier.get("terminology") or {}
+    if mapped_with.get("sha256") != terminology_sha256(terminology):
+        raise InputError(f"{run}: its features were mapped with another terminology ({mapped_with.get('id')} "
+                         f"{mapped_with.get('version')}) than {terminology.id} {terminology.version}: give that "
+                         "terminology with --terminology, or map again (population --ndjson)")
     expected = ((earlier.get("counts") or {}).get("outputs") or {}).get("features")
     found = sum(1 for _ in read_lines(run, "features"))
     if found != expected:
         raise InputError(f"{run}/features: {found} lines, the manifest says {expected}: the run's files were changed "
                          "or cut; run population --ndjson again")
+    return run, earlier
+
+
+def stored_features(run: Path):
+    """The features of a finished run, line by line, each read strictly; InputError
+    naming the file and line of the first that is not a features line."""
+    from pydantic import ValidationError
+
+    from clm_stratify.population.core import features_of
+
+    for path, n, line in read_lines(run, "features"):
+        try:
+            yield features_of(line)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise InputError(f"{path}:{n}: not a features line ({'.'.join(map(str, first['loc']))}: "
+                             f"{first['msg']})") from None
+        except ValueError as exc:
+            raise InputError(f"{path}:{n}: not a features line ({exc})") from None
+
+
+def restratify(features_from: str, out: str, rules: Rules, *, occurrence: str | None = None,
+               progress: Callable[[int], None] | None = None) -> Summary:
+    """Classify the features of an earlier run with ``rules`` (no NDJSON, no mapping)."""
+    run, earlier = checked_features_run(features_from, rules.terminology)
+    occurrence = occurrence or now()
+    config = CoreConfig.of(rules, occurrence, earlier.get("base"))
     out_path = Path(out)
     created = not out_path.exists()
     prepare_out(out_path)
@@ -153,26 +179,10 @@ def restratify(features_from: str, out: str, rules: Rules, *, occurrence: str | 
 
 
 def _restratify(run: Path, out: Path, config: CoreConfig, progress: Callable[[int], None] | None) -> Summary:
-    from pydantic import ValidationError
-
-    from clm_stratify.population.core import features_of
-
     for kind in KINDS:
         (out / kind).mkdir()
     summary = Summary(engine="local, from features", inputs=[str(run / "features")])
-
-    def features():
-        for path, n, line in read_lines(run, "features"):
-            try:
-                yield features_of(line)
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                raise InputError(f"{path}:{n}: not a features line ({'.'.join(map(str, first['loc']))}: "
-                                 f"{first['msg']})") from None
-            except ValueError as exc:
-                raise InputError(f"{path}:{n}: not a features line ({exc})") from None
-
-    for i, chunk in enumerate(batched(features(), 5000)):
+    for i, chunk in enumerate(batched(stored_features(run), 5000)):
         summary.add(write_chunk(out, i, classify_features(chunk, config)))
         if progress:
             progress(summary.patients)

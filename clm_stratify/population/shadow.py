@@ -19,7 +19,6 @@ from fhir_adapters.sources.bundle import BundleError, read_bundle_file
 from fhir_adapters.sources.pull import fetch_patient, fetch_population, patient_record, patients_with_liver_metastasis
 from fhir_adapters.sources.record import PatientRecord
 from fhir_adapters.terminology import Terminology
-from clm_stratify.population.output import InputError, read_lines, terminology_sha256
 
 __all__ = ["ShadowInput", "from_bundles", "from_server", "from_features"]
 
@@ -106,31 +105,11 @@ def from_features(path: str, terminology: Terminology) -> ShadowInput:
     """The features of a finished population run (``OUT`` or ``OUT/features``), read back
     exactly. Refused (InputError) when they were mapped with another terminology, or the
     files do not hold what the manifest says."""
-    from pydantic import ValidationError
+    from clm_stratify.population import checked_features_run, stored_features
 
-    from clm_stratify.population import features_dir
-    from clm_stratify.population.core import features_of
-
-    run, manifest = features_dir(path)
-    mapped_with = manifest.get("terminology") or {}
-    if mapped_with.get("sha256") != terminology_sha256(terminology):
-        raise InputError(f"{run}: its features were mapped with another terminology ({mapped_with.get('id')} "
-                         f"{mapped_with.get('version')}) than {terminology.id} {terminology.version}: give that "
-                         "terminology with --terminology, or map again (population --ndjson)")
+    run, manifest = checked_features_run(path, terminology)
     result = ShadowInput(f"{run}/features (population run of {manifest.get('created')})")
-    for file, n, line in read_lines(run, "features"):
-        try:
-            result.features.append(features_of(line))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise InputError(f"{file}:{n}: not a features line ({'.'.join(map(str, first['loc']))}: "
-                             f"{first['msg']})") from None
-        except ValueError as exc:
-            raise InputError(f"{file}:{n}: not a features line ({exc})") from None
-    expected = ((manifest.get("counts") or {}).get("outputs") or {}).get("features")
-    if len(result.features) != expected:
-        raise InputError(f"{run}/features: {len(result.features)} lines, the manifest says {expected}: the run's "
-                         "files were changed or cut; run population --ndjson again")
+    result.features.extend(stored_features(run))
     ruleset = manifest.get("ruleset") or {}
     result.notes.append(f"the run was classified with {ruleset.get('id')} {ruleset.get('version')} "
                         f"(sha256 {str(ruleset.get('sha256'))[:12]})")
