@@ -238,8 +238,10 @@ def test_run_on_a_server_gives_the_same_answer(name, server, capsys):
     assert p["action"] != "failed", p
     c = p["classification"]
     assert c is not None, p
-    got = {"group": p["group"], "status": p["status"], "criteria": c["criteria"],
+    got = {"group": c["group"], "status": c["status"], "criteria": c["criteria"],
            "assessed": c.get("assessed", "<missing>")}
     assert got == want, name
+    # The run reports a group only for a patient it assesses.
+    assert (p["group"], p["status"]) == ((c["group"], c["status"]) if want["assessed"] else (None, None)), name
     # "no recurrence" is the same answer on both sides: no RiskAssessment would be written.
     assert (p["action"] == "no-recurrence") == (want["assessed"] is False), (p["action"], want)
