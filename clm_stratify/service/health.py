@@ -114,14 +114,17 @@ class Health:
         """(HTTP status, body) for ``/healthz``: 200 ok, 503 degraded with ``reasons``."""
         reasons: list[str] = []
         body: dict = {}
+        readable = True
         try:
             depth = self.inbox.depth()
             last = self.inbox.last_processed()
         except sqlite3.Error as exc:
-            depth, last = {}, None
+            depth, last, readable = {}, None, False
             reasons.append(f"the inbox cannot be read: {exc}")
         dead = depth.get("work_dead", 0) + depth.get("notifications_dead", 0)
-        waiting = depth.get("notifications_new", 0) + depth.get("work_pending", 0) + depth.get("work_running", 0)
+        # An inbox that cannot be read has an unknown depth (null), never 0: "nothing waiting" would be a guess.
+        waiting = (depth.get("notifications_new", 0) + depth.get("work_pending", 0) + depth.get("work_running", 0)
+                   if readable else None)
         if dead:
             reasons.append(f"{dead} dead letter(s): list them with `clm-stratify inbox`, then replay or drop them")
         fhir = self.check_fhir()

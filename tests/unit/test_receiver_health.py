@@ -193,3 +193,25 @@ def test_healthz_names_no_assessment_and_drops_failing_once_idle(tmp_path):
     clock[0] += 120
     status, body = health.report()
     assert status == 200 and body["status"] == "ok", body
+
+
+def test_an_inbox_that_cannot_be_read_has_an_unknown_depth_never_zero(tmp_path, monkeypatch):
+    """/healthz said ``inbox_depth: 0`` when the inbox could not be read: anything waiting
+    for it (an operator, a test's wait for idle) took that for "nothing waiting". The depth
+    is null then, and the reason says why. Mock: a read failing while the receiver runs
+    (a lock held past the 30 s busy timeout) cannot be made to happen on demand with a real
+    SQLite file; the failure is injected at the inbox's own read."""
+    import sqlite3
+
+    box = Inbox(tmp_path / "inbox.sqlite")
+    box.accept("{}")
+    http, _, _ = app_for(box, lambda: None)
+    with http:
+        assert http.get("/healthz").json()["inbox_depth"] == 1
+
+        def locked():
+            raise sqlite3.OperationalError("database is locked")
+        monkeypatch.setattr(box, "depth", locked)
+        r = http.get("/healthz")
+        assert r.status_code == 503 and r.json()["inbox_depth"] is None
+        assert "the inbox cannot be read: database is locked" in r.json()["reasons"]
