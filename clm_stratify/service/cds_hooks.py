@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from fastapi import APIRouter, FastAPI, Request
@@ -53,6 +53,7 @@ from clm_stratify.service.cds_prefetch import ASSESSMENT_KEY, CdsError, Gathered
 from clm_stratify.service.receiver import operation_outcome
 from engine.classify import Classification
 from fhir_adapters.fhir.auth import BearerToken
+from fhir_adapters.fhir.capabilities import CapabilitiesCache
 from fhir_adapters.fhir.client import FhirClient, FhirError
 from fhir_adapters.fhir.codec import loads
 from fhir_adapters.fhir.reference import PatientRef
@@ -85,6 +86,9 @@ class CdsConfig:
     verify_tls: bool | str = True
     cors_origins: tuple[str, ...] = ()     # browser-based CDS clients allowed to call (CORS)
     timeout: tuple[float, float] = (5.0, 20.0)
+    # The allowed servers' CapabilityStatements (the write strategy that finds the current
+    # assessment needs them): read once per server and 10 minutes, not at every chart opening.
+    capabilities: CapabilitiesCache = field(default_factory=CapabilitiesCache, compare=False)
 
     def allowed(self, fhir_server: str) -> bool:
         return fhir_server.rstrip("/") in {s.rstrip("/") for s in self.fhir_servers}
@@ -159,8 +163,12 @@ def _client(config: CdsConfig, req: HookRequest) -> tuple[FhirClient | None, str
         return None, (f"fhirServer {req.fhirServer} is not one this service may call "
                       "(--fhir-url / --cds-fhir-server)")
     auth = BearerToken(req.fhirAuthorization.access_token) if req.fhirAuthorization is not None else None
-    return FhirClient(req.fhirServer, auth, verify=config.verify_tls,
-                      timeout=config.timeout, retries=1, backoff=0.2, max_backoff=2.0), ""
+    client = FhirClient(req.fhirServer, auth, verify=config.verify_tls,
+                        timeout=config.timeout, retries=1, backoff=0.2, max_backoff=2.0)
+    caps = config.capabilities.get(req.fhirServer)
+    if caps is not None:
+        client.use_capabilities(caps)
+    return client, ""
 
 
 def assessment_on_server(result: Classification, req: HookRequest, client: FhirClient | None,
@@ -237,6 +245,8 @@ def answer(config: CdsConfig, rules: Rules, req: HookRequest) -> tuple[dict, Gat
         return cards(result, rules.engine.ruleset, assessment_on_server(result, req, client, gathered)), gathered
     finally:
         if client is not None:
+            if client.known_capabilities is not None:
+                config.capabilities.put(req.fhirServer, client.known_capabilities)
             client.close()
 
 

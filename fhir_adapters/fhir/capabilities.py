@@ -20,11 +20,13 @@ object) is ignored and named in :attr:`ServerCapabilities.problems`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import threading
+import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["ServerCapabilities", "ResourceCapabilities"]
+__all__ = ["ServerCapabilities", "ResourceCapabilities", "CapabilitiesCache"]
 
 
 @dataclass(frozen=True)
@@ -214,3 +216,32 @@ class ServerCapabilities:
     def missing_interaction(self, rtypes: Iterable[str], interaction: str) -> list[str]:
         """The types among ``rtypes`` that do not declare ``interaction``."""
         return sorted(t for t in rtypes if interaction not in self.resources.get(t, _NONE).interactions)
+
+
+class CapabilitiesCache:
+    """The capabilities of servers that many short-lived clients call (the CDS Hooks
+    service makes one client per EHR request, for that request's token): read once per
+    server per ``ttl`` seconds instead of at every request. Thread-safe.
+
+    >>> cache = CapabilitiesCache(ttl=60)
+    >>> cache.get("http://h/fhir") is None
+    True
+    >>> cache.put("http://h/fhir", ServerCapabilities.parse({}))
+    >>> cache.get("http://h/fhir/") is not None
+    True
+    """
+
+    def __init__(self, ttl: float = 600.0, clock=time.monotonic) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[float, ServerCapabilities]] = {}
+
+    def get(self, base_url: str) -> ServerCapabilities | None:
+        with self._lock:
+            entry = self._entries.get(base_url.rstrip("/"))
+        return entry[1] if entry and self._clock() - entry[0] < self.ttl else None
+
+    def put(self, base_url: str, caps: ServerCapabilities) -> None:
+        with self._lock:
+            self._entries[base_url.rstrip("/")] = (self._clock(), caps)

@@ -85,6 +85,15 @@ class FhirClient(Transport):
             self._capabilities = ServerCapabilities.parse(self._json(self.request("GET", "metadata")) or {})
         return self._capabilities
 
+    @property
+    def known_capabilities(self) -> ServerCapabilities | None:
+        """The capabilities this client has read or been given, without asking the server."""
+        return self._capabilities
+
+    def use_capabilities(self, caps: ServerCapabilities) -> None:
+        """Capabilities of this server read earlier (another client's, a cache's): not asked again."""
+        self._capabilities = caps
+
     def read(self, rtype: str, rid: str) -> dict | None:
         """``GET [type]/[id]``; None when the server answers 404 (unknown) or 410 (deleted).
 

@@ -366,3 +366,24 @@ def test_the_service_alone_over_http_head_and_other_paths(cds):
     for path in ("/favicon.ico", "/x", "/cds-services/nope"):
         r = requests.get(f"{url}{path}", timeout=10)
         assert r.status_code == 404 and r.json()["resourceType"] == "OperationOutcome", (path, r.text)
+
+
+def test_the_servers_capabilities_are_read_once_not_at_every_chart_opening(server):
+    """Each call gets its own FHIR client (the request's token); the CapabilityStatement the
+    assessment lookup needs is cached per server (a real EHR's can be hundreds of kB)."""
+    from fastapi.testclient import TestClient
+
+    from clm_stratify.service.cds_hooks import CdsConfig, create_cds_app
+    from tests.support.rewrite_proxy import RewriteProxy
+
+    with RewriteProxy(server.base_url) as proxy:
+        config = CdsConfig(public_url="http://127.0.0.1:1", verifier=None, fhir_servers=(proxy.base_url,))
+        app = TestClient(create_cds_app(config, lambda: RULES))
+        pid = patient_id(BY_GROUP[0])
+        body = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()), "fhirServer": proxy.base_url,
+                "context": {"userId": "Practitioner/example", "patientId": pid}}
+        for _ in range(3):
+            r = app.post(f"/cds-services/{SERVICE_ID}", json={**body, "hookInstance": str(uuid.uuid4())})
+            assert r.status_code == 200 and r.json()["cards"], r.text
+        metadata = [pq for method, pq in proxy.requests if pq.split("?")[0].rstrip("/").endswith("/metadata")]
+        assert len(metadata) == 1, proxy.requests
