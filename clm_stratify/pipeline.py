@@ -83,6 +83,7 @@ class PatientResult:
     error: str | None = None
     classification: Classification | None = None
     written: list[dict] = field(default_factory=list)
+    cause: Exception | None = field(default=None, repr=False, compare=False)   # the FhirError behind ``error``
 
     @property
     def failed(self) -> bool:
@@ -156,7 +157,7 @@ class Stratifier:
             except WriteNotIdempotent:
                 raise   # every later write would be a duplicate: stop, do not report it per patient
             except FhirError as exc:
-                return PatientResult(patient, "failed", error=str(exc))
+                return PatientResult(patient, "failed", error=str(exc), cause=exc)
 
     def population(self, patients: list[PatientRef] | None = None, *, chunk: int = 100,
                    progress: Callable[[int, int], None] | None = None, bulk: bool | None = None) -> RunSummary:

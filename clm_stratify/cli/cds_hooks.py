@@ -75,7 +75,7 @@ def cmd_cds_hooks(args: argparse.Namespace) -> int:
     import logging
     import time
 
-    import uvicorn
+    from clm_stratify.service import http_guard
 
     from clm_stratify.service.cds_hooks import SERVICE_ID, create_cds_app
     from clm_stratify.service.reload import Reloader
@@ -87,13 +87,15 @@ def cmd_cds_hooks(args: argparse.Namespace) -> int:
         output.err(f"warning: listening on {args.host}, not only on loopback")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), datefmt="%Y-%m-%dT%H:%M:%S",
                         format="%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s")
+    from clm_stratify.service.privacy import install_log_redaction
+    install_log_redaction()   # no patient reference in any log line, whoever logs it
     logging.Formatter.converter = time.gmtime
     holder = RulesInForce(load_rules(args))
     Reloader(holder, args.rules, args.terminology).install()   # SIGHUP: reload rules + terminology
     app = create_cds_app(config, lambda: holder.rules)
     output.err(f"clm-stratify CDS Hooks service on http://{args.host}:{args.port}/cds-services "
                f"(service {SERVICE_ID}); FHIR servers it may call: {', '.join(config.fhir_servers) or 'none'}")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    http_guard.serve(app, host=args.host, port=args.port)
     return EXIT_OK
 
 

@@ -9,9 +9,19 @@ from clm_stratify.cli.common import UsageError
 from fhir_adapters.project import EXIT_OK
 
 
+MAX_ID = 2**63 - 1   # an SQLite INTEGER: a larger id names no row (and cannot be bound)
+
+
 def cmd_inbox(args: argparse.Namespace) -> int:
     from clm_stratify.service.inbox import Inbox, InboxError
 
+    actions = (("--replay", args.replay), ("--replay-all", args.replay_all), ("--drop", args.drop),
+               ("--drop-all", args.drop_all))
+    given = [option for option, value in actions if value not in (None, False)]
+    if len(given) > 1:
+        raise UsageError(f"{given[0]} and {given[1]} cannot be combined: give one action at a time")
+    for option, value in (("--replay", args.replay), ("--drop", args.drop)):
+        _which(option, value)   # checked before the inbox is opened
     try:
         inbox = Inbox(args.inbox, create=False)
     except InboxError as exc:
@@ -35,8 +45,11 @@ def _which(option: str, value: str | None) -> tuple[str | None, int | None]:
     if value is None:
         return None, None
     kind, _, num = value.partition(":")
-    if kind not in ("patient", "notification") or not num.isdigit():
+    # ASCII digits only: str.isdigit() and int() also take other scripts' digits ("٣" is 3)
+    if kind not in ("patient", "notification") or not (num.isascii() and num.isdigit()):
         raise UsageError(f"{option} takes patient:ID or notification:ID (see the list), not {value!r}")
+    if len(num) > 19 or int(num) > MAX_ID:
+        raise UsageError(f"{option} {value}: no item has an id that large (ids are below 2^63)")
     return kind, int(num)
 
 

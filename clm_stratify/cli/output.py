@@ -340,4 +340,5 @@ def print_inbox(inbox) -> None:
               "or --drop-all):")
         for d in dead:
             who = f" {d['patient']}" if d["patient"] else ""
-            print(f"  {d['kind']}:{d['id']}{who} after {d['attempts']} attempts, at {iso(d['at'])}: {d['error']}")
+            since = iso(d["at"]) if d["at"] is not None else "an unknown time (dead-lettered by an earlier release)"
+            print(f"  {d['kind']}:{d['id']}{who} after {d['attempts']} attempts, dead since {since}: {d['error']}")

@@ -16,7 +16,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import time
 
-    import uvicorn
+    from clm_stratify.service import http_guard
 
     from clm_stratify.pipeline import Stratifier
     from clm_stratify.service.health import Health
@@ -35,6 +35,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         output.err(f"warning: listening on {args.host}, not only on loopback")
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), datefmt="%Y-%m-%dT%H:%M:%S",
                         format="%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s")
+    from clm_stratify.service.privacy import install_log_redaction
+    install_log_redaction()   # no patient reference in any log line, whoever logs it
     logging.Formatter.converter = time.gmtime   # log times in UTC, like every other time we print
     rules = load_rules(args)
     client = make_client(args)
@@ -66,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                f"FHIR server {client.base_url}")
     worker.start()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+        http_guard.serve(app, host=args.host, port=args.port)
     finally:
         worker.stop()
         client.close()

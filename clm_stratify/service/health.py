@@ -8,7 +8,8 @@ Degraded (HTTP 503, each reason one line) when:
 * the worker is failing: the last ``failing_after`` evaluations (or resolutions) in a
   row failed (and work is waiting, or the last failure was within a minute), or a worker
   loop step crashed within the last minute;
-* the inbox cannot be read or written (storage errors while accepting or working);
+* the inbox cannot be read or written (storage errors while accepting or working), or
+  its file was removed or replaced while served (nothing is accepted then);
 * dead letters exist (work that will not be done until an operator replays or drops it);
 * write-back was stopped because the server did not find what it had just written
   (every later write could be a duplicate).
@@ -121,6 +122,10 @@ class Health:
         except sqlite3.Error as exc:
             depth, last, readable = {}, None, False
             reasons.append(f"the inbox cannot be read: {exc}")
+        replaced = getattr(self.inbox, "replaced", None)   # one stat: the served file still at its path?
+        gone = replaced() if replaced else None
+        if gone:
+            reasons.append(f"{gone}: notifications are not accepted (503); restart the receiver on the inbox")
         dead = depth.get("work_dead", 0) + depth.get("notifications_dead", 0)
         # An inbox that cannot be read has an unknown depth (null), never 0: "nothing waiting" would be a guess.
         waiting = (depth.get("notifications_new", 0) + depth.get("work_pending", 0) + depth.get("work_running", 0)

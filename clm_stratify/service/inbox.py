@@ -10,7 +10,8 @@ Two queues, both surviving a crash or a SIGKILL:
   available again. After ``max_attempts`` failures a row (or a notification) goes to
   the dead-letter state, which ``clm-stratify inbox`` lists and replays.
 
-Also kept here: backport event numbers already seen (duplicates are dropped), the last
+Also kept here: backport event numbers already seen, each with what the event was about
+(a duplicate delivery is dropped; the same number about something else is not), the last
 event count per subscription (gaps are noticed), and the ``_lastUpdated`` watermark
 for notifications without payload.
 """
@@ -27,10 +28,11 @@ from pathlib import Path
 from typing import Iterator
 
 from clm_stratify.service.inbox_view import OperatorView
-from clm_stratify.service.inbox_file import InboxError, check_file, describe, identify, prepare
+from clm_stratify.service.inbox_file import (InboxError, InboxGone, check_file, describe, identify, identity,
+                                             lock, moved, prepare, remove_sidecars, sidecars)
 from fhir_adapters.fhir.reference import PatientRef
 
-__all__ = ["Inbox", "InboxError", "WorkItem"]
+__all__ = ["Inbox", "InboxError", "InboxGone", "WorkItem"]
 
 
 # Before a running row is dropped because its patient is pending again: add its
@@ -59,22 +61,6 @@ class WorkItem:
     first_received_at: float | None = None
 
 
-def lock(path: str):
-    """An exclusive ``flock`` on the inbox file (held while the returned file is open)."""
-    import fcntl
-
-    try:
-        f = open(path, "rb")
-    except OSError as exc:
-        raise InboxError(f"{path}: cannot open the inbox to lock it: {exc.strerror}") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise InboxError(f"{path} is already served by another receiver process") from None
-    return f
-
-
 class Inbox(OperatorView):
     """Thread-safe access to one inbox file (one connection per thread).
 
@@ -98,20 +84,33 @@ class Inbox(OperatorView):
         self.wakeup = threading.Event()
         new = check_file(self.path, create=create)
         self._lock_file = None
-        if not new:
-            if serve:   # before SQLite opens it: another name for a served inbox is refused here
-                self._lock_file = lock(self.path)
-            identify(self.path)
+        if not new and serve:   # before SQLite opens it: another name for a served inbox is refused here
+            self._lock_file = lock(self.path)
+        before = sidecars(self.path)
         try:
-            db = self._db()
-        except sqlite3.Error as exc:
-            raise InboxError(f"{self.path}: {describe(exc)}") from None
-        prepare(db, self.path, new=new)
+            if not new:
+                identify(self.path)
+            try:
+                db = self._db()
+            except sqlite3.Error as exc:
+                raise InboxError(f"{self.path}: {describe(exc)}") from None
+            prepare(db, self.path, new=new)
+            self._identity = identity(self.path)   # what `replaced` compares with
+        except (InboxError, OSError) as exc:   # a refused file is left as it was: no -wal/-shm of ours
+            self.close()
+            if self._lock_file is not None:
+                self._lock_file.close()
+            remove_sidecars(self.path, before)
+            if isinstance(exc, InboxError):
+                raise
+            raise InboxError(f"{self.path}: cannot open the inbox: {exc.strerror}") from None
 
     # ------------------------------------------------------------------ plumbing
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
+            if hasattr(self, "_identity"):   # (connecting to a removed path would create a new file there)
+                self._unmoved()
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             try:
                 db.execute("PRAGMA busy_timeout=30000")
@@ -133,6 +132,7 @@ class Inbox(OperatorView):
         with self._write_lock:
             db.execute("BEGIN IMMEDIATE")
             try:
+                self._unmoved()   # never write into the -wal now next to another file: it would be applied to it
                 yield db
             except BaseException:
                 if db.in_transaction:   # SQLite may already have rolled back (disk full, I/O error)
@@ -148,6 +148,9 @@ class Inbox(OperatorView):
         at once: their evaluations died with it."""
         if self._lock_file is None:
             self._lock_file = lock(self.path)
+        gone = self.replaced()
+        if gone:
+            raise InboxError(f"{gone} while it was being opened")
         now = time.time()
         try:
             self._take_back(now)
@@ -166,6 +169,17 @@ class Inbox(OperatorView):
                        "WHERE state = 'running'", (now,))
             db.execute("UPDATE work SET due_at = ? WHERE state = 'pending' AND due_at > ?", (now, now))
             db.execute("UPDATE notification SET next_at = ? WHERE state = 'new' AND next_at > ?", (now, now))
+
+    def replaced(self) -> str | None:
+        """Why the file at ``path`` is no longer the inbox opened here (removed, or another
+        file in its place: what is written here would be lost, and a second receiver could
+        serve the path), or None. One ``stat``; checked at each store and by ``/healthz``."""
+        return moved(self.path, self._identity)
+
+    def _unmoved(self) -> None:
+        gone = self.replaced()
+        if gone:
+            raise InboxGone(gone)
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -190,6 +204,7 @@ class Inbox(OperatorView):
         with self._tx() as db:
             cur = db.execute("INSERT INTO notification (received_at, body, next_at) VALUES (?, ?, ?)",
                              (now, notification_json, now))
+        self._unmoved()   # again after the commit: a file removed before it is never acknowledged
         self.wakeup.set()
         return int(cur.lastrowid)
 
@@ -211,10 +226,11 @@ class Inbox(OperatorView):
 
     def resolve(self, notification_id: int, patients: set[PatientRef], *, coalesce: float = 0.0,
                 received_at: float | None = None,
-                events: tuple[str, list[int]] | None = None, last_event: tuple[str, int] | None = None,
+                events: tuple[str, list[tuple[int, str]]] | None = None, last_event: tuple[str, int] | None = None,
                 watermark: str | None = None, reset: str | None = None) -> None:
         """Atomically: mark the notification resolved, queue its patients (merged into
-        a waiting row for the same patient), record its event numbers and watermark.
+        a waiting row for the same patient), record its event numbers (with what each
+        was about, :func:`~clm_stratify.service.inbox_file.event_about`) and watermark.
         ``reset``: a subscription whose event count went back: its numbers are forgotten."""
         now = time.time()
         with self._tx() as db:
@@ -231,8 +247,8 @@ class Inbox(OperatorView):
                     "first_received_at, excluded.first_received_at)",
                     (patient.id, now + coalesce, now, now, received_at))
             if events:
-                db.executemany("INSERT OR IGNORE INTO seen_event VALUES (?, ?)",
-                               [(events[0], n) for n in events[1]])
+                db.executemany("INSERT INTO seen_event VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET "
+                               "about = coalesce(about, excluded.about)", [(events[0], *e) for e in events[1]])
             if last_event:
                 db.execute("INSERT INTO subscription_state VALUES (?, ?, ?) ON CONFLICT (subscription) "
                            "DO UPDATE SET last_event = max(last_event, excluded.last_event), "
@@ -253,19 +269,23 @@ class Inbox(OperatorView):
             attempts = db.execute("SELECT attempts FROM notification WHERE id = ?",
                                   (notification_id,)).fetchone()[0] + (1 if count else 0)
             state = "dead" if attempts >= self.max_attempts else "new"
-            db.execute("UPDATE notification SET attempts = ?, state = ?, next_at = ?, last_error = ? WHERE id = ?",
-                       (attempts, state, time.time() + self._delay(attempts), _text(error), notification_id))
+            now = time.time()
+            db.execute("UPDATE notification SET attempts = ?, state = ?, next_at = ?, last_error = ?, dead_at = ? "
+                       "WHERE id = ?", (attempts, state, now + self._delay(attempts), _text(error),
+                                        now if state == "dead" else None, notification_id))
         return state
 
     # ------------------------------------------------------------------ events and watermark
-    def seen_events(self, subscription: str, numbers: list[int]) -> set[int]:
+    def seen_events(self, subscription: str, numbers: list[int]) -> dict[int, str | None]:
+        """The numbers among ``numbers`` already seen, each with what it was about (None:
+        recorded by an earlier release)."""
         if not numbers:
-            return set()
+            return {}
         marks = ",".join("?" * len(numbers))
         rows = self._db().execute(
-            f"SELECT event_number FROM seen_event WHERE subscription = ? AND event_number IN ({marks})",
+            f"SELECT event_number, about FROM seen_event WHERE subscription = ? AND event_number IN ({marks})",
             (subscription, *numbers)).fetchall()
-        return {r[0] for r in rows}
+        return {r[0]: r[1] for r in rows}
 
     def last_event(self, subscription: str) -> int | None:
         row = self._db().execute("SELECT last_event FROM subscription_state WHERE subscription = ?",

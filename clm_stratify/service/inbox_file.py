@@ -15,16 +15,22 @@ directory, a missing directory. The file is never re-initialised over.
     Traceback (most recent call last):
     ...
     clm_stratify.service.inbox_file.InboxError: ...empty.sqlite: the file is empty (0 bytes), not an inbox; ...
+
+A refused file is left as it was: the ``-wal``/``-shm`` files that opening it created are
+removed again (:func:`sidecars`), never ones that were there before. While a receiver
+serves the inbox, the file at its path must stay the file it opened (:func:`moved`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 from pathlib import Path
 
 APPLICATION_ID = 0x434C4D49   # "CLMI" in PRAGMA application_id
-SCHEMA_VERSION = 2            # PRAGMA user_version; 2 added work.first_received_at
+SCHEMA_VERSION = 3            # PRAGMA user_version; 2 added work.first_received_at,
+                              # 3 seen_event.about and notification.dead_at
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 SCHEMA = """
@@ -35,7 +41,8 @@ CREATE TABLE IF NOT EXISTS notification (
     state TEXT NOT NULL DEFAULT 'new' CHECK (state IN ('new', 'resolved', 'dead')),
     attempts INTEGER NOT NULL DEFAULT 0,
     next_at REAL NOT NULL,
-    last_error TEXT
+    last_error TEXT,
+    dead_at REAL                      -- when it became a dead letter
 );
 CREATE INDEX IF NOT EXISTS notification_new ON notification (state, next_at);
 CREATE TABLE IF NOT EXISTS work (
@@ -57,6 +64,7 @@ CREATE INDEX IF NOT EXISTS work_due ON work (state, due_at);
 CREATE TABLE IF NOT EXISTS seen_event (
     subscription TEXT NOT NULL,
     event_number INTEGER NOT NULL,
+    about TEXT,                       -- what the event was about (event_about); NULL: an earlier release
     PRIMARY KEY (subscription, event_number)
 );
 CREATE TABLE IF NOT EXISTS subscription_state (
@@ -68,8 +76,78 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+# Columns added after the first release: (table, column, type), added to an older inbox.
+_ADDED = (("work", "first_received_at", "REAL"), ("seen_event", "about", "TEXT"), ("notification", "dead_at", "REAL"))
+
+
 class InboxError(Exception):
     """The inbox file cannot be used; the message is one line naming the file."""
+
+
+class InboxGone(sqlite3.OperationalError):
+    """The inbox file was removed or replaced while served: what is written now is written to
+    a file nobody will read again. An ``sqlite3.Error``, so the receiver answers 503 (not
+    stored) as for any other storage failure."""
+
+
+def event_about(*parts: str | None) -> str:
+    """A short digest of what a notification event is about (its focus, the focus's version,
+    its timestamp, its patient: what a delivery of the same event repeats), kept with its
+    event number: the same number about something else is a new event (the server's count
+    started again), not a duplicate delivery. No identifier in clear.
+
+    >>> event_about("Observation/f30", None, "Patient/p1") == event_about("Observation/f30", None, "Patient/p1")
+    True
+    >>> event_about("Observation/f30", None, None) == event_about("Observation/f32", None, None)
+    False
+    """
+    return hashlib.sha256("|".join(p or "" for p in parts).encode()).hexdigest()[:16]
+
+
+def identity(path: str | Path) -> tuple[int, int]:
+    """(device, inode) of the file at ``path`` (a symbolic link followed)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def moved(path: str | Path, opened: tuple[int, int]) -> str | None:
+    """Why the file at ``path`` is no longer the one opened (``opened``: its identity), or None."""
+    try:
+        if identity(path) == opened:
+            return None
+    except OSError:
+        pass
+    return f"the inbox file {path} was removed or replaced"
+
+
+def lock(path: str):
+    """An exclusive ``flock`` on the inbox file (held while the returned file is open)."""
+    import fcntl
+
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise InboxError(f"{path}: cannot open the inbox to lock it: {exc.strerror}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise InboxError(f"{path} is already served by another receiver process") from None
+    return f
+
+
+def sidecars(path: str | Path) -> set[Path]:
+    """The ``-wal`` and ``-shm`` files of the inbox at ``path`` that exist now."""
+    return {s for s in (Path(f"{path}-wal"), Path(f"{path}-shm")) if s.exists()}
+
+
+def remove_sidecars(path: str | Path, before: set[Path]) -> None:
+    """Remove the ``-wal``/``-shm`` files of ``path`` that were not there ``before``."""
+    for s in sidecars(path) - before:
+        try:
+            s.unlink()
+        except OSError:
+            pass
 
 
 def check_file(path: str | Path, *, create: bool) -> bool:
@@ -77,9 +155,12 @@ def check_file(path: str | Path, *, create: bool) -> bool:
     that an existing file looks like an SQLite database; raises :class:`InboxError`."""
     p = Path(path)
     try:
-        exists, is_dir = p.exists(), p.is_dir()
+        exists, is_dir, dangling = p.exists(), p.is_dir(), p.is_symlink() and not p.exists()
     except OSError as exc:   # a directory on the way that may not be searched
         raise InboxError(f"{p}: cannot reach the inbox: {exc.strerror}") from None
+    if dangling:   # SQLite would create the inbox at the target, where `inbox` then finds nothing
+        raise InboxError(f"{p}: a symbolic link to {os.readlink(p)}, which does not exist; refusing to create "
+                         f"an inbox through it: name the file itself")
     if is_dir:
         raise InboxError(f"{p}: is a directory, not an inbox file")
     if not exists:
@@ -143,12 +224,12 @@ def prepare(db: sqlite3.Connection, path: str | Path, *, new: bool) -> None:
             what = ", ".join(sorted(tables)[:8]) or "no tables"
             raise InboxError(f"{path}: not an inbox (an SQLite database of something else: {what})")
         check = db.execute("PRAGMA quick_check(1)").fetchone()[0]
-        if check != "ok":
-            raise InboxError(f"{path}: the inbox is damaged: {check}")
-        columns = {r[1] for r in db.execute("PRAGMA table_info(work)")}
-        if "first_received_at" not in columns:   # an inbox of an earlier release
-            db.execute("ALTER TABLE work ADD COLUMN first_received_at REAL")
+        if check != "ok":   # e.g. "*** in database main ***\nPage 6: ...": one line
+            raise InboxError(f"{path}: the inbox is damaged: {' '.join(str(check).split())}")
         db.executescript(SCHEMA)                    # tables or indexes an earlier release lacked
+        for table, column, kind in _ADDED:          # columns an earlier release lacked
+            if column not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         if app_id != APPLICATION_ID:
             db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -158,7 +239,7 @@ def prepare(db: sqlite3.Connection, path: str | Path, *, new: bool) -> None:
 
 def describe(exc: sqlite3.Error) -> str:
     """One line for an SQLite error, in words an operator can act on."""
-    text = str(exc)
+    text = " ".join(str(exc).split())
     if "readonly" in text or "read-only" in text:
         return f"the inbox is read-only ({text}); the receiver must be able to write it and its directory"
     if "unable to open" in text:

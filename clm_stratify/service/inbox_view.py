@@ -23,7 +23,9 @@ class OperatorView:
         return json.loads(row[0]) if row else None
 
     def dead_letters(self) -> list[dict]:
-        return self._listed("state = 'dead'", "updated_at", "state = 'dead'", "received_at", "at")
+        """The dead letters; ``at``: when each became one (None for a notification
+        dead-lettered by an earlier release, which did not record it)."""
+        return self._listed("state = 'dead'", "updated_at", "state = 'dead'", "dead_at", "at")
 
     def retrying(self) -> list[dict]:
         """Items that failed at least once and wait for their next try (not yet dead)."""
@@ -75,7 +77,8 @@ class OperatorView:
                                    "WHERE id = ?", (now, now, wid))
                     n += 1
             if kind in (None, "notification"):
-                cur = db.execute("UPDATE notification SET state = 'new', attempts = 0, next_at = ? WHERE state = 'dead'"
+                cur = db.execute("UPDATE notification SET state = 'new', attempts = 0, next_at = ?, dead_at = NULL "
+                                 "WHERE state = 'dead'"
                                  + (" AND id = ?" if item_id is not None else ""),
                                  (now,) if item_id is None else (now, item_id))
                 n += cur.rowcount

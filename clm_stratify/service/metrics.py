@@ -74,14 +74,16 @@ class Metrics:
         self.dead_lettered = Counter("clm_dead_lettered", "Items moved to the dead letters by this process",
                                      ["kind"], registry=r)
         self.latency = Histogram("clm_notification_to_write_seconds",
-                                 "From the earliest notification an evaluation answers to the end of its write",
-                                 buckets=LATENCY_BUCKETS, registry=r)
+                                 "From the earliest notification an evaluation answers to the end of its write "
+                                 "(action created or updated) or to the check that found the assessment "
+                                 "current (unchanged, no-recurrence)",
+                                 ["action"], buckets=LATENCY_BUCKETS, registry=r)
         r.register(_InboxGauges(inbox, health))
 
     def evaluation(self, action: str, group: str | None, latency: float | None = None) -> None:
         self.evaluations.labels(action=action, group=group or "none").inc()
         if latency is not None and latency >= 0:
-            self.latency.observe(latency)
+            self.latency.labels(action=action).observe(latency)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

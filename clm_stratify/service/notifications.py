@@ -1,7 +1,8 @@
 """Parse a FHIR Subscription notification, whichever of the three styles it comes in.
 
 1. R4 criteria-based rest-hook: the resource itself (``PUT|POST {endpoint}/{type}/{id}``
-   or ``POST {endpoint}``), or an empty body (no payload: the receiver re-queries).
+   or ``POST {endpoint}``), an empty body (no payload: the receiver re-queries), or a
+   deletion (``DELETE {endpoint}/{type}/{id}``, no body: HAPI FHIR's rest-hook with payload).
 2. R4/R4B Backport IG topic-based: a ``history`` Bundle whose first entry is a
    ``Parameters`` (R4) or ``SubscriptionStatus`` (R4B).
 3. R5 topic-based: a ``subscription-notification`` Bundle with a ``SubscriptionStatus``.
@@ -24,8 +25,9 @@ The door (issue 13): what is parsed here is stored, so every field is checked an
 bounded before it is kept, and the models carry the same bounds (a stored row that
 breaks them fails ``model_validate_json``, and the worker dead-letters it).
 
-* Event numbers and counts: a JSON integer or a string of ASCII digits (FHIR
-  integer64), 0 to 2**63 - 1 (SQLite INTEGER); else an error.
+* Event numbers and counts (``eventsInNotification`` too, checked though not kept): a
+  JSON integer or a string of ASCII digits (FHIR integer64), 0 to 2**63 - 1 (SQLite
+  INTEGER); else an error.
 * At most :data:`MAX_EVENTS` events per notification.
 * ``notificationEvent``, ``additionalContext``, ``parameter``, ``part`` and ``entry``
   must be arrays of objects; a Reference must be an object.
@@ -33,6 +35,8 @@ breaks them fails ``model_validate_json``, and the worker dead-letters it).
   and ``topic`` at most :data:`MAX_REF` characters without whitespace or control
   characters; ``resourceType`` a FHIR type name; ``id`` a FHIR id (1-64 of
   A-Z a-z 0-9 - .); ``focus`` a literal reference to a resource (kept as ``Type/id``).
+  A lone surrogate in the subject reference of a carried resource is an error too, not
+  "no patient named".
 * Informational fields only (``timestamp``, ``meta.versionId``) are dropped, not
   refused, when malformed: a timestamp that is not a FHIR instant, a version that is not
   a FHIR id.
@@ -54,9 +58,10 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StringConstraints,
                       ValidationError)
 
-from fhir_adapters.fhir.reference import PatientRef, patient_of, plain_ref
+from fhir_adapters.fhir.reference import PatientRef, patient_of, plain_ref, subject_element
 
-Kind = Literal["handshake", "heartbeat", "event-notification", "query-status", "query-event", "resource", "empty"]
+Kind = Literal["handshake", "heartbeat", "event-notification", "query-status", "query-event", "resource", "empty",
+               "deletion"]
 KINDS = ("handshake", "heartbeat", "event-notification", "query-status", "query-event")
 
 MAX_NUMBER = 2**63 - 1     # the largest SQLite INTEGER
@@ -221,6 +226,16 @@ def _patient_ref(reference: str | None) -> PatientRef | None:
         return None
 
 
+def _patient_of(resource: dict, what: str) -> PatientRef | None:
+    """The patient the resource names (:func:`patient_of`); a lone surrogate in that
+    reference is refused, not taken for "no patient"."""
+    name, subject = subject_element(resource)
+    text = subject.get("reference") if isinstance(subject, dict) else None
+    if isinstance(text, str) and _SURROGATE.search(text):
+        raise NotificationError(f"{what}{name}.reference is not valid Unicode (a lone surrogate): {_show(text)}")
+    return patient_of(resource)
+
+
 def _version(resource: dict) -> str | None:
     meta = resource.get("meta")
     return _optional(meta.get("versionId"), "id") if isinstance(meta, dict) else None
@@ -236,8 +251,17 @@ def _resource_event(resource: dict, path: str | None) -> dict:
         parts = path.strip("/").split("/")
         if len(parts) != 2 or parts != [rtype, rid]:
             raise NotificationError(f"the URL names {_show(path.strip('/'))} but the body is {rtype}/{rid}")
-    return {"focus": f"{rtype}/{rid}", "version": _version(resource), "patient": patient_of(resource),
+    return {"focus": f"{rtype}/{rid}", "version": _version(resource), "patient": _patient_of(resource, ""),
             "resource_type": rtype}
+
+
+def _deleted_event(path: str | None) -> dict:
+    """The event of ``DELETE {endpoint}/{type}/{id}``: the focus only (the worker finds its
+    patient in the resource's history, as for any event whose focus it cannot read)."""
+    rtype, _, rid = (path or "").strip("/").partition("/")
+    rtype = _str(rtype, "the URL's resource type", "type", "a FHIR resource type name", 64)
+    rid = _str(rid, "the URL's id", "id", "a FHIR id (1-64 of A-Z a-z 0-9 - .)", 64)
+    return {"focus": f"{rtype}/{rid}", "resource_type": rtype}
 
 
 def _event(number: Any, number_what: str, timestamp: Any, focus: Any, focus_what: str,
@@ -280,6 +304,8 @@ def _parse_parameters(status: dict) -> tuple[dict, list[dict]]:
         focus_what, focus = get.get("focus", ("focus", None))
         context = [_value("additional-context", *c) for c in parts.get("additional-context", [])]
         events.append(_event(number, number_what, get.get("timestamp", ("", None))[1], focus, focus_what, context))
+    in_what, in_count = first.get("events-in-notification", ("events-in-notification", None))
+    _int(in_count, in_what)   # (checked, not kept)
     sub_what, sub = first.get("subscription", ("subscription", None))
     topic_what, topic = first.get("topic", ("topic", None))
     count_what, count = first.get("events-since-subscription-start", ("events-since-subscription-start", None))
@@ -302,6 +328,7 @@ def _parse_status(status: dict) -> tuple[dict, list[dict]]:
         "type": status.get("type"),
         "events": _int(status.get("eventsSinceSubscriptionStart"), "eventsSinceSubscriptionStart"),
     }
+    _int(status.get("eventsInNotification"), "eventsInNotification")
     return header, events
 
 
@@ -335,15 +362,21 @@ def _parse_bundle(bundle: dict) -> Notification:
     for e in events:
         resource = carried.get(e["focus"] or "")
         if resource is not None:
-            e.update(patient=e["patient"] or patient_of(resource), version=_version(resource))
+            e.update(patient=e["patient"] or _patient_of(resource, f"the resource {e['focus']}: "),
+                     version=_version(resource))
     return Notification(style=style, kind=header["type"], subscription=header["subscription"],
                         topic=header["topic"], events_since_start=header["events"],
                         events=tuple(Event(**e) for e in events))
 
 
-def parse_notification(body: Any, path: str | None = None) -> Notification:
-    """A Notification from a parsed JSON body (None for an empty body)."""
+def parse_notification(body: Any, path: str | None = None, deleted: bool = False) -> Notification:
+    """A Notification from a parsed JSON body (None for an empty body); ``deleted``: a
+    ``DELETE`` of ``path`` (``Type/id``), which has no body."""
     try:
+        if deleted:
+            if body is not None:
+                raise NotificationError("a DELETE notification has no body (the URL names the deleted resource)")
+            return Notification(style="rest-hook", kind="deletion", events=(Event(**_deleted_event(path)),))
         return _parse(body, path)
     except ValidationError as exc:   # a bound of the models that the checks above missed
         first = exc.errors(include_url=False, include_input=False)[0]

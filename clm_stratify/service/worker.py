@@ -3,8 +3,10 @@
 * The **resolver** takes each stored notification and finds the patients it concerns:
   the patient named in the notification, else the focus resource's subject (one read),
   else, for a notification without payload or after missed events, every patient with
-  a watched resource updated since the watermark. Duplicate backport events (by event
-  number) are dropped; a gap in the event numbers triggers that re-query.
+  a watched resource updated since the watermark. Duplicate backport events (the same
+  event number about the same resource) are dropped; a gap in the event numbers, or a
+  number seen before about something else (the server's count started again), triggers
+  that re-query.
 * The **evaluators** take one patient at a time and run the pipeline
   (:meth:`clm_stratify.pipeline.Stratifier.patient`); a failure is retried with
   backoff and, after the inbox's ``max_attempts``, dead-lettered. A patient the server
@@ -24,18 +26,19 @@ from __future__ import annotations
 import datetime as dt
 from collections import deque
 import logging
-import re
 import sqlite3
 import threading
 import time
 
 from clm_stratify.service.inbox import Inbox
+from clm_stratify.service.inbox_file import event_about
 from clm_stratify.pipeline import Stratifier
 from fhir_adapters.fhir.client import FhirError
 from fhir_adapters.fhir.reference import PatientRef
 from clm_stratify.service.health import Health
 from clm_stratify.service.metrics import Metrics
 from clm_stratify.service.notifications import Notification
+from clm_stratify.service.privacy import public_error, redact
 from fhir_adapters.sources.pull import changed_patients_since, patient_of_focus
 from fhir_adapters.writeback.writer import WriteNotIdempotent
 
@@ -51,25 +54,6 @@ BACKLOG_PAUSE = 0.02   # seconds an evaluator waits before each evaluation while
 SET_ASIDE_RETRY = 60.0  # seconds before notifications set aside (inbox failing) are tried again
 OUTAGE_RETRY = 15.0    # seconds before an evaluation postponed by a FHIR outage is tried again
 PRUNE_EVERY = 3600.0   # seconds between deletions of finished inbox rows
-
-_PATIENT_REF = re.compile(r"Patient/[A-Za-z0-9\-.]+")
-
-
-def redact(text: str, patient: str | None = None) -> str:
-    """``text`` for the log: patient references (and the patient's bare id) replaced.
-
-    Logs name the work item or notification id instead: a patient's logical id is an
-    identifier (README: logs hold no patient identifiers).
-
-    >>> redact("GET /fhir/Patient/p-17: no such patient (p-17)", "p-17")
-    'GET /fhir/Patient/[redacted]: no such patient ([redacted])'
-    """
-    text = _PATIENT_REF.sub("Patient/[redacted]", re.sub(r"\s*\n\s*", " | ", text.strip()))   # one log line
-    if patient:
-        bare = patient.split("/", 1)[-1]
-        text = re.sub(rf"(?<![A-Za-z0-9\-.]){re.escape(bare)}(?![A-Za-z0-9\-.])", "[redacted]", text)
-    return text
-
 
 def _minus_overlap(instant: str) -> str:
     try:
@@ -135,14 +119,26 @@ class Worker:
         pending = list(n.events)
         if n.kind == "event-notification":
             numbers = [e.number for e in n.events if e.number is not None]
-            seen = set() if reset else self.inbox.seen_events(sub, numbers)
+            about = {e.number: event_about(e.focus, e.version, e.timestamp, e.patient and e.patient.reference)
+                     for e in n.events}
+            seen = {} if reset else self.inbox.seen_events(sub, numbers)
+            if any(seen[k] not in (None, about[k]) for k in seen):   # None: recorded by an earlier release
+                # The same number about something else: the server's count started again
+                # (eventsSinceSubscriptionStart is optional, so this may be the only sign).
+                log.warning("event numbers of %s seen before about other resources: the subscription was reset or "
+                            "recreated; its event numbers start again; re-querying", sub)
+                reset = requery = True
+                seen = {}
+            for number in sorted(seen):
+                log.debug("notification %s: event %s of %s already seen: a duplicate delivery, dropped",
+                          notification_id, number, sub)
             pending = [e for e in n.events if e.number is None or e.number not in seen]
             last = None if reset else self.inbox.last_event(sub)
             new_numbers = sorted(e.number for e in pending if e.number is not None)
             if new_numbers and new_numbers[0] > (last or 0) + 1:
                 log.warning("gap in events of %s (last seen %s, got %s): re-querying", sub, last, new_numbers[0])
                 requery = True
-            events = (sub, numbers)
+            events = (sub, [(k, about[k]) for k in numbers])
             top = max([*numbers, n.events_since_start or 0], default=0)
             last_event = (sub, top) if top else None
         for e in pending:
@@ -180,11 +176,12 @@ class Worker:
         except Exception as exc:  # anything: counted against this notification, retried with backoff, then dead
             expected = isinstance(exc, FhirError)
             error = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+            shown = public_error(error, exc)
             (log.warning if expected else log.error)("notification %s %s: %s", nid,
-                                                     "not resolved yet" if expected else "cannot be resolved",
-                                                     redact(error))
-            self.health.failed("resolution", redact(error))
-            counted = not (expected and self._server_unreachable())
+                                                     "not resolved yet" if expected else "cannot be resolved", shown)
+            log.debug("notification %s: %s", nid, redact(error))
+            self.health.failed("resolution", shown)
+            counted = not (expected and (self._server_unreachable() or self._credentials_refused(exc)))
             try:
                 state = self.inbox.notification_failed(nid, error, count=counted)
             except sqlite3.Error as store_exc:
@@ -231,9 +228,9 @@ class Worker:
             error = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, WriteNotIdempotent):
                 self.health.write_back_stopped(redact(str(exc), item.patient.id))
-            log.error("evaluation %s failed unexpectedly: %s", item.id, redact(error, item.patient.id))
+            log.error("evaluation %s failed unexpectedly: %s", item.id, public_error(error, exc, item.patient.id))
             log.debug("evaluation %s traceback", item.id, exc_info=True)
-            self._failed(item, error)
+            self._failed(item, error, exc)
             return True
         if result.action == "not-found":
             # The server has no such patient (deleted, or never there): trying again cannot
@@ -250,7 +247,7 @@ class Worker:
                 self.metrics.evaluation("not-found", None)
             return True
         if result.failed:
-            self._failed(item, result.error or "failed")
+            self._failed(item, result.error or "failed", result.cause)
             return True
         group = result.group if result.action != "no-recurrence" else None   # no assessment, no group
         try:
@@ -274,18 +271,33 @@ class Worker:
         # no answer at all (refused, timeout, TLS); a server that answers with an error is reachable
         return fhir["reachable"] is False and ": HTTP " not in (fhir["error"] or "")
 
-    def _failed(self, item, error: str) -> None:
-        self.health.failed("evaluation", redact(error, item.patient.id))
+    def _credentials_refused(self, cause: BaseException | None) -> bool:
+        """After a failure: does the FHIR server refuse the receiver itself (not this item)?
+        A 401 always does (our token or client was refused); a 403 does when an ordinary
+        search that names no patient is refused too (else it may be this patient's access)."""
+        if not isinstance(cause, FhirError) or cause.status not in (401, 403):
+            return False
+        if cause.status == 401:
+            return True
+        probe = self.stratifier.client.ping(path="Patient", params={"_summary": "count"})
+        return probe is not None and probe.endswith(("HTTP 401", "HTTP 403"))
+
+    def _failed(self, item, error: str, cause: BaseException | None = None) -> None:
+        shown = public_error(error, cause, item.patient.id)
+        self.health.failed("evaluation", shown)
         if self.metrics:
             self.metrics.evaluation("failed", None)
-        if self._server_unreachable():
+        log.debug("evaluation %s: %s", item.id, redact(error, item.patient.id))
+        outage = self._server_unreachable()
+        if outage or self._credentials_refused(cause):
             try:
                 self.inbox.postpone(item, error, OUTAGE_RETRY)
             except sqlite3.Error as exc:
                 self._cannot_record("evaluation", item.id, exc)
                 return
-            log.warning("evaluation %s postponed %.0f s, not counted: the FHIR server cannot be reached",
-                        item.id, OUTAGE_RETRY)
+            log.warning("evaluation %s postponed %.0f s, not counted: %s", item.id, OUTAGE_RETRY,
+                        "the FHIR server cannot be reached" if outage else
+                        f"the FHIR server refuses the receiver's credentials ({shown})")
             return
         try:
             state = self.inbox.failed(item, error)
@@ -294,8 +306,7 @@ class Worker:
             return
         (log.error if state == "dead" else log.warning)(
             "evaluation %s failed (attempt %d, %s): %s", item.id, item.attempts,
-            "now a dead letter: see `clm-stratify inbox`" if state == "dead" else "will retry",
-            redact(error, item.patient.id))
+            "now a dead letter: see `clm-stratify inbox`" if state == "dead" else "will retry", shown)
         if state == "dead" and self.metrics:
             self.metrics.dead_lettered.labels(kind="patient").inc()
 

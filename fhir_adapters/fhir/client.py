@@ -336,16 +336,19 @@ class FhirClient(Transport):
                 return exc.status
             raise
 
-    def ping(self, timeout: float = 3.0) -> str | None:
-        """One ``GET metadata?_summary=true``, no retries, a short timeout: None when the
-        server answered 2xx, else one line saying what happened (for a health check).
+    def ping(self, timeout: float = 3.0, *, path: str = "metadata",
+             params: dict[str, str] | None = None) -> str | None:
+        """One ``GET metadata?_summary=true`` (or ``path`` with ``params``), no retries, a
+        short timeout: None when the server answered 2xx, else one line saying what
+        happened, ending with ``HTTP <status>`` when it answered (for a health check).
 
         >>> FhirClient("http://127.0.0.1:9/fhir").ping(timeout=0.5)   # doctest: +ELLIPSIS
         'GET http://127.0.0.1:9/fhir/metadata: ...'
         """
-        url = self.url("metadata")
+        url = self.url(path)
         try:
-            resp = self.session.get(url, params={"_summary": "true"}, auth=self.auth, timeout=timeout,
+            resp = self.session.get(url, params={"_summary": "true"} if params is None else params,
+                                    auth=self.auth, timeout=timeout,
                                     verify=self.verify, headers={"Accept": "application/fhir+json",
                                                                  "User-Agent": self.user_agent})
         except requests.exceptions.SSLError as exc:

@@ -5,12 +5,15 @@ with the resource of an existing patient) to a `clm-stratify serve` process at a
 240 per second for 30 s (at most 7 200 requests), while SEKMET serves the evaluations.
 Every 12th request is a poison message: refused at the door (an event count of 2^63, a
 ``notificationEvent`` that is an object, a lone surrogate in an id, a body that is not
-JSON: 400 expected), or accepted and failing later (a notification for a patient the
-server does not have: retried, then a dead letter). ``/healthz`` is sampled every second
-for the inbox depth. Afterwards the inbox file is read: every accepted (2xx) notification
-must be stored and resolved (lost = 0) and counted in exactly one evaluation of its
-patient (duplicated = 0); no request got a 5xx; the failing ones are dead letters and
-every real patient's evaluations are done.
+JSON: 400 expected), or accepted: a notification for a patient the server does not have
+(done as not-found, never retried), or for a patient whose every read the server answers
+with 500 (retried, then a dead letter). The 500s are made by the test's fault proxy in
+front of SEKMET (a real server cannot be made to fail for one patient only); every other
+request goes through it untouched. ``/healthz`` is sampled every second for the inbox
+depth. Afterwards the inbox file is read: every accepted (2xx) notification must be
+stored and resolved (lost = 0) and counted in exactly one evaluation of its patient
+(duplicated = 0); no request got a 5xx; the failing ones are dead letters, the unknown
+ones done as not-found, and every real patient's evaluations are done.
 
 Run: ``python -m pytest -m slow tests/integration/test_load.py -s`` (figures printed; see docs/reliability.md).
 """
@@ -18,6 +21,7 @@ Run: ``python -m pytest -m slow tests/integration/test_load.py -s`` (figures pri
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -26,6 +30,7 @@ import pytest
 import requests
 
 from fhir_adapters.fhir.client import dumps
+from tests.support.fault_proxy import FaultProxy
 from tests.support.fixture_data import tumour_observations
 from tests.support.receiver_process import SECRET, Receiver, inbox_rows, patient_of
 
@@ -44,9 +49,12 @@ def _heartbeat(events: str) -> dict:
 
 def _poison(n: int) -> tuple[str, bytes, int]:
     """(URL path under /notify, body, the status expected) of the n-th poison message."""
-    g = n // 5 % 5   # the n-th poison is a ghost when n % 5 == 4: ghosts 0..4 in turn
-    ghost = {"resourceType": "Observation", "id": f"ghost-{g}", "status": "final", "code": {"text": "size"},
-             "subject": {"reference": f"Patient/ghost-{g}"}}
+    g = n // 6 % 5   # ghosts 0..4 and broken patients 0..4 in turn
+
+    def about(pid: str) -> dict:
+        return {"resourceType": "Observation", "id": pid, "status": "final", "code": {"text": "size"},
+                "subject": {"reference": f"Patient/{pid}"}}
+    ghost, broken = about(f"ghost-{g}"), about(f"broken-{g}")
     r5 = {"resourceType": "Bundle", "type": "subscription-notification", "entry": [{"resource": {
         "resourceType": "SubscriptionStatus", "type": "event-notification", "notificationEvent": {"eventNumber": 1}}}]}
     surrogate = {"resourceType": "Observation", "id": "x\ud800", "status": "final", "code": {"text": "size"}}
@@ -54,7 +62,8 @@ def _poison(n: int) -> tuple[str, bytes, int]:
              ("", json.dumps(r5).encode(), 400),
              ("", json.dumps(surrogate).encode(), 400),
              ("", b"{not json", 400),
-             (f"/Observation/{ghost['id']}", dumps(ghost).encode(), 200)]
+             (f"/Observation/{ghost['id']}", dumps(ghost).encode(), 200),
+             (f"/Observation/{broken['id']}", dumps(broken).encode(), 200)]
     return kinds[n % len(kinds)]
 
 
@@ -63,8 +72,12 @@ def _histogram_quantiles(metrics: str) -> tuple[float, float]:
     ``clm_notification_to_write_seconds``, from the receiver's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    buckets = sorted((float(s.labels["le"]), s.value) for f in text_string_to_metric_families(metrics)
-                     for s in f.samples if s.name == "clm_notification_to_write_seconds_bucket")
+    per_le: Counter = Counter()   # summed over the actions (written, or found current)
+    for f in text_string_to_metric_families(metrics):
+        for s in f.samples:
+            if s.name == "clm_notification_to_write_seconds_bucket":
+                per_le[float(s.labels["le"])] += s.value
+    buckets = sorted(per_le.items())
     total = buckets[-1][1]
     return tuple(next(le for le, n in buckets if n >= q * total) for q in (0.5, 0.99))
 
@@ -80,7 +93,11 @@ def test_receiver_sustains_200_notifications_per_second_with_poison_mixed_in(mak
     depth: list[tuple[float, int]] = []
     latencies: list[float] = []
     lock = threading.Lock()
-    with Receiver(server.base_url, inbox, None, "--max-attempts", "2", "--log-level", "warning") as receiver:
+    def broken_patient(method: str, path: str, body: bytes) -> str | None:
+        return "500" if "broken-" in path or b"broken-" in body else None
+
+    with FaultProxy(server.root_url, script=broken_patient) as proxy, \
+            Receiver(proxy.base_url, inbox, None, "--max-attempts", "2", "--log-level", "warning") as receiver:
         start = time.monotonic() + 0.2
         stop = start + SECONDS
 
@@ -138,9 +155,9 @@ def test_receiver_sustains_200_notifications_per_second_with_poison_mixed_in(mak
         write_latency = _histogram_quantiles(requests.get(f"{receiver.url}/metrics", timeout=10).text)
     notes, work = inbox_rows(inbox)
     n_accepted = sum(accepted.values())
-    ghosts_accepted = poison_status[(200, 200)]
+    poison_accepted = poison_status[(200, 200)]
     resolved = [n for n in notes if n[1] == "resolved"]
-    lost = n_accepted + ghosts_accepted - len(resolved)
+    lost = n_accepted + poison_accepted - len(resolved)
     counted = sum(n for _, _, _, n in work)
     per_patient = Counter(patient_of(b) for _, _, b in notes)
     per_patient_counted = Counter()
@@ -165,5 +182,12 @@ def test_receiver_sustains_200_notifications_per_second_with_poison_mixed_in(mak
     assert counted == len(notes) and len(notes) >= n_accepted
     assert figures["throughput_per_s"] >= 200, figures
     assert all(expected == got for expected, got in poison_status), poison_status   # no 5xx, no 200 for poison
-    assert {w[2] for w in work if not w[1].startswith("ghost-")} == {"done"}
-    assert {w[1] for w in work if w[2] == "dead"} == {f"ghost-{i}" for i in range(5)}
+    assert {w[2] for w in work if not w[1].startswith(("ghost-", "broken-"))} == {"done"}
+    assert {w[1] for w in work if w[2] == "dead"} == {f"broken-{i}" for i in range(5)}
+    db = sqlite3.connect(inbox)
+    try:
+        ghosts = set(db.execute("SELECT patient, state, result FROM work WHERE patient LIKE 'ghost-%'"))
+    finally:
+        db.close()
+    assert ghosts == {(f"ghost-{i}", "done", "not-found") for i in range(5)}
+    assert proxy.faults["500"] > 0

@@ -114,12 +114,12 @@ def test_random_requests_never_5xx_and_store_only_valid_authenticated(receiver, 
         rpath = path[len("/notify/"):] if path.startswith("/notify/") else None
         parsed = json.loads(body) if body.strip() else None
         try:
-            parse_notification(parsed, rpath)
+            parse_notification(parsed, rpath, deleted=method == "DELETE")
         except NotificationError as exc:
             raise AssertionError(f"stored a notification the parser refuses: {exc}")
     else:
         assert after == before, (r.status_code, r.text[:200])
-        if path.startswith("/notify") and secret != SECRET and method in ("POST", "PUT"):
+        if path.startswith("/notify") and secret != SECRET and method in ("POST", "PUT", "DELETE"):
             assert r.status_code in (401, 404, 405)
 
 

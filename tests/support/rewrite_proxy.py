@@ -6,8 +6,9 @@ behaviours no real server on this machine shows (each test that uses it says whi
 
 ``request(method, path_and_query) -> path_and_query`` rewrites what is forwarded;
 ``reply(method, path_and_query, status, body) -> (status, body)`` rewrites the JSON answer
-(``body`` None when it was not JSON). The upstream's own origin in replies is rewritten to
-the proxy's. Only 127.0.0.1; standard library and ``requests``.
+(``body`` None when it was not JSON); ``answer(method, path_and_query, request_body) ->
+(status, body) | None`` answers a request itself, without forwarding it (None: forward).
+The upstream's own origin in replies is rewritten to the proxy's. Only 127.0.0.1; standard library and ``requests``.
 """
 
 from __future__ import annotations
@@ -23,16 +24,18 @@ from tests.support.http import LoopbackServer, read_body, send
 
 RequestRewrite = Callable[[str, str], str]
 ReplyRewrite = Callable[[str, str, int, object], tuple[int, object]]
+Answer = Callable[[str, str, bytes], "tuple[int, object] | None"]
 
 
 class RewriteProxy:
     def __init__(self, upstream_base: str, *, request: RequestRewrite | None = None,
-                 reply: ReplyRewrite | None = None) -> None:
+                 reply: ReplyRewrite | None = None, answer: Answer | None = None) -> None:
         parts = urlsplit(upstream_base)
         self.upstream_origin = f"{parts.scheme}://{parts.netloc}"
         self.path = parts.path.rstrip("/")
         self.rewrite_request = request or (lambda method, pq: pq)
         self.rewrite_reply = reply or (lambda method, pq, status, body: (status, body))
+        self.answer = answer or (lambda method, pq, body: None)
         self.requests: list[tuple[str, str]] = []
         self._session = requests.Session()
         self._server = LoopbackServer(self._handle, http11=True, name="rewrite-proxy")
@@ -45,6 +48,10 @@ class RewriteProxy:
         body = read_body(h)
         pq = self.rewrite_request(h.command, h.path)
         self.requests.append((h.command, pq))
+        own = self.answer(h.command, pq, body)
+        if own is not None:
+            send(h, own[0], own[1])
+            return
         headers = {k: v for k, v in h.headers.items() if k.lower() in ("content-type", "accept", "if-match",
                                                                        "if-none-exist", "prefer", "authorization")}
         up = self._session.request(h.command, self.upstream_origin + pq, data=body or None, headers=headers,

@@ -65,7 +65,7 @@ def test_failures_back_off_then_dead_letter_and_replay(tmp_path, capsys):
     assert box.take() is None
     assert main(["inbox", "--inbox", box.path]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"patient:1 p1 after 3 attempts, at \S+Z: FHIR server unavailable", out)
+    assert re.search(r"patient:1 p1 after 3 attempts, dead since \S+Z: FHIR server unavailable", out)
     assert main(["inbox", "--inbox", box.path, "--replay", "patient:1"]) == 0
     assert box.take().patient == PatientRef("p1")
 
@@ -82,8 +82,9 @@ def test_notification_resolution_failures_dead_letter(tmp_path):
 
 def test_seen_events_and_last_event(tmp_path):
     box = inbox(tmp_path)
-    box.resolve(box.accept("{}"), set(), events=("Subscription/s", [1, 2]), last_event=("Subscription/s", 2))
-    assert box.seen_events("Subscription/s", [1, 2, 3]) == {1, 2}
+    box.resolve(box.accept("{}"), set(), events=("Subscription/s", [(1, "a1"), (2, "a2")]),
+                last_event=("Subscription/s", 2))
+    assert box.seen_events("Subscription/s", [1, 2, 3]) == {1: "a1", 2: "a2"}
     assert box.last_event("Subscription/s") == 2
     box.resolve(box.accept("{}"), set(), last_event=("Subscription/s", 1))
     assert box.last_event("Subscription/s") == 2  # never goes back
@@ -175,3 +176,47 @@ def test_a_notification_that_cannot_be_read_back_does_not_block_the_next(tmp_pat
             worker.resolve_one()
     assert box.take().patient == PatientRef("p7")
     assert [r["id"] for r in box.dead_letters() if r["kind"] == "notification"] == [bad]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--drop", "notification:99999999999999999999999"], "--drop notification:99999999999999999999999: no item"),
+    (["--replay", "patient:9223372036854775808"], "--replay patient:9223372036854775808: no item"),
+    (["--drop", "notification:\u0663"], "takes patient:ID or notification:ID"),   # ARABIC-INDIC DIGIT THREE
+    (["--replay", "patient:\uff11"], "takes patient:ID or notification:ID"),       # FULLWIDTH DIGIT ONE
+    (["--drop-all", "--replay-all"], "--replay-all and --drop-all cannot be combined"),
+    (["--replay", "patient:1", "--drop", "patient:1"], "--replay and --drop cannot be combined"),
+])
+def test_inbox_command_refuses_ids_and_actions_it_cannot_honour(tmp_path, capsys, argv, words):
+    """Review: an id >= 2^63 was an OverflowError traceback, 'notification:\u0663' was
+    notification 3, and --drop-all --replay-all only replayed."""
+    box = inbox(tmp_path, max_attempts=1)
+    nid = box.accept("{}")
+    box.notification_failed(nid, "boom")
+    box.resolve(box.accept("{}"), {PatientRef("p1")})
+    box.failed(box.take(), "boom")
+    assert len(box.dead_letters()) == 2
+    assert main(["inbox", "--inbox", box.path, *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and words in captured.err and "Traceback" not in captured.err, captured.err
+    assert len(box.dead_letters()) == 2   # nothing replayed or dropped
+    assert main(["inbox", "--inbox", box.path, "--drop", "notification:0001"]) == 0   # ASCII digits: fine
+
+
+def test_dead_letters_are_listed_at_the_time_they_became_dead(tmp_path, capsys):
+    """Review: a dead notification was listed at the time it was received."""
+    from clm_stratify.service.health import iso
+
+    box = inbox(tmp_path, max_attempts=2, backoff=0.0)
+    nid = box.accept("{}")
+    received = box._db().execute("SELECT received_at FROM notification WHERE id = ?", (nid,)).fetchone()[0]
+    box.notification_failed(nid, "boom")
+    time.sleep(0.05)
+    before = time.time()
+    box.notification_failed(nid, "boom")
+    [dead] = box.dead_letters()
+    assert before <= dead["at"] <= time.time() and dead["at"] - received >= 0.05
+    assert main(["inbox", "--inbox", box.path]) == 0
+    assert f"notification:{nid} after 2 attempts, dead since {iso(dead['at'])}: boom" in capsys.readouterr().out
+    box.replay("notification", nid)
+    box.notification_failed(nid, "again")
+    assert box.retrying()[0]["id"] == nid and box.dead_letters() == []

@@ -225,3 +225,79 @@ def test_serve_refuses_options_that_make_a_receiver_that_never_works(tmp_path, c
     assert main([*SERVE, "--inbox", str(tmp_path / "i.sqlite"), *option]) == 2
     assert option[0] in capsys.readouterr().err
     assert not (tmp_path / "i.sqlite").exists()
+
+
+def test_a_dangling_symbolic_link_is_refused_and_nothing_created(tmp_path, capsys):
+    """Review: the inbox was created at the link's target, where `inbox` then found nothing."""
+    (tmp_path / "target-dir").mkdir()
+    for target in (tmp_path / "target-dir" / "inbox.sqlite", Path("/nonexistent/clm/inbox.sqlite")):
+        link = tmp_path / "link.sqlite"
+        link.symlink_to(target)
+        refused(capsys, link, f"a symbolic link to {target}, which does not exist")
+        assert not target.exists() and list((tmp_path / "target-dir").iterdir()) == []
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["link.sqlite", "target-dir"]
+        link.unlink()
+
+
+def _wal_mode_file_without_tables(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA user_version = 7")
+    db.close()
+
+
+def test_a_refused_file_leaves_no_write_ahead_log_or_shared_memory_file(tmp_path, capsys):
+    """Review: opening a refused truncated or tableless file left -wal/-shm files beside it."""
+    truncated = tmp_path / "inbox.sqlite"
+    _inbox_with_rows(truncated, 300)
+    with open(truncated, "r+b") as f:
+        f.truncate(truncated.stat().st_size // 2)
+    tableless = tmp_path / "tableless.sqlite"
+    _wal_mode_file_without_tables(tableless)
+    refused(capsys, truncated, "damaged")
+    refused(capsys, tableless, "no tables")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inbox.sqlite", "tableless.sqlite"]
+
+
+def test_sidecars_that_were_there_before_are_left(tmp_path, capsys):
+    tableless = tmp_path / "tableless.sqlite"
+    _wal_mode_file_without_tables(tableless)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{tableless}{suffix}").write_bytes(b"")
+    refused(capsys, tableless, "no tables")
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["tableless.sqlite", "tableless.sqlite-shm", "tableless.sqlite-wal"]
+
+
+def test_a_damaged_page_is_named_on_one_line(tmp_path, capsys):
+    """Review: the quick_check text ("*** in database main ***" NEWLINE "Page 6: ...") made two lines."""
+    path = tmp_path / "inbox.sqlite"
+    _inbox_with_rows(path, 300)
+    data = bytearray(path.read_bytes())
+    data[4096 * 5:4096 * 5 + 200] = b"\xff" * 200   # page 6: a btree page of the inbox
+    path.write_bytes(bytes(data))
+    refused(capsys, path, "the inbox is damaged: *** in database main *** Page 6")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inbox.sqlite"]
+
+
+def test_an_inbox_of_release_two_gets_the_event_digest_and_dead_time_columns(tmp_path):
+    path = tmp_path / "v2.sqlite"
+    box = Inbox(path)
+    box.resolve(box.accept("{}"), set(), events=("Subscription/s", [(1, "a1")]))
+    box.close()
+    with sqlite3.connect(path) as db:   # back to the layout of schema version 2
+        db.executescript("""
+            CREATE TABLE old_seen (subscription TEXT NOT NULL, event_number INTEGER NOT NULL,
+                PRIMARY KEY (subscription, event_number));
+            INSERT INTO old_seen SELECT subscription, event_number FROM seen_event;
+            DROP TABLE seen_event; ALTER TABLE old_seen RENAME TO seen_event;
+            ALTER TABLE notification DROP COLUMN dead_at; PRAGMA user_version = 2;""")
+    db.close()
+    box = Inbox(path, max_attempts=1)
+    assert box.seen_events("Subscription/s", [1]) == {1: None}   # kept: a duplicate as before
+    box.resolve(box.accept("{}"), set(), events=("Subscription/s", [(1, "a1"), (2, "a2")]))
+    assert box.seen_events("Subscription/s", [1, 2]) == {1: "a1", 2: "a2"}
+    nid = box.accept("{}")
+    box.notification_failed(nid, "boom")
+    assert box.dead_letters()[0]["at"] is not None
+    assert box._db().execute("PRAGMA user_version").fetchone()[0] == 3

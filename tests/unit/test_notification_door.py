@@ -8,8 +8,9 @@ the SQLite inbox (every integer below 2**63). Checked two ways:
 * a schema-aware hypothesis fuzz test over the three notification styles (criteria
   rest-hook with and without a path, empty body, backport R4 Parameters, backport R4B
   and R5 SubscriptionStatus): structurally plausible notifications, then mutated (wrong
-  JSON types at every level, huge/negative/float/string numbers, lone surrogates and odd
-  Unicode, long strings, missing and extra fields, deep nesting, raw invalid UTF-8),
+  JSON types at every level, huge/negative/float/string numbers, NaN and infinities, lone
+  surrogates and odd Unicode (in references too), long strings, missing and extra
+  fields, deep nesting, raw invalid UTF-8),
   sent as raw bytes to the real receiver app in-process, with a real SQLite inbox.
   Oracle: never a 5xx; a 200 exactly when the parser accepts the body, and then the
   stored row validates, equals the parsed notification and fits SQLite; a 400 stores nothing.
@@ -18,6 +19,7 @@ the SQLite inbox (every integer below 2**63). Checked two ways:
 from __future__ import annotations
 
 import copy
+import decimal
 import json
 import sqlite3
 
@@ -29,7 +31,6 @@ from starlette.testclient import TestClient
 from clm_stratify.service.inbox import Inbox
 from clm_stratify.service.notifications import Notification, NotificationError, parse_notification
 from clm_stratify.service.receiver import ReceiverConfig, create_app
-from fhir_adapters.fhir.codec import loads
 
 SECRET = "door-secret"
 HEADERS = {"X-CLM-Subscription-Secret": SECRET, "Content-Type": "application/fhir+json"}
@@ -289,7 +290,8 @@ ODD = ["\ud800", "a\udfffb", "\x00", "\u2028", "\u202e", "e\u0301", "\U0001f600"
        "-0", "0x10", "1e3", "1.0", "\n", "", RAW, "x" * 65, "x" * 1025, "Patient/" + "a" * 65, "Patient/\ud800",
        "Observation/o1/extra", "urn:uuid:0b1c", "#contained", "2024-02-30T00:00:00Z", "2024-05-01T10:00:00Z\n"]
 mutants = st.one_of(
-    st.sampled_from([None, True, False, 0, -1, 1.5, 2**63 - 1, 2**63, 2**64, -2**63, 10**40, [], {}, [None], [[]]]),
+    st.sampled_from([None, True, False, 0, -1, 1.5, 2**63 - 1, 2**63, 2**64, -2**63, 10**40, [], {}, [None], [[]],
+                     float("nan"), float("inf"), float("-inf")]),          # (json.dumps writes NaN, Infinity)
     st.sampled_from(ODD), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=20), st.integers(1, 5000).map(lambda n: "a" * n),
     st.integers(50, 400).map(lambda n: json.loads("[" * n + "]" * n)),
@@ -323,6 +325,8 @@ def mutated(draw, doc):
                 node.pop(key, None)
             elif action == "raw":          # raw bytes in a string, e.g. invalid UTF-8 (see requests_)
                 node[key] = draw(st.sampled_from([RAW, f"Patient/{RAW}", f"Observation/o{RAW}", f"{RAW}1"]))
+            elif key == "reference" and action == "duplicate":   # a lone surrogate inside a reference
+                node[key] = draw(st.sampled_from(["Patient/p\ud800", "Observation/\udc001", "\udfff"]))
             else:
                 node[key] = copy.deepcopy(draw(mutants))   # (sampled values are shared)
         elif action == "delete" and node:
@@ -350,10 +354,14 @@ def requests_(draw):
     return encode(doc, raw), path
 
 
+def not_a_number(name: str):
+    raise ValueError(f"{name}: not JSON (RFC 8259)")
+
+
 def expected(body: bytes, path: str | None) -> Notification | None:
     """What the door should do: the Notification to store, or None (a 400)."""
     try:
-        parsed = loads(body) if body.strip() else None
+        parsed = json.loads(body, parse_float=decimal.Decimal, parse_constant=not_a_number) if body.strip() else None
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     try:

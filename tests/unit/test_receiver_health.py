@@ -121,7 +121,12 @@ def test_metrics_count_notifications_queue_and_latency(tmp_path):
     metrics.evaluation("created", "borderline", latency)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(metrics.exposition().decode()) for s in f.samples}
-    assert samples[("clm_notification_to_write_seconds_count", ())] == 1
+    assert samples[("clm_notification_to_write_seconds_count", (("action", "created"),))] == 1
+    metrics.evaluation("unchanged", "borderline", latency)   # found current: its own series, not a write
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(metrics.exposition().decode()) for s in f.samples}
+    assert samples[("clm_notification_to_write_seconds_count", (("action", "created"),))] == 1
+    assert samples[("clm_notification_to_write_seconds_count", (("action", "unchanged"),))] == 1
     assert samples[("clm_evaluations_total", (("action", "created"), ("group", "borderline")))] == 1
 
 
