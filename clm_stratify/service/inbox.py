@@ -29,7 +29,7 @@ from typing import Iterator
 
 from clm_stratify.service.inbox_view import OperatorView
 from clm_stratify.service.inbox_file import (InboxError, InboxGone, check_file, describe, identify, identity,
-                                             lock, moved, prepare, remove_sidecars, sidecars)
+                                             lock, moved, prepare, remove_sidecars, sidecars, storable_text as _text)
 from fhir_adapters.fhir.reference import PatientRef
 
 __all__ = ["Inbox", "InboxError", "InboxGone", "WorkItem"]
@@ -44,12 +44,6 @@ _MERGE_RUNNING_INTO_PENDING = (
     "FROM work r WHERE r.patient = work.patient AND r.state = 'running' {expired}), 1e300)) WHERE state = 'pending'")
 # (1e300 stands for "none": SQLite's min() of a NULL is NULL; _nulled() maps it back.)
 _NULL_FIRST_RECEIVED = "UPDATE work SET first_received_at = NULL WHERE first_received_at >= 1e300"
-
-
-def _text(error: str, limit: int = 2000) -> str:
-    """An error message as it can be stored: valid UTF-8 (a lone surrogate from a hostile
-    body is escaped, not a reason for the store to fail), at most ``limit`` characters."""
-    return error.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
 
 
 @dataclass(frozen=True)
@@ -115,12 +109,21 @@ class Inbox(OperatorView):
             try:
                 db.execute("PRAGMA busy_timeout=30000")
                 db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=FULL")   # a 2xx means the notification is on disk
+                # A 2xx means the notification is on disk; the worker's: relax_durability
+                db.execute(f"PRAGMA synchronous={'NORMAL' if getattr(self._local, 'relaxed', False) else 'FULL'}")
             except sqlite3.Error:
                 db.close()
                 raise
             self._local.db = db
         return db
+
+    def relax_durability(self) -> None:
+        """The worker's commits are not synced one by one (``synchronous=NORMAL``): only a
+        power cut can lose them, which means evaluating again (idempotent)."""
+        self._local.relaxed = True
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.execute("PRAGMA synchronous=NORMAL")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

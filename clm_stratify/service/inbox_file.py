@@ -247,3 +247,9 @@ def describe(exc: sqlite3.Error) -> str:
     if "malformed" in text or "not a database" in text:
         return f"the inbox is damaged ({text})"
     return text
+
+
+def storable_text(error: str, limit: int = 2000) -> str:
+    """An error message as it can be stored: valid UTF-8 (a lone surrogate from a hostile
+    body is escaped, not a reason for the store to fail), at most ``limit`` characters."""
+    return error.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]

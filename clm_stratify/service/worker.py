@@ -312,6 +312,7 @@ class Worker:
 
     # ------------------------------------------------------------------ threads
     def _loop(self, step) -> None:
+        self.inbox.relax_durability()   # bookkeeping commits: see Inbox.relax_durability
         while not self._stop.is_set():
             try:
                 busy = step()

@@ -7,9 +7,10 @@ Every 12th request is a poison message: refused at the door (an event count of 2
 ``notificationEvent`` that is an object, a lone surrogate in an id, a body that is not
 JSON: 400 expected), or accepted: a notification for a patient the server does not have
 (done as not-found, never retried), or for a patient whose every read the server answers
-with 500 (retried, then a dead letter). The 500s are made by the test's fault proxy in
-front of SEKMET (a real server cannot be made to fail for one patient only); every other
-request goes through it untouched. ``/healthz`` is sampled every second for the inbox
+with 500 (retried, then a dead letter). The 500s come from a fault proxy in front of
+SEKMET, in a process of its own (no real server fails for one patient only); it passes
+every other request through.
+``/healthz`` is sampled every second for the inbox
 depth. Afterwards the inbox file is read: every accepted (2xx) notification must be
 stored and resolved (lost = 0) and counted in exactly one evaluation of its patient
 (duplicated = 0); no request got a 5xx; the failing ones are dead letters, the unknown
@@ -21,6 +22,7 @@ Run: ``python -m pytest -m slow tests/integration/test_load.py -s`` (figures pri
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sqlite3
 import threading
 import time
@@ -30,12 +32,12 @@ import pytest
 import requests
 
 from fhir_adapters.fhir.client import dumps
-from tests.support.fault_proxy import FaultProxy
 from tests.support.fixture_data import tumour_observations
+from tests.support.fault_proxy import FaultProxy
 from tests.support.receiver_process import SECRET, Receiver, inbox_rows, patient_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-RATE, SECONDS, THREADS, POISON_EVERY = 240, 30, 8, 12
+RATE, SECONDS, THREADS, POISON_EVERY = 240, 30, 16, 12
 HEADERS = {"X-CLM-Subscription-Secret": SECRET, "Content-Type": "application/fhir+json"}
 
 
@@ -67,6 +69,44 @@ def _poison(n: int) -> tuple[str, bytes, int]:
     return kinds[n % len(kinds)]
 
 
+def _broken_patient(method: str, path: str, body: bytes) -> str | None:
+    """The fault proxy's script: 500 for any request about a ``broken-`` patient."""
+    return "500" if "broken-" in path or b"broken-" in body else None
+
+
+def _run_proxy(upstream: str, conn) -> None:
+    """In its own process: the fault proxy until told to stop; then how many 500s it gave."""
+    with FaultProxy(upstream, script=_broken_patient) as proxy:
+        conn.send(proxy.base_url)
+        conn.recv()
+        conn.send(proxy.faults["500"])
+
+
+class _ProxyProcess:
+    """The fault proxy in a process of its own (in the test's process it would compete for
+    the interpreter with the sender threads and slow every evaluation down)."""
+
+    def __init__(self, upstream: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_run_proxy, args=(upstream, child), daemon=True)
+        self.faults: int | None = None
+
+    def __enter__(self) -> "_ProxyProcess":
+        self._proc.start()
+        assert self._conn.poll(60), "the proxy process did not start"
+        self.base_url = self._conn.recv()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._conn.send("stop")
+        self.faults = self._conn.recv() if self._conn.poll(30) else None
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+
+
 def _histogram_quantiles(metrics: str) -> tuple[float, float]:
     """The upper bounds of the buckets holding the median and the 99th percentile of
     ``clm_notification_to_write_seconds``, from the receiver's /metrics."""
@@ -84,8 +124,7 @@ def _histogram_quantiles(metrics: str) -> tuple[float, float]:
 
 def test_receiver_sustains_200_notifications_per_second_with_poison_mixed_in(make_server, tmp_path):
     server = make_server()
-    observations = tumour_observations()
-    bodies = [(obs["id"], dumps(obs).encode()) for _, obs in sorted(observations.items())]
+    bodies = [(obs["id"], dumps(obs).encode()) for _, obs in sorted(tumour_observations().items())]
     inbox = tmp_path / "inbox.sqlite"
     accepted = Counter()
     refused = Counter()
@@ -93,10 +132,7 @@ def test_receiver_sustains_200_notifications_per_second_with_poison_mixed_in(mak
     depth: list[tuple[float, int]] = []
     latencies: list[float] = []
     lock = threading.Lock()
-    def broken_patient(method: str, path: str, body: bytes) -> str | None:
-        return "500" if "broken-" in path or b"broken-" in body else None
-
-    with FaultProxy(server.root_url, script=broken_patient) as proxy, \
+    with _ProxyProcess(server.root_url) as proxy, \
             Receiver(proxy.base_url, inbox, None, "--max-attempts", "2", "--log-level", "warning") as receiver:
         start = time.monotonic() + 0.2
         stop = start + SECONDS
@@ -184,10 +220,10 @@ def test_receiver_sustains_200_notifications_per_second_with_poison_mixed_in(mak
     assert all(expected == got for expected, got in poison_status), poison_status   # no 5xx, no 200 for poison
     assert {w[2] for w in work if not w[1].startswith(("ghost-", "broken-"))} == {"done"}
     assert {w[1] for w in work if w[2] == "dead"} == {f"broken-{i}" for i in range(5)}
+    assert proxy.faults
     db = sqlite3.connect(inbox)
     try:
         ghosts = set(db.execute("SELECT patient, state, result FROM work WHERE patient LIKE 'ghost-%'"))
     finally:
         db.close()
     assert ghosts == {(f"ghost-{i}", "done", "not-found") for i in range(5)}
-    assert proxy.faults["500"] > 0

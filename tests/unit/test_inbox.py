@@ -220,3 +220,26 @@ def test_dead_letters_are_listed_at_the_time_they_became_dead(tmp_path, capsys):
     box.replay("notification", nid)
     box.notification_failed(nid, "again")
     assert box.retrying()[0]["id"] == nid and box.dead_letters() == []
+
+
+def test_accepted_notifications_are_synced_and_the_workers_bookkeeping_is_not(tmp_path):
+    """A 2xx means the notification is on disk: the accepting connection commits with
+    synchronous=FULL (2); a worker thread that relaxed its durability commits with NORMAL (1)."""
+    import threading
+
+    from clm_stratify.service.inbox import Inbox
+
+    box = Inbox(tmp_path / "inbox.sqlite")
+    box.accept('{"resourceType": "Bundle"}')
+    modes = {"accepting": box._db().execute("PRAGMA synchronous").fetchone()[0]}
+
+    def worker() -> None:
+        box.relax_durability()
+        box.next_notifications(1)
+        modes["worker"] = box._db().execute("PRAGMA synchronous").fetchone()[0]
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(10)
+    assert modes == {"accepting": 2, "worker": 1}
+    box.close()
