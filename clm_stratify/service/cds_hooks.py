@@ -46,6 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clm_stratify.pipeline import Rules, evaluate
+from clm_stratify.service.privacy import public_error, redact
 from clm_stratify.service.cds_auth import AuthFailed, JwtVerifier
 from clm_stratify.service.cds_cards import UNKNOWN, OnServer, cards
 from clm_stratify.service.cds_feedback import counts, parse_feedback
@@ -193,7 +194,7 @@ def assessment_on_server(result: Classification, req: HookRequest, client: FhirC
         try:
             found = AssessmentWriter(client).strategy.find_current(ra)
         except FhirError as exc:
-            log.warning("the current RiskAssessment could not be looked up: %s", exc)
+            log.warning("the current RiskAssessment could not be looked up: %s", public_error(str(exc), exc))
             return OnServer("unknown", why=str(exc))
     else:
         return OnServer("unknown", why=gathered.assessments_why)
@@ -294,7 +295,9 @@ def cds_router(config: CdsConfig, rules_of: Callable[[], Rules]) -> APIRouter:
         except (CdsError, AuthFailed) as exc:
             # No patient identifiers in the log: the reasons of 400 and 404 may quote the request.
             status = 401 if isinstance(exc, AuthFailed) else exc.status
-            log.info("CDS call refused: %s%s", status, f" {exc}" if status in (401, 412) else "")
+            # 412 quotes what the FHIR server said (it may name the patient): at DEBUG only.
+            log.info("CDS call refused: %s%s", status, f" {exc}" if status == 401 else "")
+            log.debug("CDS call refused: %s %s", status, redact(str(exc)))
             return _error(exc)
         except Exception:   # a fault of ours: 500, logged without patient data
             log.exception("CDS call failed")

@@ -104,20 +104,38 @@ def event_about(*parts: str | None) -> str:
     return hashlib.sha256("|".join(p or "" for p in parts).encode()).hexdigest()[:16]
 
 
-def identity(path: str | Path) -> tuple[int, int]:
-    """(device, inode) of the file at ``path`` (a symbolic link followed)."""
-    st = os.stat(path)
+def _id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
     return st.st_dev, st.st_ino
 
 
-def moved(path: str | Path, opened: tuple[int, int]) -> str | None:
-    """Why the file at ``path`` is no longer the one opened (``opened``: its identity), or None."""
+def identity(path: str | Path) -> list[tuple[int, int] | None]:
+    """(device, inode) of the inbox file at ``path`` (a symbolic link followed), then of
+    its ``-wal`` and ``-shm`` files (None while they do not exist yet)."""
+    st = os.stat(path)
+    return [(st.st_dev, st.st_ino), _id(f"{path}-wal"), _id(f"{path}-shm")]
+
+
+def moved(path: str | Path, opened: list[tuple[int, int] | None]) -> str | None:
+    """Why the inbox at ``path`` is no longer the one opened (``opened``: its :func:`identity`),
+    or None. The ``-wal`` holds every commit not yet checkpointed: removed under a running
+    receiver, what it acknowledged would be gone with it. A sidecar first seen now is
+    recorded in ``opened``."""
     try:
-        if identity(path) == opened:
-            return None
+        if identity(path)[0] != opened[0]:
+            return f"the inbox file {path} was removed or replaced"
     except OSError:
-        pass
-    return f"the inbox file {path} was removed or replaced"
+        return f"the inbox file {path} was removed or replaced"
+    for i, suffix in ((1, "-wal"), (2, "-shm")):
+        now = _id(f"{path}{suffix}")
+        if opened[i] is None:
+            opened[i] = now
+        elif now != opened[i]:
+            return f"the inbox's {suffix[1:].upper()} file {path}{suffix} was removed or replaced"
+    return None
 
 
 def lock(path: str):

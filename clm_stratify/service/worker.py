@@ -54,6 +54,7 @@ BACKLOG_PAUSE = 0.02   # seconds an evaluator waits before each evaluation while
 SET_ASIDE_RETRY = 60.0  # seconds before notifications set aside (inbox failing) are tried again
 OUTAGE_RETRY = 15.0    # seconds before an evaluation postponed by a FHIR outage is tried again
 PRUNE_EVERY = 3600.0   # seconds between deletions of finished inbox rows
+REFUSALS = (401, 403, 407)   # statuses that may refuse the receiver itself (see _credentials_refused)
 
 def _minus_overlap(instant: str) -> str:
     try:
@@ -272,15 +273,13 @@ class Worker:
         return fhir["reachable"] is False and ": HTTP " not in (fhir["error"] or "")
 
     def _credentials_refused(self, cause: BaseException | None) -> bool:
-        """After a failure: does the FHIR server refuse the receiver itself (not this item)?
-        A 401 always does (our token or client was refused); a 403 does when an ordinary
-        search that names no patient is refused too (else it may be this patient's access)."""
-        if not isinstance(cause, FhirError) or cause.status not in (401, 403):
+        """After a 401, 403 or 407: does the FHIR server (or a proxy in front of it) refuse the
+        receiver itself, not this item? Only when an ordinary search that names no patient
+        is refused too; else the refusal is this patient's (or this write's), counted."""
+        if not isinstance(cause, FhirError) or cause.status not in REFUSALS:
             return False
-        if cause.status == 401:
-            return True
         probe = self.stratifier.client.ping(path="Patient", params={"_summary": "count"})
-        return probe is not None and probe.endswith(("HTTP 401", "HTTP 403"))
+        return probe is not None and probe.endswith(tuple(f"HTTP {s}" for s in REFUSALS))
 
     def _failed(self, item, error: str, cause: BaseException | None = None) -> None:
         shown = public_error(error, cause, item.patient.id)

@@ -20,6 +20,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import requests
 
 from fhir_adapters.fhir.client import FhirClient, dumps
@@ -103,14 +104,18 @@ def test_refused_credentials_dead_letter_nothing_and_the_work_is_done_once_accep
     assert sorted(subjects) == sorted(f"Patient/{pid}" for pid in observations)   # one each, once
 
 
-def test_a_403_for_one_patient_is_that_patients_failure_only(make_server, tmp_path):
+@pytest.mark.parametrize("status", [401, 403, 407])
+def test_a_refusal_for_one_patient_is_that_patients_failure_only(make_server, tmp_path, status):
+    """Not the receiver's credentials (a search naming no patient goes through): counted
+    against that patient, a dead letter after its attempts, the others done; never
+    postponed forever out of sight (adversarial review: a 401 for one patient was)."""
     server = make_server()
     items = sorted(tumour_observations().items())[:3]
     barred = items[0][0]
 
     def consent_barred(method, pq, body):
         if _about(barred, pq, body):
-            return 403, _outcome("forbidden", "access to this record is restricted")
+            return status, _outcome("forbidden", "access to this record is restricted")
         return None
 
     inbox = tmp_path / "inbox.sqlite"

@@ -85,3 +85,21 @@ def test_a_symbolic_link_pointed_elsewhere_is_a_replacement(tmp_path):
     with pytest.raises(InboxError, match=REASON):   # claimed only as the file it opened
         box.claim()
     box.close()
+
+
+@pytest.mark.parametrize("sidecars", [("-wal", "-shm"), ("-wal",)])
+def test_a_deleted_write_ahead_log_gets_503_before_anything_more_is_acknowledged(tmp_path, sidecars):
+    """The -wal holds every commit not yet checkpointed: removed under a running receiver,
+    what it acknowledged is gone with it (adversarial review: 200s went on, then the inbox
+    had no tables). Now nothing more is acknowledged, and /healthz says why."""
+    path = tmp_path / "inbox.sqlite"
+    box, http = serving(path)
+    with http:
+        assert notify(http) == 200
+        for suffix in sidecars:
+            Path(f"{path}{suffix}").unlink()
+        assert notify(http) == 503
+        health = http.get("/healthz")
+        assert health.status_code == 503
+        assert any(f"{path}-wal {REASON}" in reason for reason in health.json()["reasons"]), health.json()
+    box.close()
