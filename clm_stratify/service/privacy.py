@@ -65,7 +65,8 @@ def public_error(error: str, cause: BaseException | None = None, patient: str | 
 
 class RedactingFilter(logging.Filter):
     """Patient references out of every record (installed on the log handlers of `serve`
-    and `cds-hooks`). The message is formatted here, once, then redacted."""
+    and `cds-hooks`). The message is formatted here, once, then redacted; so is a
+    traceback (its lines kept)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -73,6 +74,10 @@ class RedactingFilter(logging.Filter):
         except Exception:   # a bad format string: leave it to the handler to report
             return True
         record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = _PATIENT_REF.sub("Patient/[redacted]", record.exc_text)
         return True
 
 
